@@ -1,0 +1,313 @@
+"""The architectures ftwt can build: a registry view over torchvision and timm.
+
+Three jobs, each a small function: ``parse_arch`` (a name → ArchSpec, with close-name suggestions),
+``build_model`` (random init, optionally on the meta device, which is cheap), and ``detect_arch``
+(which architecture a bare state dict belongs to). Detection compares key names and shapes: a committed
+signature index (sorted-key hash per architecture) narrows ~1450 candidates to the few with the same key
+set, and only those are built, on the meta device, to compare shapes.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .errors import FtwtError
+
+__all__ = [
+    "ArchSpec", "DataConfig", "Detection", "parse_arch", "build_model", "detect_arch", "resolve_data_config",
+    "head_and_stem", "load_weights", "list_archs",
+]
+
+SOURCES = ("torchvision", "timm")
+_INDEX_FILE = Path(__file__).with_name("arch_index.json")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    source: str  # "torchvision" | "timm"
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.name}"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What a model expects at its input, as timm's data config spells it."""
+    input_size: Tuple[int, int, int]
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "DataConfig":
+        return cls(input_size=tuple(d["input_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   interpolation=d.get("interpolation", "bilinear"), crop_pct=float(d.get("crop_pct", 0.875)),
+                   crop_mode=d.get("crop_mode", "center"))
+
+
+@dataclass(frozen=True)
+class Detection:
+    arch: ArchSpec
+    num_classes: int
+    in_chans: int
+    alternatives: Tuple[str, ...] = ()   # other architectures whose keys and shapes match exactly
+
+
+# --------------------------------------------------------------------------------------------- registry
+@lru_cache(maxsize=None)
+def _torchvision_names() -> Tuple[str, ...]:
+    import torchvision
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+@lru_cache(maxsize=None)
+def _timm_names() -> Tuple[str, ...]:
+    import timm
+    return tuple(timm.list_models())
+
+
+def list_archs() -> List[ArchSpec]:
+    return [ArchSpec("torchvision", n) for n in _torchvision_names()] + [ArchSpec("timm", n) for n in _timm_names()]
+
+
+def parse_arch(text: str) -> ArchSpec:
+    """``timm:NAME``, ``torchvision:NAME`` or a bare name (torchvision first, then timm)."""
+    source, _, name = text.rpartition(":")
+    name = name.strip()
+    if source and source not in SOURCES:
+        raise FtwtError(f"unknown architecture source '{source}' in --arch {text}",
+                        f"use one of {', '.join(s + ':NAME' for s in SOURCES)}")
+    # timm names may carry a pretrained tag (resnet34.tv_in1k); the architecture is the part before it.
+    name = name.split(".")[0] if source != "torchvision" else name
+    pools = {"torchvision": _torchvision_names(), "timm": _timm_names()}
+    for src in ([source] if source else SOURCES):
+        if name in pools[src]:
+            return ArchSpec(src, name)
+    every = [f"{s}:{n}" for s in ([source] if source else SOURCES) for n in pools[s]]
+    close = difflib.get_close_matches(text if source else name, every if source else list(set(pools["timm"]) | set(pools["torchvision"])), n=4, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "list choices with: python -c 'import timm; print(timm.list_models(\"resnet*\"))'"
+    raise FtwtError(f"unknown architecture '{text}'", hint)
+
+
+# --------------------------------------------------------------------------------------------- building
+def _replace_stem_in_chans(model: nn.Module, in_chans: int) -> None:
+    """torchvision models are fixed at 3 input channels; swap the first conv for one with ``in_chans``."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            if m.in_channels == in_chans:
+                return
+            new = nn.Conv2d(in_chans, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                            m.bias is not None, m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], new)
+            return
+
+
+def build_model(arch: ArchSpec, num_classes: Optional[int] = None, in_chans: int = 3, *, meta: bool = False) -> nn.Module:
+    """Random-init model. ``meta=True`` builds without allocating weights (falls back to CPU for the few
+    builders, like torchvision's RegNets, that compute with tensors while constructing)."""
+    def _build() -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if arch.source == "timm":
+                import timm
+                kw = {} if num_classes is None else {"num_classes": num_classes}
+                return timm.create_model(arch.name, pretrained=False, in_chans=in_chans, **kw)
+            import torchvision
+            kw = {} if num_classes is None else {"num_classes": num_classes}
+            if arch.name in ("googlenet", "inception_v3"):
+                kw["init_weights"] = False   # the scipy-based init is slow and irrelevant: weights get loaded
+            m = torchvision.models.get_model(arch.name, weights=None, **kw)
+            if in_chans != 3:
+                _replace_stem_in_chans(m, in_chans)
+            return m
+
+    if meta:
+        try:
+            with torch.device("meta"):
+                return _build()
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        return _build()
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+        raise FtwtError(f"cannot build {arch} with num_classes={num_classes}, in_chans={in_chans} ({e})",
+                        "check --num-classes / --in-chans") from None
+
+
+def head_and_stem(model: nn.Module, arch: ArchSpec) -> Tuple[Optional[str], Optional[str]]:
+    """Module paths of the classifier head and the stem conv (from timm's cfg when it has one)."""
+    head = stem = None
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if arch.source == "timm":
+        c = cfg.get("classifier")
+        head = c[0] if isinstance(c, (tuple, list)) else c
+        stem = cfg.get("first_conv")
+        stem = stem[0] if isinstance(stem, (tuple, list)) else stem
+    names = dict(model.named_modules())
+    if head not in names:
+        lin = [n for n, m in names.items() if isinstance(m, nn.Linear)]
+        convs = [n for n, m in names.items() if isinstance(m, nn.Conv2d)]
+        head = lin[-1] if lin else (convs[-1] if convs else None)
+    if stem not in names:
+        stem = next((n for n, m in names.items() if isinstance(m, nn.Conv2d)), None)
+    return head, stem
+
+
+def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], arch: ArchSpec) -> None:
+    """Strict load with a one-line summary of what does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[0]})")
+        raise FtwtError(f"the checkpoint does not fit {arch}: {'; '.join(parts)} keys",
+                        "pass the right --arch / --num-classes / --in-chans, or omit --arch to detect it")
+    model.load_state_dict(sd, strict=True)
+
+
+# --------------------------------------------------------------------------------------------- detection
+def _key_hash(keys: Sequence[str]) -> str:
+    return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+
+
+def _versions() -> Dict[str, str]:
+    import timm
+    import torchvision
+    return {"timm": timm.__version__, "torchvision": torchvision.__version__.split("+")[0]}
+
+
+def build_index(progress=None) -> dict:
+    """Signature of every architecture: (number of state-dict keys, hash of the sorted key names)."""
+    entries = []
+    archs = list_archs()
+    for i, a in enumerate(archs):
+        if progress:
+            progress(i, len(archs), str(a))
+        try:
+            keys = list(build_model(a, meta=True).state_dict().keys())
+        except Exception:  # a model this library version cannot build at all: leave it out of detection
+            continue
+        entries.append([str(a), len(keys), _key_hash(keys)])
+    return {"versions": _versions(), "entries": entries}
+
+
+def _load_index() -> dict:
+    """The committed index when it matches the installed libraries, else a per-user cached rebuild."""
+    want = _versions()
+    candidates = [_INDEX_FILE, Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ftwt" /
+                  f"arch_index-timm{want['timm']}-tv{want['torchvision']}.json"]
+    for p in candidates:
+        if p.is_file():
+            idx = json.loads(p.read_text())
+            if idx.get("versions") == want:
+                return idx
+    idx = build_index()
+    candidates[1].parent.mkdir(parents=True, exist_ok=True)
+    tmp = candidates[1].with_suffix(".tmp")
+    tmp.write_text(json.dumps(idx))
+    tmp.replace(candidates[1])
+    return idx
+
+
+def _diff(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], skip: Sequence[str]) -> Tuple[List[str], List[str], List[str]]:
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+              and not any(k.startswith(s + ".") for s in skip)]
+    return missing, unexpected, shapes
+
+
+def _fit(arch: ArchSpec, sd: Mapping[str, torch.Tensor]) -> Optional[Tuple[int, int]]:
+    """(num_classes, in_chans) if ``sd`` is exactly this architecture up to head width and stem channels."""
+    m = build_model(arch, meta=True)
+    head, stem = head_and_stem(m, arch)
+    missing, unexpected, shapes = _diff(sd, m.state_dict(), [s for s in (head, stem) if s])
+    if missing or unexpected or shapes:
+        return None
+    num_classes = int(sd[f"{head}.weight"].shape[0]) if head and f"{head}.weight" in sd else None
+    in_chans = int(sd[f"{stem}.weight"].shape[1]) if stem and f"{stem}.weight" in sd else 3
+    m2 = build_model(arch, num_classes=num_classes, in_chans=in_chans, meta=True)
+    missing, unexpected, shapes = _diff(sd, m2.state_dict(), [])
+    return None if (missing or unexpected or shapes) else (num_classes, in_chans)
+
+
+def detect_arch(sd: Mapping[str, torch.Tensor], hub_config: Optional[Mapping] = None) -> Detection:
+    """Find the architecture whose keys and shapes match ``sd`` exactly (head width and stem channels free)."""
+    if hub_config and hub_config.get("architecture"):
+        arch = parse_arch(f"timm:{hub_config['architecture']}") if ":" not in hub_config["architecture"] else parse_arch(hub_config["architecture"])
+        fit = _fit(arch, sd)
+        if fit is None:
+            raise FtwtError(f"config.json names {arch} but the weights do not fit it", "fix config.json or pass --arch")
+        return Detection(arch, *fit)
+    idx = _load_index()
+    h, n = _key_hash(list(sd)), len(sd)
+    same_keys = [e[0] for e in idx["entries"] if e[2] == h]
+    matches = []
+    for name in same_keys:
+        arch = parse_arch(name)
+        fit = _fit(arch, sd)
+        if fit is not None:
+            matches.append((arch, fit))
+    if matches:
+        arch, (nc, ic) = matches[0]
+        return Detection(arch, nc, ic, tuple(str(a) for a, _ in matches[1:]))
+    # No exact match: report the nearest candidates by key count and what differs, then ask for --arch.
+    near = sorted(idx["entries"], key=lambda e: (e[2] != h, abs(e[1] - n)))[:3]
+    described = []
+    for name, _, _ in near:
+        m = build_model(parse_arch(name), meta=True)
+        head, stem = head_and_stem(m, parse_arch(name))
+        missing, unexpected, shapes = _diff(sd, m.state_dict(), [s for s in (head, stem) if s])
+        what = ", ".join(f"{len(v)} {w}" for v, w in ((missing, "missing"), (unexpected, "unexpected"), (shapes, "other shapes")) if v)
+        example = (missing or unexpected or shapes or [""])[0]
+        described.append(f"{name} ({what}{', e.g. ' + example if example else ''})")
+    raise FtwtError(f"no known architecture matches the checkpoint's {n} tensors exactly; closest: {'; '.join(described)}",
+                    "pass --arch timm:NAME or --arch torchvision:NAME")
+
+
+# --------------------------------------------------------------------------------------------- data config
+def resolve_data_config(arch: ArchSpec, model: nn.Module, in_chans: int = 3) -> DataConfig:
+    """Input size, mean/std, interpolation and crop the architecture's reference weights were trained with."""
+    if arch.source == "timm":
+        from timm.data import resolve_model_data_config
+        c = resolve_model_data_config(model)
+        size, mean, std = tuple(c["input_size"]), tuple(c["mean"]), tuple(c["std"])
+        interp, crop_pct, crop_mode = c.get("interpolation", "bilinear"), c.get("crop_pct", 0.875), c.get("crop_mode", "center")
+    else:
+        from torchvision.models import get_model_weights
+        size, mean, std = (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        interp, crop_pct, crop_mode = "bilinear", 0.875, "center"
+        try:
+            t = get_model_weights(arch.name).DEFAULT.transforms()
+            crop, resize = t.crop_size[0], t.resize_size[0]
+            size, mean, std = (3, crop, crop), tuple(t.mean), tuple(t.std)
+            interp, crop_pct = t.interpolation.value, round(crop / resize, 4)
+        except (ValueError, AttributeError, KeyError):
+            pass
+    if len(mean) != in_chans:   # e.g. a 1-channel stem: average the RGB statistics
+        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+    return DataConfig((in_chans, size[1], size[2]), mean, std, interp, float(crop_pct), crop_mode)

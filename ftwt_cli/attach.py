@@ -1,0 +1,147 @@
+"""``ftwt attach``: checkpoint → architecture → traced plan → GatedModel → new run directory."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+from . import __version__
+from .archs import ArchSpec, DataConfig, Detection, build_model, detect_arch, head_and_stem, load_weights, parse_arch, resolve_data_config
+from .checkpoints import read_checkpoint
+from .dataflow import trace_plan
+from .errors import FtwtError
+from .gating import GatedModel
+from .run import FORMAT_VERSION, write_new_run
+
+__all__ = ["attach", "AttachReport", "LayerRow", "parse_input_size", "MIN_GATEABLE_SHARE"]
+
+# Below this share of the model's MACs in gateable convs, gating cannot pay (a ViT's patch embedding holds
+# 0–4%, ConvNeXt's depthwise convs 3–7%); CNNs hold 40–99% even at small inputs.
+MIN_GATEABLE_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel: Tuple[int, int]
+    groups: int
+    dense_macs: float
+    gate_macs: int
+
+
+@dataclass(frozen=True)
+class AttachReport:
+    run_dir: Path
+    arch: str
+    num_classes: int
+    in_chans: int
+    input_size: Tuple[int, int, int]
+    source_format: str
+    layers: Tuple[LayerRow, ...]
+    dense_macs: float          # whole source model, ptflops-aten convention
+    gate_macs: int             # all gates, dense inputs
+    not_gated: Dict[str, str]  # conv -> reason
+    alternatives: Tuple[str, ...] = ()
+
+
+def parse_input_size(text: Optional[str]) -> Optional[Tuple[int, int, int]]:
+    if text is None:
+        return None
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+        if min(c, h, w) <= 0:
+            raise ValueError
+        return c, h, w
+    except ValueError:
+        raise FtwtError(f"--input-size {text} is not C,H,W", "pass three positive integers, e.g. --input-size 3,224,224") from None
+
+
+def _arch_for(sd, arch: Optional[str], hub_config) -> Detection:
+    if arch is None:
+        return detect_arch(sd, hub_config)
+    spec = parse_arch(arch)
+    m = build_model(spec, meta=True)
+    head, stem = head_and_stem(m, spec)
+    nc = int(sd[f"{head}.weight"].shape[0]) if head and f"{head}.weight" in sd else None
+    ic = int(sd[f"{stem}.weight"].shape[1]) if stem and f"{stem}.weight" in sd else 3
+    return Detection(spec, nc, ic)
+
+
+def _select(units, include: Sequence[str], exclude: Sequence[str]):
+    chosen = [u for u in units if not include or any(fnmatch.fnmatchcase(u.name, p) for p in include)]
+    return [u for u in chosen if not any(fnmatch.fnmatchcase(u.name, p) for p in exclude)]
+
+
+def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: Optional[int] = None,
+           in_chans: Optional[int] = None, input_size: Optional[Tuple[int, int, int]] = None,
+           mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+           run_dir: Path | str = "ftwt-run", force: bool = False, trust_pickle: bool = False, use_ema: bool = False,
+           include: Sequence[str] = (), exclude: Sequence[str] = (), gate_shortcuts: bool = False) -> AttachReport:
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not force:   # fail before any slow work
+        raise FtwtError(f"{run_dir} already exists", "pass --force to replace it, or choose another --run")
+    ckpt = read_checkpoint(checkpoint, use_ema=use_ema, trust_pickle=trust_pickle)
+    det = _arch_for(ckpt.state_dict, arch, ckpt.hub_config)
+    if num_classes is not None and det.num_classes is not None and num_classes != det.num_classes:
+        raise FtwtError(f"--num-classes {num_classes} but the checkpoint's head has {det.num_classes} classes",
+                        f"drop --num-classes or pass --num-classes {det.num_classes}")
+    if in_chans is not None and in_chans != det.in_chans:
+        raise FtwtError(f"--in-chans {in_chans} but the checkpoint's stem reads {det.in_chans} channels",
+                        f"drop --in-chans or pass --in-chans {det.in_chans}")
+    nc = det.num_classes if det.num_classes is not None else num_classes
+    model = build_model(det.arch, nc, det.in_chans)
+    load_weights(model, ckpt.state_dict, det.arch)
+    model.eval()
+
+    dc = resolve_data_config(det.arch, model, det.in_chans)
+    if input_size is not None:
+        if input_size[0] != det.in_chans:
+            raise FtwtError(f"--input-size has {input_size[0]} channels but the model reads {det.in_chans}",
+                            f"pass --input-size {det.in_chans},{input_size[1]},{input_size[2]}")
+        dc = DataConfig(input_size, dc.mean, dc.std, dc.interpolation, dc.crop_pct, dc.crop_mode)
+    for name, v in (("--mean", mean), ("--std", std)):
+        if v is not None and len(v) != det.in_chans:
+            raise FtwtError(f"{name} has {len(v)} values but the model reads {det.in_chans} channels", f"pass {det.in_chans} values")
+    dc = DataConfig(dc.input_size, tuple(mean or dc.mean), tuple(std or dc.std), dc.interpolation, dc.crop_pct, dc.crop_mode)
+
+    try:
+        plan = trace_plan(model, dc.input_size, gate_shortcuts=gate_shortcuts)
+    except RuntimeError as e:
+        raise FtwtError(f"{det.arch} cannot run at input size {dc.input_size} ({str(e).splitlines()[0]})",
+                        "pass a larger --input-size") from None
+    units = _select(plan.units, include, exclude)
+    if not plan.units:
+        raise FtwtError(f"{det.arch} has nothing gateable: no Conv2d followed only by BatchNorm/activation feeds a later layer "
+                        "(ftwt gates CNN convolutions; transformers are not supported)", "use a convolutional architecture")
+    if not units:
+        raise FtwtError("--include/--exclude left no layer to gate", "loosen the patterns (they match layer names, e.g. 'layer*.conv*')")
+
+    gated = GatedModel(model, plan, [u.name for u in units]).eval()
+    dense = gated.dense_macs(dc.input_size)
+    share = sum(float(dense.per_op[u.name][0]) for u in plan.units if u.name in dense.per_op) / float(dense.total[0])
+    if share < MIN_GATEABLE_SHARE:
+        raise FtwtError(f"{det.arch} has nothing worth gating: only {share:.0%} of its MACs are in gateable convolutions "
+                        "(ftwt gates CNN convolutions; transformers and the like are not supported)", "use a convolutional architecture")
+
+    rows = tuple(LayerRow(u.name, u.in_channels, u.out_channels, tuple(u.kernel), u.groups,
+                          float(dense.per_op[u.name][0]), u.in_channels * u.out_channels) for u in units)
+    meta = {
+        "format": "ftwt-run", "format_version": FORMAT_VERSION, "ftwt_version": __version__,
+        "arch": {"source": det.arch.source, "name": det.arch.name, "num_classes": nc, "in_chans": det.in_chans},
+        "source": {"path": str(ckpt.path), "sha256": ckpt.sha256, "format": ckpt.fmt},
+        "data_config": dc.to_dict(),
+        "gating": {"gated": [u.name for u in units], "mode": "open", "r": None, "gt": "mass", "decoupled": True,
+                   "layers": [{"name": r.name, "in_channels": r.in_channels, "out_channels": r.out_channels,
+                               "kernel": list(r.kernel), "groups": r.groups} for r in rows]},
+        "plan": plan.to_dict(),
+        "macs": {"dense": float(dense.total[0]), "gates": gated.gate_macs_dense(), "input_size": list(dc.input_size)},
+        "history": [{"command": "attach", "ftwt_version": __version__}],
+    }
+    write_new_run(run_dir, meta, gated.state_dict(), force=force)
+    return AttachReport(run_dir, str(det.arch), nc, det.in_chans, dc.input_size, ckpt.fmt, rows,
+                        float(dense.total[0]), gated.gate_macs_dense(),
+                        {n: w for n, w in plan.rejected.items()} | {u.name: "excluded by --include/--exclude" for u in plan.units if u not in units},
+                        det.alternatives)

@@ -1,0 +1,152 @@
+"""Read a user's checkpoint into a clean ``{key: tensor}`` state dict, weights-only by default.
+
+Formats: torchvision-style state dicts (.pth/.pt/.bin), timm train.py checkpoints (``state_dict``,
+``state_dict_ema``, ``model``, ...), Lightning checkpoints (``model.`` prefix), DDP (``module.``) and
+torch.compile (``_orig_mod.``) prefixes, ``.safetensors`` files, and hub folders (``config.json`` +
+``model.safetensors`` or ``pytorch_model.bin``). The input file is only ever opened for reading.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+from .errors import FtwtError
+
+__all__ = ["LoadedCheckpoint", "read_checkpoint", "clean_state_dict", "sha256_file"]
+
+# Checked in order; timm's load_state_dict uses the same precedence (EMA first only when asked).
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
+_PLAIN_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "weights")
+# Wrapper prefixes stripped from every key: DDP, torch.compile, Lightning/wrapper modules.
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+_HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth")
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    state_dict: Dict[str, torch.Tensor]
+    path: Path               # the file the weights came from
+    sha256: str
+    fmt: str                 # "state_dict" | "timm-train" | "lightning" | "safetensors" | "hub" | "pickled-module"
+    hub_config: Optional[Dict[str, Any]] = None
+    notes: tuple = field(default_factory=tuple)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def clean_state_dict(sd: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """Keep tensors, strip wrapper prefixes that *every* key carries (so a real top-level module called
+    ``model`` in an architecture is never mangled), drop AveragedModel's ``n_averaged`` counter."""
+    out = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and k != "n_averaged"}
+    changed = True
+    while changed and out:
+        changed = False
+        for p in _PREFIXES:
+            if all(k.startswith(p) for k in out):
+                out = {k[len(p):]: v for k, v in out.items() if k[len(p):] != "n_averaged"}
+                changed = True
+    return out
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            raise FtwtError(
+                f"{path} contains pickled Python objects (for example a whole nn.Module), which ftwt does not "
+                "unpickle by default because unpickling can run arbitrary code",
+                "re-save it with torch.save(model.state_dict(), PATH), or pass --trust-pickle if you trust its source",
+            ) from None
+        raise FtwtError(f"{path} is not a PyTorch checkpoint ({e})", "pass a .pth/.pt/.bin/.safetensors file") from None
+    except Exception as e:  # torch.load raises KeyError, EOFError, RuntimeError, ... for a damaged file
+        if isinstance(e, FtwtError):
+            raise
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise FtwtError(
+            f"cannot read {path}: it is truncated, corrupt or not a PyTorch checkpoint ({first})",
+            "check the file (re-download or re-save it)",
+        ) from None
+
+
+def _unwrap(obj: Any, use_ema: bool, path: Path) -> tuple[Mapping[str, Any], str]:
+    if isinstance(obj, torch.nn.Module):
+        return obj.state_dict(), "pickled-module"
+    if not isinstance(obj, Mapping):
+        raise FtwtError(f"{path} holds a {type(obj).__name__}, not a state dict", "save model.state_dict()")
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, "state_dict"
+    if use_ema and not any(k in obj for k in _EMA_KEYS):
+        raise FtwtError(f"{path} has no EMA weights (looked for {', '.join(_EMA_KEYS)})", "drop --use-ema")
+    keys = (_EMA_KEYS if use_ema else ()) + _PLAIN_KEYS
+    for k in keys:
+        v = obj.get(k)
+        if isinstance(v, torch.nn.Module):
+            return v.state_dict(), "pickled-module"
+        if isinstance(v, Mapping) and any(isinstance(t, torch.Tensor) for t in v.values()):
+            fmt = "lightning" if "pytorch-lightning_version" in obj else "timm-train"
+            return v, fmt
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if tensors:
+        return tensors, "state_dict"
+    raise FtwtError(
+        f"{path} holds no weights: top-level keys are {', '.join(map(str, list(obj)[:8]))}",
+        "pass a state dict or a checkpoint with a 'state_dict' or 'model' entry",
+    )
+
+
+def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise FtwtError(f"cannot read {path}: not a valid safetensors file ({e})", "check the file") from None
+
+
+def read_checkpoint(path: Path | str, *, use_ema: bool = False, trust_pickle: bool = False) -> LoadedCheckpoint:
+    """Read any supported checkpoint. Raises FtwtError with a fix for anything unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise FtwtError(f"checkpoint not found: {path}", "check the path")
+    hub_config = None
+    if path.is_dir():
+        cfg = path / "config.json"
+        weights = next((path / w for w in _HUB_WEIGHTS if (path / w).is_file()), None)
+        if weights is None:
+            raise FtwtError(
+                f"{path} is a folder without {' or '.join(_HUB_WEIGHTS)}",
+                "pass a checkpoint file, or a hub folder with config.json and model.safetensors",
+            )
+        if cfg.is_file():
+            try:
+                hub_config = json.loads(cfg.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise FtwtError(f"{cfg} is not valid JSON ({e})", "fix or remove config.json") from None
+        path = weights
+    if path.stat().st_size == 0:
+        raise FtwtError(f"{path} is empty", "check the file (re-download or re-save it)")
+
+    if path.suffix == ".safetensors":
+        raw, fmt = _read_safetensors(path), "safetensors"
+    else:
+        raw, fmt = _unwrap(_torch_load(path, trust_pickle), use_ema, path)
+    if hub_config is not None:
+        fmt = "hub"
+    sd = clean_state_dict(raw)
+    if not sd:
+        raise FtwtError(f"{path} holds no tensors", "pass a checkpoint with model weights")
+    return LoadedCheckpoint(state_dict=sd, path=path.resolve(), sha256=sha256_file(path), fmt=fmt, hub_config=hub_config)

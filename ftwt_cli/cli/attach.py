@@ -1,0 +1,76 @@
+"""``ftwt attach CHECKPOINT``: a thin wrapper over :func:`ftwt_cli.attach.attach`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+from typing_extensions import Annotated
+
+from ..attach import AttachReport, attach, parse_input_size
+from ._app import command, console
+
+__all__ = ["attach_cli", "print_attach_report"]
+
+
+def _floats(text: Optional[str], flag: str) -> Optional[List[float]]:
+    if text is None:
+        return None
+    from ..errors import FtwtError
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise FtwtError(f"{flag} {text} is not a comma-separated list of numbers", f"e.g. {flag} 0.485,0.456,0.406") from None
+
+
+def _g(x: float) -> str:
+    return f"{x / 1e9:.3f} G" if x >= 1e8 else f"{x / 1e6:.2f} M"
+
+
+def print_attach_report(r: AttachReport) -> None:
+    t = Table(title=f"gated layers of {r.arch} at {r.input_size[1]}×{r.input_size[2]}")
+    for col, j in (("layer", "left"), ("C_in→C_out", "right"), ("kernel", "right"), ("groups", "right"),
+                   ("dense MACs", "right"), ("gate MACs", "right")):
+        t.add_column(col, justify=j)
+    for l in r.layers:
+        t.add_row(l.name, f"{l.in_channels}→{l.out_channels}", f"{l.kernel[0]}×{l.kernel[1]}", str(l.groups),
+                  _g(l.dense_macs), f"{l.gate_macs:,}")
+    gated = sum(l.dense_macs for l in r.layers)
+    t.add_section()
+    t.add_row(f"{len(r.layers)} gated layers", "", "", "", _g(gated), f"{r.gate_macs:,}")
+    console.print(t)
+    console.print(f"model: {r.arch} ({r.num_classes} classes, {r.in_chans} input channels, source format {r.source_format})")
+    console.print(f"dense MACs (convs + linear, ptflops 'aten' convention): {_g(r.dense_macs)}; "
+                  f"gated layers hold {gated / r.dense_macs:.1%}; gates add {r.gate_macs / r.dense_macs:.2%} when all run")
+    if r.not_gated:
+        console.print(f"not gated: {len(r.not_gated)} convs (" + "; ".join(f"{k}: {v}" for k, v in list(r.not_gated.items())[:3])
+                      + (" …" if len(r.not_gated) > 3 else "") + ")", markup=False)
+    if r.alternatives:
+        console.print(f"note: the weights also fit {', '.join(r.alternatives)}; pass --arch to choose", markup=False)
+    console.print(f"run written to {r.run_dir}", markup=False)
+
+
+@command("attach")
+def attach_cli(
+    checkpoint: Annotated[Path, typer.Argument(help="State dict (.pth/.pt/.bin), timm/Lightning checkpoint, .safetensors, or hub folder.")],
+    arch: Annotated[Optional[str], typer.Option(help="timm:NAME or torchvision:NAME (bare NAME tries both); detected when omitted.")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Expected number of classes (checked against the head).")] = None,
+    in_chans: Annotated[Optional[int], typer.Option(help="Expected input channels (checked against the stem).")] = None,
+    input_size: Annotated[Optional[str], typer.Option(help="C,H,W the model sees, e.g. 3,224,224.")] = None,
+    mean: Annotated[Optional[str], typer.Option(help="Normalisation mean per channel, comma-separated.")] = None,
+    std: Annotated[Optional[str], typer.Option(help="Normalisation std per channel, comma-separated.")] = None,
+    run: Annotated[Path, typer.Option(help="Run directory to create.")] = Path("ftwt-run"),
+    force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow unpickling code (a whole saved nn.Module). Only for files you trust.")] = False,
+    use_ema: Annotated[bool, typer.Option(help="Take the EMA weights of a timm train.py checkpoint.")] = False,
+    include: Annotated[Optional[List[str]], typer.Option(help="Gate only layers matching this glob (repeatable).")] = None,
+    exclude: Annotated[Optional[List[str]], typer.Option(help="Do not gate layers matching this glob (repeatable).")] = None,
+    gate_shortcuts: Annotated[bool, typer.Option(help="Also gate 1×1 shortcut/downsample convs.")] = False,
+) -> None:
+    """Load a checkpoint, find its architecture and insert a decision gate before every gateable conv."""
+    report = attach(checkpoint, arch=arch, num_classes=num_classes, in_chans=in_chans,
+                    input_size=parse_input_size(input_size), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                    run_dir=run, force=force, trust_pickle=trust_pickle, use_ema=use_ema,
+                    include=include or (), exclude=exclude or (), gate_shortcuts=gate_shortcuts)
+    print_attach_report(report)

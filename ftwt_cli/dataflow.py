@@ -1,0 +1,456 @@
+"""Trace one forward pass into the facts gating needs, from the model's real dataflow (not module names).
+
+We hook every module to learn which autograd node produced each module's input and output, then walk the
+autograd graph (the approach of Torch-Pruning's DependencyGraph). From it we derive:
+
+* gateable units: a Conv2d whose output is read only by a BatchNorm (optional), whose output in turn is
+  read only by an activation with f(0)=0 (optional). The mask goes on the last module of conv→norm; the
+  activation keeps masked channels at zero because f(0)=0. Convs that no conv/linear reads downstream
+  (classifier convs) are not gateable; 1×1 shortcut convs are marked so callers can skip them.
+* for every conv/linear (and every gate), a sparsity expression saying which channels of the tensor it
+  reads are structurally zero: the mask of a unit, carried through activations, pooling, padding and
+  products, concatenated by ``cat``, sliced by ``split``; a sum is zero only where all its terms are.
+  Anything we do not model is "dense", so MACs can be over-counted but never under-counted.
+
+The caller's model is left as it was: hooks are removed in ``finally`` and the train flag is restored.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Unit", "MacOp", "Plan", "trace_plan", "Expr"]
+
+# An expression is a JSON-friendly nested list: ["dense", width] | ["unit", name, width] | ["cat", [e, ...]]
+# | ["slice", e, start, stop] | ["any", [e, ...]] (active where any term is) | ["all", [e, ...]]
+# | ["repeat", e, n] (flatten: each channel becomes n features).
+Expr = list
+
+# Autograd nodes that map zero to zero channel by channel (activations with f(0)=0, pooling, padding,
+# copies). Pooling is spatial, so a zero channel stays zero.
+_ZERO_PRESERVING = {
+    "ReluBackward0", "ReluBackward1", "HardtanhBackward0", "HardtanhBackward1", "LeakyReluBackward0",
+    "LeakyReluBackward1", "GeluBackward0", "SiluBackward0", "HardswishBackward0", "MishBackward0",
+    "EluBackward0", "EluBackward1", "TanhBackward0", "PreluKernelBackward0", "CeluBackward0",
+    "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0",
+    "AdaptiveMaxPool2DBackward0", "ConstantPadNdBackward0", "CloneBackward0", "ToCopyBackward0",
+    "MaxPool1DWithIndicesBackward0", "AliasBackward0", "ExpandBackward0", "ContiguousBackward0",
+}
+_RESHAPES = {"ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward0",
+             "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "UnsqueezeBackward0", "FlattenBackward0"}
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+                nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Identity, nn.Dropout, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+
+
+def _is_activation(m: nn.Module) -> bool:
+    mod = type(m).__module__
+    return isinstance(m, _ACT_MODULES) or mod.startswith("timm.layers.activations") or mod.startswith("timm.layers.create_act")
+
+
+def _zero_at_zero(act: nn.Module, channels: int) -> bool:
+    try:
+        with torch.no_grad():
+            z = torch.zeros(1, channels, 1, 1)
+            return bool((act(z) == 0).all())
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A gateable conv: ``name`` is the conv's path, ``end`` the module whose output is masked."""
+    name: str
+    end: str
+    act: Optional[str]            # path of a separate activation module, "relu" (functional), or None
+    in_channels: int
+    out_channels: int
+    kernel: Tuple[int, int]
+    groups: int
+    in_expr: Expr                 # sparsity of the conv's (and gate's) input
+    shortcut: bool = False        # a 1×1 conv on a residual shortcut
+
+
+@dataclass(frozen=True)
+class MacOp:
+    """A conv or linear layer: the only layers MACs are counted for (the papers' convention)."""
+    name: str
+    kind: str                     # "conv" | "linear"
+    in_channels: int
+    out_channels: int
+    kernel_area: int              # k_h·k_w (1 for linear)
+    groups: int
+    in_expr: Expr
+    calls: int = 1                # a layer called more than once is counted dense on every call
+
+
+@dataclass
+class Plan:
+    units: List[Unit]
+    ops: List[MacOp]
+    rejected: Dict[str, str] = field(default_factory=dict)   # conv path -> why it is not gateable
+    input_size: Tuple[int, int, int] = (3, 224, 224)
+
+    def to_dict(self) -> dict:
+        return {"units": [asdict(u) for u in self.units], "ops": [asdict(o) for o in self.ops],
+                "rejected": self.rejected, "input_size": list(self.input_size)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        units = [Unit(**{**u, "kernel": tuple(u["kernel"])}) for u in d["units"]]
+        return cls(units, [MacOp(**o) for o in d["ops"]], dict(d.get("rejected", {})), tuple(d["input_size"]))
+
+
+class _Recorder:
+    """Forward (pre-)hooks that remember, per module call, the autograd nodes of input and output."""
+
+    def __init__(self) -> None:
+        self.calls: Dict[str, List[dict]] = {}
+
+    def pre(self, name: str):
+        def hook(module, args):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            self.calls.setdefault(name, []).append(
+                {"in": (x.grad_fn, x.output_nr) if x is not None and x.grad_fn is not None else None,
+                 "in_shape": tuple(x.shape) if x is not None else None})
+        return hook
+
+    def post(self, name: str):
+        def hook(module, args, out):
+            t = out if isinstance(out, torch.Tensor) else None
+            if self.calls.get(name):
+                self.calls[name][-1]["out"] = (t.grad_fn, t.output_nr) if t is not None and t.grad_fn is not None else None
+                self.calls[name][-1]["out_shape"] = tuple(t.shape) if t is not None else None
+        return hook
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    for o in out:
+        if isinstance(o, torch.Tensor):
+            return o
+    raise TypeError("model returned no tensor")
+
+
+def trace_plan(model: nn.Module, input_size: Tuple[int, int, int], *, gate_shortcuts: bool = False) -> Plan:
+    """One hooked forward (and a shape-recording backward) at ``input_size`` → the model's gating Plan."""
+    rec, handles, was_training = _Recorder(), [], model.training
+    modules = dict(model.named_modules())
+    try:
+        model.eval()
+        for name, m in modules.items():
+            if name:
+                handles.append(m.register_forward_pre_hook(rec.pre(name)))
+                handles.append(m.register_forward_hook(rec.post(name)))
+        x = torch.randn(1, *input_size, requires_grad=True)
+        with torch.enable_grad():
+            out = _first_tensor(model(x))
+            nodes, consumers = _graph(out.grad_fn)
+            shapes = _node_shapes(nodes, out, x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return _Analysis(model, modules, rec.calls, nodes, consumers, shapes, input_size, x, gate_shortcuts).plan()
+
+
+def _graph(root) -> Tuple[List[Any], Dict[Any, List[Any]]]:
+    nodes, consumers, stack, seen = [], {}, [root], {root}
+    while stack:
+        n = stack.pop()
+        nodes.append(n)
+        for nxt, _ in n.next_functions:
+            if nxt is None:
+                continue
+            consumers.setdefault(nxt, []).append(n)
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return nodes, consumers
+
+
+def _node_shapes(nodes, out: torch.Tensor, x: torch.Tensor) -> Dict[Any, List[Optional[Tuple[int, ...]]]]:
+    """The shape of every node's outputs, read from the gradients flowing into it during one backward.
+    ``autograd.grad`` w.r.t. the input only, so no parameter's ``.grad`` is touched."""
+    shapes: Dict[Any, List] = {}
+    handles = []
+    for n in nodes:
+        if type(n).__name__ == "AccumulateGrad":
+            continue
+
+        def pre(grad_outputs, n=n):
+            shapes[n] = [tuple(g.shape) if g is not None else None for g in grad_outputs]
+        handles.append(n.register_prehook(pre))
+    try:
+        torch.autograd.grad(out.float().sum(), [x], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+class _Analysis:
+    def __init__(self, model, modules, calls, nodes, consumers, shapes, input_size, x, gate_shortcuts):
+        self.model, self.modules, self.calls = model, modules, calls
+        self.nodes, self.consumers, self.shapes = nodes, consumers, shapes
+        self.input_size, self.x, self.gate_shortcuts = input_size, x, gate_shortcuts
+        self.node_ids = {n: i for i, n in enumerate(nodes)}
+        self.unit_end_nodes: Dict[Any, Tuple[str, int]] = {}
+        self.memo: Dict[Tuple[Any, int], Expr] = {}
+
+    # -- helpers
+    def _once(self, name: str) -> Optional[dict]:
+        c = self.calls.get(name, [])
+        return c[0] if len(c) == 1 and c[0].get("out") else None
+
+    def _modules_reading(self, node) -> List[str]:
+        return [n for n, cs in self.calls.items() for c in cs if c["in"] and c["in"][0] is node]
+
+    def _width(self, node, nr: int) -> int:
+        s = self.shapes.get(node, [None])
+        s = s[nr] if nr < len(s) else None
+        return int(s[1]) if s is not None and len(s) > 1 else 1
+
+    # -- units
+    def plan(self) -> Plan:
+        units, rejected = [], {}
+        feeds_param = self._ancestors_of_params()
+        for name, m in self.modules.items():
+            if not isinstance(m, nn.Conv2d):
+                continue
+            unit, why = self._unit(name, m, feeds_param)
+            if unit is None:
+                rejected[name] = why
+            else:
+                units.append(unit)
+                self.unit_end_nodes[self._once(unit.end)["out"][0]] = (unit.name, unit.out_channels)
+        # Expressions need every unit's end node registered first, hence the second pass.
+        units = [Unit(**{**asdict(u), "kernel": tuple(u.kernel), "in_expr": self._input_expr(u.name)}) for u in units]
+        ops = []
+        for name, m in self.modules.items():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or isinstance(m, nn.Linear):
+                ncalls = len(self.calls.get(name, []))
+                if ncalls == 0:
+                    continue
+                conv = not isinstance(m, nn.Linear)
+                ops.append(MacOp(
+                    name=name, kind="conv" if conv else "linear",
+                    in_channels=m.in_channels if conv else m.in_features,
+                    out_channels=m.out_channels if conv else m.out_features,
+                    kernel_area=math.prod(m.kernel_size) if conv else 1,
+                    groups=m.groups if conv else 1,
+                    in_expr=self._input_expr(name) if ncalls == 1 else ["dense", m.in_channels if conv else m.in_features],
+                    calls=ncalls))
+        return Plan(units, ops, rejected, tuple(self.input_size))
+
+    def _ancestors_of_params(self) -> set:
+        """Nodes from which some conv/linear input is reachable: a unit ending elsewhere is a classifier."""
+        seen = set()
+        stack = [c["in"][0] for n, m in self.modules.items() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Conv1d))
+                 for c in self.calls.get(n, []) if c["in"]]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(nx for nx, _ in n.next_functions if nx is not None)
+        return seen
+
+    def _unit(self, name: str, conv: nn.Conv2d, feeds_param: set) -> Tuple[Optional[Unit], str]:
+        call = self._once(name)
+        if call is None:
+            return None, "called more than once (shared weights)" if self.calls.get(name) else "not used in forward"
+        node, end, act = call["out"][0], name, None
+        readers = self.consumers.get(node, [])
+        norms = [n for n in self._modules_reading(node) if isinstance(self.modules[n], nn.modules.batchnorm._BatchNorm)]
+        if len(readers) == 1 and len(norms) == 1 and self._once(norms[0]):
+            end = norms[0]
+            node = self._once(end)["out"][0]
+            fused = getattr(self.modules[end], "act", None)   # timm BatchNormAct2d: norm + act in one module
+            if fused is not None and not _zero_at_zero(fused, conv.out_channels):
+                return None, f"its fused activation {type(fused).__name__} has f(0)≠0"
+            if fused is not None:
+                act = None
+                node = None   # the fused module's output already includes the activation
+        if node is not None:
+            readers = self.consumers.get(node, [])
+            acts = [n for n in self._modules_reading(node) if _is_activation(self.modules[n])]
+            if len(readers) == 1 and acts:
+                if not _zero_at_zero(self.modules[acts[0]], conv.out_channels):
+                    return None, f"followed by {type(self.modules[acts[0]]).__name__}, which has f(0)≠0"
+                act = acts[0]
+            elif len(readers) == 1 and type(readers[0]).__name__ in ("ReluBackward0", "ReluBackward1"):
+                act = "relu"
+        end_node = self._once(end)["out"][0]
+        out_shape = call.get("out_shape") or ()
+        if len(out_shape) == 4 and out_shape[2] * out_shape[3] == 1 and conv.kernel_size == (1, 1):
+            # A 1×1 conv on a 1×1 map is a linear layer on a pooled vector (SE convs): its gate, GAP → Linear
+            # with the same shape, would cost exactly as much as the conv it decides about.
+            return None, "1×1 conv on a 1×1 map: its gate would cost as much as the conv"
+        if end_node not in feeds_param:
+            return None, "no conv or linear layer reads its output (a classifier conv)"
+        shortcut = conv.kernel_size == (1, 1) and self._is_shortcut(call["in"][0] if call["in"] else None, end_node)
+        if shortcut and not self.gate_shortcuts:
+            return None, "1×1 shortcut conv (gate it with --gate-shortcuts)"
+        return Unit(name, end, act, conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups,
+                    [], shortcut), ""
+
+    def _is_shortcut(self, in_node, end_node) -> bool:
+        """Reads a branch point (maybe through pooling, as in ResNet-D) and feeds a sum directly."""
+        feeds_add = any(type(c).__name__.startswith("AddBackward") for c in self.consumers.get(end_node, []))
+        p = in_node
+        while p is not None and type(p).__name__.startswith(("AvgPool", "MaxPool")) and len(self.consumers.get(p, [])) == 1:
+            p = next((nx for nx, _ in p.next_functions if nx is not None), None)
+        branches = p is None or len(self.consumers.get(p, [])) >= 2
+        return feeds_add and branches
+
+    # -- sparsity expressions
+    def _input_expr(self, name: str) -> Expr:
+        call = self.calls[name][0]
+        m = self.modules[name]
+        width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+        if not call["in"]:
+            return ["dense", width]
+        old = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(old, 20000))
+        try:
+            e = self._expr(*call["in"])
+        finally:
+            sys.setrecursionlimit(old)
+        return e if _width(e) == width else ["dense", width]
+
+    def _expr(self, node, nr: int) -> Expr:
+        key = (node, nr)
+        if key not in self.memo:
+            self.memo[key] = _simplify(self._expr_uncached(node, nr))
+        return self.memo[key]
+
+    def _inputs(self, node) -> List[Optional[Tuple[Any, int]]]:
+        return [(nx, i) if nx is not None else None for nx, i in node.next_functions]
+
+    def _expr_uncached(self, node, nr: int) -> Expr:
+        if node in self.unit_end_nodes:
+            return ["unit", *self.unit_end_nodes[node]]
+        kind = type(node).__name__
+        width = self._width(node, nr)
+        dense = ["dense", width]
+        ins = self._inputs(node)
+        if kind in _ZERO_PRESERVING or kind in _RESHAPES:
+            if not ins or ins[0] is None:
+                return dense
+            src = self._expr(*ins[0])
+            if kind in _RESHAPES:
+                return self._reshape(src, ins[0], node, nr)
+            return src if _width(src) == width else dense
+        if kind.startswith("MeanBackward"):
+            dims = getattr(node, "_saved_dim", None)
+            in_shape = self.shapes.get(ins[0][0], [None])[ins[0][1]] if ins and ins[0] else None
+            if dims is not None and in_shape is not None and all((d % len(in_shape)) >= 2 for d in dims):
+                src = self._expr(*ins[0])
+                return src if _width(src) == width else dense
+            return dense
+        if kind in ("MulBackward0", "DivBackward0"):
+            tensors = [i for i in ins if i is not None]
+            if kind == "DivBackward0" and (ins[0] is None):
+                return dense
+            terms = [self._expr(*i) for i in (tensors if kind == "MulBackward0" else [ins[0]])]
+            terms = [t for t in terms if _width(t) == width]        # broadcast operands (width 1) drop out
+            return ["all", terms] if terms else dense
+        if kind in ("AddBackward0", "SubBackward0"):
+            if any(i is None for i in ins):                         # x + constant: zeros become the constant
+                return dense
+            terms = [self._expr(*i) for i in ins]
+            if any(_width(t) != width for t in terms):
+                return dense
+            return ["any", terms]
+        if kind == "CatBackward0":
+            dim = getattr(node, "_saved_dim", 0)
+            shape = self.shapes.get(node, [None])[0]
+            if shape is None or dim % len(shape) != 1 or any(i is None for i in ins):
+                return dense
+            return ["cat", [self._expr(*i) for i in ins]]
+        if kind in ("SplitBackward0", "SplitWithSizesBackward0", "SliceBackward0", "NarrowBackward0"):
+            if not ins or ins[0] is None:
+                return dense
+            parent_shape = self.shapes.get(ins[0][0], [None])[ins[0][1]]
+            if parent_shape is None:
+                return dense
+            dim = getattr(node, "_saved_dim", 0) % len(parent_shape)
+            if dim != 1:
+                src = self._expr(*ins[0])
+                return src if _width(src) == width else dense
+            if kind == "SplitWithSizesBackward0":
+                sizes = list(node._saved_split_sizes)
+                start = sum(sizes[:nr])
+                stop = start + sizes[nr]
+            elif kind == "SplitBackward0":
+                size = int(node._saved_split_size)
+                start, stop = nr * size, min((nr + 1) * size, parent_shape[1])
+            elif kind == "SliceBackward0":
+                start, end, step = node._saved_start, node._saved_end, node._saved_step
+                if step != 1:
+                    return dense
+                start = 0 if start is None else int(start)
+                stop = min(parent_shape[1], int(end) if end is not None else parent_shape[1])
+            else:
+                return dense
+            return ["slice", self._expr(*ins[0]), start, stop]
+        return dense
+
+    def _reshape(self, src: Expr, parent, node, nr) -> Expr:
+        pshape = self.shapes.get(parent[0], [None])[parent[1]] if type(parent[0]).__name__ != "AccumulateGrad" else tuple(self.x.shape)
+        shape = self.shapes.get(node, [None])[nr]
+        if pshape is None or shape is None or len(shape) < 2 or len(pshape) < 2:
+            return ["dense", shape[1] if shape and len(shape) > 1 else 1]
+        if shape[0] == pshape[0] and shape[1] == pshape[1]:
+            return src
+        if len(shape) == 2 and shape[1] == math.prod(pshape[1:]):     # flatten (B,C,H,W) → (B, C·H·W)
+            return ["repeat", src, math.prod(pshape[2:])]
+        return ["dense", shape[1]]
+
+
+def _width(e: Expr) -> int:
+    """Channel count of the tensor an expression describes."""
+    k = e[0]
+    if k == "dense":
+        return int(e[1])
+    if k == "unit":
+        return int(e[2])
+    if k == "cat":
+        return sum(_width(t) for t in e[1])
+    if k == "slice":
+        return int(e[3]) - int(e[2])
+    if k in ("any", "all"):
+        return _width(e[1][0])
+    if k == "repeat":
+        return _width(e[1]) * int(e[2])
+    raise ValueError(e)
+
+
+def _simplify(e: Expr) -> Expr:
+    k = e[0]
+    if k == "any":
+        terms = e[1]
+        if any(t[0] == "dense" for t in terms):
+            return ["dense", _width(terms[0])]
+        return terms[0] if len(terms) == 1 else e
+    if k == "all":
+        terms = [t for t in e[1] if t[0] != "dense"]
+        if not terms:
+            return e[1][0]
+        return terms[0] if len(terms) == 1 else ["all", terms]
+    if k == "cat":
+        if all(t[0] == "dense" for t in e[1]):
+            return ["dense", sum(int(t[1]) for t in e[1])]
+    if k == "slice" and e[1][0] == "dense":
+        return ["dense", int(e[3]) - int(e[2])]
+    if k == "repeat" and e[1][0] == "dense":
+        return ["dense", int(e[1][1]) * int(e[2])]
+    return e

@@ -1,0 +1,211 @@
+"""GatedModel: a backbone with one decision gate per gated conv, driven by hooks.
+
+The backbone is left structurally untouched (its state-dict keys stay the source checkpoint's, under
+``backbone.``); hooks do the work:
+* a forward pre-hook on each gated conv runs its gate on the conv's input: GAP → Linear(C_in → C_out);
+* a forward hook on the unit's end module (the BatchNorm after the conv, or the conv itself) computes the
+  mask — from the gate (``predict``), from the heatmap-mass rule on this very output (``oracle``), or none
+  (``open``) — and multiplies it in, so the activation that follows sees exact zeros;
+* a forward hook on every conv/linear records its output size for the MACs count.
+Hooks are callable objects, not closures, so ``copy.deepcopy(model)`` yields an independent, working copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .dataflow import Plan, Unit
+from .errors import FtwtError
+from .groundtruth import GT_RULES, check_r, ground_truth
+from .macs import MacsBreakdown, count_macs
+
+__all__ = ["Gate", "GatedModel", "ForwardStats", "GATE_MODES", "gate_key"]
+
+GATE_MODES = ("open", "predict", "oracle")
+# Gates start open: zero weights and a positive bias give sigmoid(3) ≈ 0.95 > 0.5 for every channel.
+_INIT_LOGIT = 3.0
+
+
+def gate_key(unit_name: str) -> str:
+    """ModuleDict keys may not contain dots."""
+    return unit_name.replace(".", "__")
+
+
+class Gate(nn.Module):
+    """FTWT's decision gate: global average pool of the conv's input, then a linear layer with bias."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_channels, out_channels)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.constant_(self.fc.bias, _INIT_LOGIT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@dataclass(frozen=True)
+class ForwardStats:
+    """What the last forward did, per sample."""
+    macs: torch.Tensor                  # (B,) float64 MACs, gates included
+    gate_macs: torch.Tensor             # (B,) float64
+    dense_macs: float                   # MACs of the source model at this input size
+    masks: Dict[str, torch.Tensor]      # gated layer -> (B, C_out) bool (empty when gates are open)
+    per_layer: Dict[str, torch.Tensor] = field(default_factory=dict)   # conv/linear -> (B,) MACs
+
+
+@dataclass
+class _ForwardState:
+    logits: Dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: Dict[str, torch.Tensor] = field(default_factory=dict)
+    targets: Dict[str, torch.Tensor] = field(default_factory=dict)
+    positions: Dict[str, int] = field(default_factory=dict)
+
+
+class _GateHook:
+    def __init__(self, owner: "GatedModel", unit: Unit) -> None:
+        self.owner, self.unit, self.key = owner, unit, gate_key(unit.name)
+
+    def __call__(self, module: nn.Module, args) -> None:
+        g = self.owner
+        if g.mode == "predict" or g.collect_targets:
+            x = args[0]
+            g._state.logits[self.unit.name] = g.gates[self.key](x.detach() if g.decoupled else x)
+
+
+class _MaskHook:
+    def __init__(self, owner: "GatedModel", unit: Unit) -> None:
+        self.owner, self.unit = owner, unit
+
+    def _unit_output(self, out: torch.Tensor) -> torch.Tensor:
+        """The unit's output after its activation: what the ground truth is computed on."""
+        act = self.unit.act
+        if act is None:
+            return out
+        if act == "relu":
+            return F.relu(out)
+        return self.owner.backbone.get_submodule(act)(out.clone())
+
+    def __call__(self, module: nn.Module, args, out: torch.Tensor):
+        g, name = self.owner, self.unit.name
+        target = None
+        if g.mode == "oracle" or g.collect_targets:
+            with torch.no_grad():
+                score = self._unit_output(out.detach()).abs().amax(dim=(2, 3))
+                target = ground_truth(score, g.r, g.gt)
+            g._state.targets[name] = target
+        if g.mode == "open":
+            return None
+        mask = g._state.logits[name] > 0 if g.mode == "predict" else target
+        g._state.masks[name] = mask
+        return out * mask[:, :, None, None].to(out.dtype)
+
+
+class _PositionHook:
+    def __init__(self, owner: "GatedModel", name: str, kind: str, out_features: int) -> None:
+        self.owner, self.name, self.kind, self.out_features = owner, name, kind, out_features
+
+    def __call__(self, module: nn.Module, args, out: torch.Tensor) -> None:
+        # conv: H_out·W_out; linear: tokens per sample (1 for a (B, F) input)
+        n = out[0, 0].numel() if self.kind == "conv" else out[0].numel() // self.out_features
+        pos = self.owner._state.positions
+        pos[self.name] = pos.get(self.name, 0) + int(n)
+
+
+class GatedModel(nn.Module):
+    """A backbone with decision gates. ``set_gates`` picks how masks are made; ``last_stats`` reports."""
+
+    def __init__(self, backbone: nn.Module, plan: Plan, gated: Optional[Sequence[str]] = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.plan = plan
+        names = [u.name for u in plan.units] if gated is None else list(gated)
+        by_name = {u.name: u for u in plan.units}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise FtwtError(f"not gateable: {', '.join(unknown[:3])}", "choose layers from the attach table")
+        self.units: List[Unit] = [by_name[n] for n in names]
+        self.gates = nn.ModuleDict({gate_key(u.name): Gate(u.in_channels, u.out_channels) for u in self.units})
+        self.mode, self.r, self.gt = "open", 0.95, "mass"
+        self.decoupled = True          # the gate reads a detached input: the task loss never reaches it
+        self.collect_targets = False   # also compute ground-truth masks (for the BCE loss) while predicting
+        self.meta: dict = {}           # what the run/export knows (architecture, source, history, ...)
+        self.data_config = None        # archs.DataConfig once loaded from a run
+        self.last_stats: Optional[ForwardStats] = None
+        self._state = _ForwardState()
+        self._dense_cache: Dict[tuple, float] = {}
+        self._install_hooks()
+
+    def _install_hooks(self) -> None:
+        mods = dict(self.backbone.named_modules())
+        for u in self.units:
+            mods[u.name].register_forward_pre_hook(_GateHook(self, u))
+            mods[u.end].register_forward_hook(_MaskHook(self, u))
+        for op in self.plan.ops:
+            mods[op.name].register_forward_hook(_PositionHook(self, op.name, op.kind, op.out_channels))
+
+    # ------------------------------------------------------------------ control
+    def set_gates(self, mode: str, r: Optional[float] = None, gt: Optional[str] = None) -> "GatedModel":
+        """``open``: every filter runs. ``predict``: the gates decide. ``oracle``: the ground-truth rule
+        (``gt``, default heatmap mass) at ``r`` on this very input decides."""
+        if mode not in GATE_MODES:
+            raise FtwtError(f"unknown gate mode '{mode}'", f"use one of {', '.join(GATE_MODES)}")
+        if gt is not None and gt not in GT_RULES:
+            raise FtwtError(f"unknown ground-truth rule '{gt}'", f"use one of {', '.join(GT_RULES)}")
+        if r is not None:
+            self.r = check_r(r)
+        if gt is not None:
+            self.gt = gt
+        self.mode = mode
+        return self
+
+    @property
+    def gated_names(self) -> List[str]:
+        return [u.name for u in self.units]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor):
+        self._state = _ForwardState()
+        out = self.backbone(x)
+        self.last_stats = self._stats(x.shape[0], tuple(x.shape[1:]))
+        return out
+
+    @property
+    def last_logits(self) -> Dict[str, torch.Tensor]:
+        return self._state.logits
+
+    @property
+    def last_targets(self) -> Dict[str, torch.Tensor]:
+        return self._state.targets
+
+    def _stats(self, batch: int, size: tuple) -> ForwardStats:
+        st = self._state
+        masks = {k: v.detach() for k, v in st.masks.items()}
+        b = count_macs(self.plan.ops, self.units, masks, st.positions, batch, gates_run=self.mode != "open")
+        if size not in self._dense_cache:
+            self._dense_cache[size] = float(count_macs(self.plan.ops, self.units, {}, st.positions, 1, gates_run=False).total[0])
+        return ForwardStats(b.total, b.gates, self._dense_cache[size], masks, b.per_op)
+
+    def dense_macs(self, input_size: Optional[tuple] = None) -> MacsBreakdown:
+        """MACs of the source model (gates open, no gate cost) at ``input_size`` (default: the plan's)."""
+        size = tuple(input_size or self.plan.input_size)
+        mode, self.mode = self.mode, "open"
+        try:
+            with torch.no_grad():
+                p = next(self.backbone.parameters())
+                was = self.training
+                self.eval()
+                self(torch.zeros(1, *size, dtype=p.dtype, device=p.device))
+                self.train(was)
+        finally:
+            self.mode = mode
+        st = self._state
+        return count_macs(self.plan.ops, self.units, {}, st.positions, 1, gates_run=False)
+
+    def gate_macs_dense(self) -> int:
+        """Cost of all gates when every input channel is active."""
+        return sum(u.in_channels * u.out_channels for u in self.units)

@@ -1,0 +1,115 @@
+"""Exact per-sample MACs (multiply-accumulates, which papers call FLOPs) of a gated network.
+
+For every conv, summed over its groups g:   MACs = Σ_g active_in_g · active_out_g · k_h·k_w · H_out·W_out
+where active_in_g counts the input channels of group g that are not *structurally* zero in the tensor the
+conv reads (a unit's mask carried through activations/pooling/concat; a residual sum is dense unless all
+its terms are zero), and active_out_g counts the output channels the conv computes (its own mask when it
+is gated). Depthwise convs (g = C) thus cost Σ_c in_c·out_c·k²·HW. A linear layer costs
+active_in · out_features per token. A gate costs active_in · C_out (GAP → Linear; pooling is not a MAC).
+Norms, activations and pooling are not counted: that is ptflops' ``aten`` convention.
+
+This module only does arithmetic on masks and shapes; it never runs a model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Sequence
+
+import torch
+
+from .dataflow import Expr, MacOp, Unit
+
+__all__ = ["active_channels", "op_macs", "count_macs", "MacsBreakdown"]
+
+
+def _ones(batch: int, width: int) -> torch.Tensor:
+    return torch.ones(batch, width, dtype=torch.bool)
+
+
+def active_channels(expr: Expr, masks: Mapping[str, torch.Tensor], batch: int) -> Optional[torch.Tensor]:
+    """(B, C) bool of channels that may be non-zero, or None when every channel may be."""
+    k = expr[0]
+    if k == "dense":
+        return None
+    if k == "unit":
+        return masks.get(expr[1])
+    if k == "cat":
+        parts = [active_channels(e, masks, batch) for e in expr[1]]
+        if all(p is None for p in parts):
+            return None
+        return torch.cat([p if p is not None else _ones(batch, _width(e)) for p, e in zip(parts, expr[1])], 1)
+    if k == "slice":
+        p = active_channels(expr[1], masks, batch)
+        return None if p is None else p[:, int(expr[2]):int(expr[3])]
+    if k == "any":
+        parts = [active_channels(e, masks, batch) for e in expr[1]]
+        if any(p is None for p in parts):
+            return None
+        out = parts[0]
+        for p in parts[1:]:
+            out = out | p
+        return out
+    if k == "all":
+        parts = [p for p in (active_channels(e, masks, batch) for e in expr[1]) if p is not None]
+        if not parts:
+            return None
+        out = parts[0]
+        for p in parts[1:]:
+            out = out & p
+        return out
+    if k == "repeat":
+        p = active_channels(expr[1], masks, batch)
+        return None if p is None else p.repeat_interleave(int(expr[2]), dim=1)
+    raise ValueError(f"unknown sparsity expression {expr!r}")
+
+
+def _width(e: Expr) -> int:
+    from .dataflow import _width as w
+    return w(e)
+
+
+def _per_group(active: Optional[torch.Tensor], channels: int, groups: int, batch: int) -> torch.Tensor:
+    if active is None:
+        return torch.full((batch, groups), channels // groups, dtype=torch.float64)
+    return active.reshape(batch, groups, channels // groups).sum(2, dtype=torch.float64)
+
+
+def op_macs(op: MacOp, active_in: Optional[torch.Tensor], active_out: Optional[torch.Tensor], positions: int,
+            batch: int) -> torch.Tensor:
+    """(B,) MACs of one conv/linear; ``positions`` is H_out·W_out (tokens for a linear)."""
+    a_in = _per_group(active_in, op.in_channels, op.groups, batch)
+    a_out = _per_group(active_out, op.out_channels, op.groups, batch)
+    return (a_in * a_out).sum(1) * (op.kernel_area * positions)
+
+
+@dataclass(frozen=True)
+class MacsBreakdown:
+    total: torch.Tensor          # (B,) float64, per-sample MACs including gates
+    gates: torch.Tensor          # (B,) float64, the gates' share
+    per_op: Dict[str, torch.Tensor]
+
+
+def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, torch.Tensor],
+               positions: Mapping[str, int], batch: int, *, gates_run: bool) -> MacsBreakdown:
+    """Per-sample MACs of one forward. ``masks`` holds the masks of gated units only (missing = dense);
+    ``positions`` the output positions each op saw in this forward (summed over calls)."""
+    per_op = {}
+    for op in ops:
+        if op.name not in positions:
+            continue
+        if op.calls != 1:
+            per_op[op.name] = op_macs(op, None, None, positions[op.name], batch)
+            continue
+        a_in = active_channels(op.in_expr, masks, batch)
+        per_op[op.name] = op_macs(op, a_in, masks.get(op.name), positions[op.name], batch)
+    gates = torch.zeros(batch, dtype=torch.float64)
+    if gates_run:
+        for u in units:
+            if u.name in masks:
+                a_in = active_channels(u.in_expr, masks, batch)
+                n_in = a_in.sum(1, dtype=torch.float64) if a_in is not None else torch.full((batch,), float(u.in_channels), dtype=torch.float64)
+                gates += n_in * u.out_channels
+    total = gates.clone()
+    for v in per_op.values():
+        total += v
+    return MacsBreakdown(total, gates, per_op)

@@ -1,0 +1,51 @@
+import pytest
+import timm
+import torch
+import torchvision
+
+from ftwt_cli.archs import detect_arch, parse_arch, resolve_data_config, build_model
+from ftwt_cli.errors import FtwtError
+
+
+def test_parse_arch_sources_and_suggestions():
+    assert str(parse_arch("torchvision:resnet18")) == "torchvision:resnet18"
+    assert str(parse_arch("timm:resnet34.tv_in1k")) == "timm:resnet34"
+    assert str(parse_arch("resnet18")) == "torchvision:resnet18"        # bare: torchvision first
+    assert str(parse_arch("efficientnet_b0")) == "torchvision:efficientnet_b0"
+    assert str(parse_arch("mixnet_s")) == "timm:mixnet_s"
+    with pytest.raises(FtwtError, match="did you mean.*resnet18"):
+        parse_arch("resnt18")
+    with pytest.raises(FtwtError, match="source 'keras'"):
+        parse_arch("keras:resnet18")
+
+
+@pytest.mark.parametrize("build,expect,nc,ic", [
+    (lambda: torchvision.models.resnet18(num_classes=10), "torchvision:resnet18", 10, 3),
+    (lambda: torchvision.models.mobilenet_v2(num_classes=7), "torchvision:mobilenet_v2", 7, 3),
+    (lambda: timm.create_model("efficientnet_b0", num_classes=4, in_chans=1), "timm:efficientnet_b0", 4, 1),
+    (lambda: timm.create_model("regnetx_002", num_classes=3), "timm:regnetx_002", 3, 3),
+])
+def test_detect_exact_match_with_head_and_stem(build, expect, nc, ic):
+    sd = build().state_dict()
+    d = detect_arch(sd)
+    assert str(d.arch) == expect and d.num_classes == nc and d.in_chans == ic
+
+
+def test_detect_no_match_lists_closest():
+    sd = torchvision.models.resnet18().state_dict()
+    sd.pop("layer4.1.bn2.running_var")
+    sd["extra.weight"] = torch.zeros(3)
+    with pytest.raises(FtwtError, match="closest: .*resnet18.*--arch"):
+        detect_arch(sd)
+
+
+def test_detect_hub_config_wins():
+    sd = timm.create_model("resnet18", num_classes=6).state_dict()
+    assert str(detect_arch(sd, {"architecture": "resnet18"}).arch) == "timm:resnet18"
+
+
+def test_data_config_from_reference_weights():
+    tv = resolve_data_config(parse_arch("torchvision:inception_v3"), build_model(parse_arch("torchvision:inception_v3"), meta=True))
+    assert tv.input_size == (3, 299, 299) and abs(tv.crop_pct - 299 / 342) < 1e-3
+    tm = resolve_data_config(parse_arch("timm:resnet18"), build_model(parse_arch("timm:resnet18"), meta=True), in_chans=1)
+    assert tm.input_size[0] == 1 and len(tm.mean) == 1

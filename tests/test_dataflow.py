@@ -1,0 +1,114 @@
+"""Surgery on tiny hand-built nets whose dataflow we know by heart."""
+import torch
+import torch.nn as nn
+
+from ftwt_cli.dataflow import trace_plan
+from ftwt_cli.gating import GatedModel
+
+
+class Block(nn.Module):
+    """A ResNet basic block with a 1×1 downsample shortcut and one shared ReLU (as torchvision's)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.down(x))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = Block(8, 16)
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU6())
+        self.branch_a = nn.Conv2d(16, 4, 1)
+        self.branch_b = nn.Sequential(nn.Conv2d(16, 6, 1), nn.ReLU())
+        self.after_cat = nn.Conv2d(10, 12, 3, padding=1)
+        self.sig = nn.Sequential(nn.Conv2d(12, 12, 1), nn.Sigmoid())
+        self.split_conv = nn.Conv2d(6, 5, 1)
+        self.fc = nn.Linear(12 + 5, 3)
+        self.cls = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        x = self.dw(self.block(self.stem(x)))
+        x = torch.cat([self.branch_a(x), self.branch_b(x)], 1)          # 4 + 6 channels
+        y = self.after_cat(x)
+        y = self.sig(y)
+        _, right = torch.split(x, [4, 6], dim=1)
+        z = self.split_conv(right)
+        feats = torch.cat([y.mean((2, 3)), z.mean((2, 3))], 1)
+        return self.fc(feats)
+
+
+def _plan(**kw):
+    torch.manual_seed(0)
+    net = Net().eval()
+    return net, trace_plan(net, (3, 16, 16), **kw)
+
+
+def test_units_and_reasons():
+    _, plan = _plan()
+    units = {u.name: u for u in plan.units}
+    assert set(units) == {"stem.0", "block.conv1", "block.conv2", "dw.0", "branch_a", "branch_b.0", "after_cat", "split_conv"}
+    assert units["stem.0"].end == "stem.1" and units["stem.0"].act == "stem.2"
+    assert units["block.conv1"].end == "block.bn1" and units["block.conv1"].act == "block.relu"  # shared ReLU
+    assert units["block.conv2"].end == "block.bn2" and units["block.conv2"].act is None          # before the add
+    assert units["dw.0"].groups == 16
+    assert units["branch_a"].end == "branch_a"                                                   # no norm: conv output
+    assert "shortcut" in plan.rejected["block.down.0"]
+    assert "f(0)≠0" in plan.rejected["sig.0"]
+    assert "cls" not in units and "cls" in plan.rejected                                         # never called
+
+
+def test_shortcut_gated_on_request():
+    _, plan = _plan(gate_shortcuts=True)
+    assert any(u.name == "block.down.0" and u.shortcut for u in plan.units)
+
+
+def test_sparsity_expressions_follow_dataflow():
+    _, plan = _plan()
+    ops = {o.name: o for o in plan.ops}
+    assert ops["stem.0"].in_expr == ["dense", 3]
+    assert ops["block.conv1"].in_expr == ["unit", "stem.0", 8]
+    assert ops["block.down.0"].in_expr == ["unit", "stem.0", 8]
+    # the residual sum is dense because the shortcut is not gated
+    assert ops["dw.0"].in_expr == ["dense", 16]
+    assert ops["branch_a"].in_expr == ["unit", "dw.0", 16]
+    assert ops["after_cat"].in_expr == ["cat", [["unit", "branch_a", 4], ["unit", "branch_b.0", 6]]]
+    assert ops["split_conv"].in_expr == ["slice", ops["after_cat"].in_expr, 4, 10]
+    assert ops["fc"].in_expr == ["cat", [["dense", 12], ["unit", "split_conv", 5]]]
+
+
+def test_residual_sum_is_sparse_only_where_both_terms_are():
+    _, plan = _plan(gate_shortcuts=True)
+    ops = {o.name: o for o in plan.ops}
+    assert ops["dw.0"].in_expr == ["any", [["unit", "block.conv2", 16], ["unit", "block.down.0", 16]]]
+
+
+def test_open_gates_are_exact_and_hooks_leave_model_usable():
+    net, plan = _plan()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+        g = GatedModel(net, plan).eval()
+        assert torch.equal(g(x), ref)
+        g.set_gates("oracle", r=0.6)
+        y = g(x)
+    assert not torch.equal(y, ref)
+    m = g.last_stats.masks["block.conv2"]
+    assert m.shape == (2, 16) and m.dtype == torch.bool and not m.all()
+    assert (g.last_stats.macs < g.last_stats.dense_macs).all()
+
+
+def test_trace_restores_train_mode_and_leaves_no_hooks():
+    net = Net().train()
+    trace_plan(net, (3, 16, 16))
+    assert net.training
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from ftwt_cli.errors import FtwtError
+from ftwt_cli.groundtruth import check_r, heatmap_mass, uniform
+
+
+def test_mass_rule_smallest_topk_reaching_r():
+    # masses 0.4, 0.3, 0.2, 0.1 (already normalised): r=0.7 → first two; r=0.75 → three; r=0.4 → one.
+    s = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert heatmap_mass(s, 0.7).tolist() == [[True, True, False, False]]
+    assert heatmap_mass(s, 0.75).tolist() == [[True, True, True, False]]
+    assert heatmap_mass(s, 0.4).tolist() == [[True, False, False, False]]
+    assert heatmap_mass(s, 1.0).tolist() == [[True, True, True, True]]
+
+
+def test_mass_rule_is_order_independent_and_per_sample():
+    s = torch.tensor([[1.0, 4.0, 2.0, 3.0], [0.0, 0.0, 5.0, 5.0]])
+    assert heatmap_mass(s, 0.7).tolist() == [[False, True, False, True], [False, False, True, True]]
+
+
+def test_r1_drops_only_dead_channels():
+    s = torch.tensor([[0.0, 1e-3, 5.0, 0.0, 2.0]])
+    assert heatmap_mass(s, 1.0).tolist() == [[False, True, True, False, True]]
+
+
+def test_r1_keeps_all_live_channels_despite_float_rounding():
+    torch.manual_seed(0)
+    s = torch.rand(64, 512) + 1e-4
+    assert heatmap_mass(s, 1.0).all()
+
+
+def test_ties_are_broken_by_channel_index():
+    s = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    assert heatmap_mass(s, 0.5).tolist() == [[True, True, False, False]]
+    assert heatmap_mass(s, 0.51).tolist() == [[True, True, True, False]]
+
+
+def test_all_dead_sample_keeps_nothing():
+    assert not heatmap_mass(torch.zeros(2, 8), 0.9).any()
+
+
+def test_uniform_keeps_fixed_fraction():
+    torch.manual_seed(0)
+    s = torch.rand(3, 10)
+    m = uniform(s, 0.3)
+    assert m.sum(1).tolist() == [3, 3, 3]
+    top = s.topk(3, dim=1).indices
+    assert all(m[i, top[i]].all() for i in range(3))
+
+
+@pytest.mark.parametrize("r", [0.0, -0.1, 1.01, float("nan")])
+def test_r_out_of_range(r):
+    with pytest.raises(FtwtError, match=r"outside \(0, 1\]"):
+        check_r(r)

@@ -1,0 +1,43 @@
+"""Every supported architecture: gates attach, open gates reproduce the source exactly, MACs add up."""
+import pytest
+import torchvision
+
+from ftwt_cli.attach import MIN_GATEABLE_SHARE
+from ftwt_cli.coverage import TIMM_FAMILIES, TIMM_SAMPLE, TORCHVISION_SAMPLE, check_arch
+
+
+def _assert_ok(r):
+    assert r.ok, r
+    assert r.units > 0 and r.max_rel_diff <= 1e-5 and r.gated_share >= MIN_GATEABLE_SHARE
+
+
+@pytest.mark.parametrize("name", TORCHVISION_SAMPLE)
+def test_torchvision_sample(name):
+    _assert_ok(check_arch(f"torchvision:{name}"))
+
+
+@pytest.mark.parametrize("name", TIMM_SAMPLE)
+def test_timm_sample(name):
+    _assert_ok(check_arch(f"timm:{name}"))
+
+
+@pytest.mark.parametrize("arch", ["timm:vit_tiny_patch16_224"])
+def test_transformers_are_refused_not_crashed(arch):
+    r = check_arch(arch)
+    assert not r.ok and r.note.startswith("refused")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
+def test_every_torchvision_classifier(name):
+    if name.startswith("vit_") or name.startswith("swin") or name.startswith("maxvit"):
+        r = check_arch(f"torchvision:{name}", (3, 224, 224))
+        assert not r.ok and r.note.startswith("refused")
+        return
+    _assert_ok(check_arch(f"torchvision:{name}"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in TIMM_FAMILIES if not n.startswith("vit_")])
+def test_timm_families(name):
+    _assert_ok(check_arch(f"timm:{name}"))
