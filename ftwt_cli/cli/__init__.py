@@ -1,6 +1,6 @@
 """The ``ftwt`` command line: one module per command, each a thin wrapper over a library function."""
 from ._app import app
-from . import attach as _attach  # noqa: F401  (registers the command)
+from . import attach as _attach, fit_gates as _fit_gates, finetune as _finetune  # noqa: F401  (register commands)
 
 __all__ = ["app", "main"]
 

@@ -1,0 +1,51 @@
+"""Training progress: a rich bar per epoch in a terminal, one plain line per epoch otherwise."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..train import EpochStats
+from ._app import console
+
+__all__ = ["EpochProgress", "print_epoch"]
+
+
+def print_epoch(s: EpochStats) -> None:
+    extra = f" ce {s.ce:.3f}" if s.phase == "finetune" else ""
+    console.print(f"{s.phase} epoch {s.epoch}: loss {s.loss:.3f}{extra} bce {s.bce:.3f} | agreement {s.agreement:.1%} "
+                  f"keep {s.keep_ratio:.1%} MACs cut {s.macs_cut:.1%} (train) | val top-1 {s.val_top1:.2%} "
+                  f"MACs cut {s.val_macs_cut:.1%} | {s.seconds:.0f}s", markup=False, highlight=False, soft_wrap=True)
+
+
+class EpochProgress:
+    def __init__(self) -> None:
+        self.bar: Optional[Progress] = None
+        self.task = None
+        self.sums: Dict[str, float] = {}
+        self.n = 0
+
+    def start(self, phase: str, epoch: int, epochs: int, batches: int) -> None:
+        self.sums, self.n = {}, 0
+        if not console.is_terminal:
+            return
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=console, transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task(f"{phase} {epoch}/{epochs}", total=batches, metrics="")
+
+    def step(self, m: Dict[str, float]) -> None:
+        self.n += 1
+        for k, v in m.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        if self.bar is not None:
+            a = {k: v / self.n for k, v in self.sums.items()}
+            self.bar.update(self.task, advance=1, metrics=f"loss {a['loss']:.3f} agree {a['agreement']:.1%} "
+                                                          f"keep {a['keep']:.1%} cut {a['macs_cut']:.1%}")
+
+    def end(self, stats: EpochStats) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        print_epoch(stats)

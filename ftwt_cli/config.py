@@ -1,0 +1,125 @@
+"""Typed settings for the training commands, loaded from recipes (YAML) with CLI overrides.
+
+A recipe has one section per command (``fit_gates:``, ``finetune:``) plus free-text ``description``,
+``model`` and ``data`` keys. Unknown keys are errors that list the valid ones. The resolved config of every
+command is saved in the run's metadata.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar
+
+from .errors import FtwtError
+from .groundtruth import GT_RULES, check_r
+
+__all__ = ["FitGatesConfig", "FinetuneConfig", "load_recipe", "resolve_config", "SCHEDULES", "FINETUNE_MODES"]
+
+SCHEDULES = ("cosine", "step", "constant")
+FINETUNE_MODES = ("decoupled", "joint")
+_RECIPE_TOP = ("description", "model", "data", "fit_gates", "finetune")
+
+
+@dataclass
+class FitGatesConfig:
+    r: float = 0.95                 # heatmap-mass threshold in (0, 1] (keep fraction for gt=uniform)
+    gt: str = "mass"                # ground-truth rule: mass | uniform
+    epochs: int = 2
+    lr: float = 0.01                # Adam, gates only
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    workers: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_r(self.r)
+        if self.gt not in GT_RULES:
+            raise FtwtError(f"unknown ground-truth rule '{self.gt}'", f"use one of {', '.join(GT_RULES)}")
+        _positive(self, "epochs", "lr", "batch_size")
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 1
+    lr: float = 0.01                # SGD with momentum for the backbone
+    gate_lr: float = 0.001          # Adam for the gates (their own optimiser)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    mode: str = "decoupled"         # decoupled: gates see a detached input; joint: BCE also trains the backbone
+    schedule: str = "cosine"        # cosine | step | constant, per iteration
+    step_epochs: List[int] = field(default_factory=list)   # epochs at which "step" multiplies lr by gamma
+    gamma: float = 0.1
+    bce_weight: float = 1.0
+    label_smoothing: float = 0.0
+    batch_size: int = 128
+    workers: int = 2
+    seed: int = 0
+    r: Optional[float] = None       # default: the r gates were fitted with
+    gt: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.mode not in FINETUNE_MODES:
+            raise FtwtError(f"unknown finetune mode '{self.mode}'", f"use one of {', '.join(FINETUNE_MODES)}")
+        if self.schedule not in SCHEDULES:
+            raise FtwtError(f"unknown schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
+        if self.r is not None:
+            check_r(self.r)
+        if self.gt is not None and self.gt not in GT_RULES:
+            raise FtwtError(f"unknown ground-truth rule '{self.gt}'", f"use one of {', '.join(GT_RULES)}")
+        _positive(self, "epochs", "lr", "gate_lr", "batch_size")
+
+
+def _positive(cfg, *names: str) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if not v > 0:
+            raise FtwtError(f"{n.replace('_', '-')}={v} must be positive", f"pass --{n.replace('_', '-')} > 0")
+
+
+def load_recipe(path: Path | str) -> Dict[str, Any]:
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise FtwtError(f"recipe not found: {path}", "pass a YAML file such as recipes/resnet18-fashion-mnist.yaml")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FtwtError(f"{path} is not valid YAML ({str(e).splitlines()[0]})", "fix the recipe") from None
+    if not isinstance(doc, dict):
+        raise FtwtError(f"{path} must be a mapping of sections", f"use top-level keys {', '.join(_RECIPE_TOP)}")
+    unknown = [k for k in doc if k not in _RECIPE_TOP]
+    if unknown:
+        raise FtwtError(f"unknown key '{unknown[0]}' in {path}", f"valid top-level keys: {', '.join(_RECIPE_TOP)}")
+    doc["_path"] = str(path)
+    return doc
+
+
+T = TypeVar("T")
+
+
+def resolve_config(cls: Type[T], recipe: Optional[Mapping[str, Any]], section: str, overrides: Mapping[str, Any]) -> T:
+    """Defaults ← recipe section ← CLI flags that were given (not None). Unknown recipe keys are errors."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values: Dict[str, Any] = {}
+    if recipe and recipe.get(section):
+        sec = recipe[section]
+        if not isinstance(sec, dict):
+            raise FtwtError(f"section '{section}' in {recipe['_path']} must be a mapping", "see recipes/ for examples")
+        for k, v in sec.items():
+            if k not in names:
+                raise FtwtError(f"unknown key '{k}' in section '{section}' of {recipe['_path']}",
+                                f"valid keys: {', '.join(names)}")
+            values[k] = v
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = cls(**values)
+    for f in dataclasses.fields(cls):   # YAML gives ints where floats are meant, and strings for typos
+        v = getattr(cfg, f.name)
+        if f.type in ("float", "Optional[float]") and isinstance(v, int) and not isinstance(v, bool):
+            setattr(cfg, f.name, float(v))
+        elif f.type == "int" and not (isinstance(v, int) and not isinstance(v, bool)):
+            raise FtwtError(f"{f.name}={v!r} must be an integer", f"fix '{f.name}' in the recipe or flag")
+        elif f.type in ("float", "Optional[float]") and v is not None and not isinstance(getattr(cfg, f.name), float):
+            raise FtwtError(f"{f.name}={v!r} must be a number", f"fix '{f.name}' in the recipe or flag")
+    cfg.validate()
+    return cfg

@@ -1,0 +1,272 @@
+"""Datasets a user brings (ImageFolder, torchvision's on-disk CIFAR, Fashion-MNIST idx files, scikit-learn
+digits) and the transforms that match a run's stored data config.
+
+Small images (≤ 64 px, e.g. CIFAR, Fashion-MNIST) are resized to the model's input size; training augments
+them with pad-crop + flip. ImageNet-like folders use the data config's resize/center-crop for evaluation and
+random-resized-crop + flip for training. Grayscale is repeated to the model's ``in_chans``.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .archs import DataConfig
+from .errors import FtwtError
+
+__all__ = ["DataSplits", "open_data", "make_loader", "FASHION_MNIST_DIR", "DATA_KINDS", "read_idx"]
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")   # Debian package dataset-fashion-mnist
+DATA_KINDS = ("ImageFolder DIR (DIR/train + DIR/val, or DIR/CLASS with --val-split)", "CIFAR-10/100 folder",
+              "fashion-mnist (or a folder of its idx files)", "digits")
+_FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+_VAL_NAMES = ("val", "validation", "test")
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    train: Dataset
+    val: Dataset
+    classes: Tuple[str, ...]
+    kind: str       # "imagefolder" | "cifar10" | "cifar100" | "fashion-mnist" | "digits"
+    source: str
+
+
+# ------------------------------------------------------------------------------------------- transforms
+class _Normalise:
+    """uint8 (C,H,W) → float, channels repeated to ``in_chans``, then (x - mean) / std."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.in_chans = cfg.input_size[0]
+        self.mean = torch.tensor(cfg.mean).view(-1, 1, 1)
+        self.std = torch.tensor(cfg.std).view(-1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255)
+        if x.shape[0] != self.in_chans:
+            if x.shape[0] == 1:
+                x = x.expand(self.in_chans, -1, -1)
+            elif self.in_chans == 1:
+                x = x.mean(0, keepdim=True)
+            else:
+                raise FtwtError(f"images have {x.shape[0]} channels but the model reads {self.in_chans}",
+                                "use a dataset with matching channels")
+        return (x - self.mean) / self.std
+
+
+def _interp(name: str):
+    from torchvision.transforms import v2
+    try:
+        return v2.InterpolationMode(name)
+    except ValueError:
+        return v2.InterpolationMode.BILINEAR
+
+
+def build_transform(cfg: DataConfig, *, train: bool, small: bool) -> Callable:
+    from torchvision.transforms import v2
+    _, h, w = cfg.input_size
+    interp = _interp(cfg.interpolation)
+    if small:
+        ops = [v2.Resize((h, w), interpolation=interp, antialias=True)]
+        if train:
+            ops += [v2.RandomCrop((h, w), padding=max(1, h // 8)), v2.RandomHorizontalFlip()]
+    elif train:
+        ops = [v2.RandomResizedCrop((h, w), interpolation=interp, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        resize = int(round(min(h, w) / cfg.crop_pct))
+        ops = [v2.Resize(resize, interpolation=interp, antialias=True), v2.CenterCrop((h, w))]
+    return v2.Compose([v2.ToImage(), *ops, _Normalise(cfg)])
+
+
+# ------------------------------------------------------------------------------------------- datasets
+class ArrayDataset(Dataset):
+    """In-memory uint8 images (N, C, H, W) with integer labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+class _SafeImageFolder(Dataset):
+    """ImageFolder whose unreadable files are fatal with the file's name (not skipped silently)."""
+
+    def __init__(self, root: Path, transform: Callable, in_chans: int) -> None:
+        from torchvision.datasets import ImageFolder
+        try:
+            self.inner = ImageFolder(str(root))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise FtwtError(f"{root} has no class folders with images ({e})",
+                            "lay it out as DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg, or DIR/CLASS/*.jpg with --val-split 0.1") from None
+        self.transform, self.mode = transform, "L" if in_chans == 1 else "RGB"
+        self.classes = self.inner.classes
+
+    def __len__(self) -> int:
+        return len(self.inner.samples)
+
+    def __getitem__(self, i: int):
+        from PIL import Image, UnidentifiedImageError
+        path, label = self.inner.samples[i]
+        try:
+            with Image.open(path) as im:
+                img = im.convert(self.mode)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise FtwtError(f"cannot read image {path} ({e})", "remove or replace the file; ftwt does not skip unreadable images") from None
+        return self.transform(img), label
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An idx file (the MNIST format, optionally gzipped) → uint8 tensor."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype != 0x08:
+            raise ValueError("not an unsigned-byte idx file")
+        dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+        return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
+    except (OSError, ValueError, struct.error, RuntimeError, EOFError) as e:
+        raise FtwtError(f"cannot read idx file {path} ({e})", "check the Fashion-MNIST files") from None
+
+
+def _find_idx(folder: Path, stem: str) -> Optional[Path]:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _fashion(folder: Path):
+    parts = {}
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        img, lab = _find_idx(folder, f"{prefix}-images-idx3-ubyte"), _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+        if img is None or lab is None:
+            return None
+        x, y = read_idx(img), read_idx(lab)
+        if len(x) != len(y):
+            raise FtwtError(f"{img} has {len(x)} images but {lab} has {len(y)} labels", "check the Fashion-MNIST files")
+        parts[split] = (x.unsqueeze(1), y.long())
+    return parts
+
+
+def _cifar(path: Path):
+    from torchvision.datasets import CIFAR10, CIFAR100
+    for cls, folder, kind in ((CIFAR10, "cifar-10-batches-py", "cifar10"), (CIFAR100, "cifar-100-python", "cifar100")):
+        root = path.parent if path.name == folder else path if (path / folder).is_dir() else None
+        if root is None:
+            continue
+        try:
+            tr, te = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+        except RuntimeError as e:
+            raise FtwtError(f"{root / folder} is incomplete or corrupt ({e})", "re-extract the CIFAR archive") from None
+        to_t = lambda d: (torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets))
+        return kind, to_t(tr), to_t(te), tuple(tr.classes)
+    return None
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.from_numpy(d.images).mul(255 / 16).round().clamp(0, 255).to(torch.uint8).unsqueeze(1)
+    y = torch.from_numpy(d.target).long()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))   # fixed 80/20 split
+    n_val = len(y) // 5
+    return (x[perm[n_val:]], y[perm[n_val:]]), (x[perm[:n_val]], y[perm[:n_val]]), tuple(str(i) for i in range(10))
+
+
+def _split(n: int, frac: float) -> Tuple[List[int], List[int]]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    k = max(1, int(round(n * frac)))
+    return perm[k:], perm[:k]
+
+
+def open_data(data: str | Path, cfg: DataConfig, *, val_split: Optional[float] = None,
+              num_classes: Optional[int] = None) -> DataSplits:
+    """Resolve ``--data`` into train/val datasets with the run's transforms, checking the class count."""
+    text = str(data)
+    in_chans = cfg.input_size[0]
+    if val_split is not None and not 0 < val_split < 1:
+        raise FtwtError(f"--val-split {val_split} is outside (0, 1)", "pass a fraction such as --val-split 0.1")
+
+    def arrays(kind, train, val, classes, source):
+        small = max(train[0].shape[-2:]) <= 64
+        return DataSplits(ArrayDataset(*train, build_transform(cfg, train=True, small=small)),
+                          ArrayDataset(*val, build_transform(cfg, train=False, small=small)), classes, kind, source)
+
+    if text == "digits":
+        tr, va, classes = _digits()
+        splits = arrays("digits", tr, va, classes, "scikit-learn digits")
+    elif text in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
+        if not FASHION_MNIST_DIR.is_dir():
+            raise FtwtError(f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}",
+                            "apt-get install dataset-fashion-mnist, or pass the folder holding its idx files")
+        parts = _fashion(FASHION_MNIST_DIR)
+        splits = arrays("fashion-mnist", parts["train"], parts["val"], tuple(_FASHION_CLASSES), str(FASHION_MNIST_DIR))
+    else:
+        path = Path(text)
+        if not path.exists():
+            raise FtwtError(f"data folder not found: {path}", f"pass one of: {'; '.join(DATA_KINDS)}")
+        if not path.is_dir():
+            raise FtwtError(f"--data {path} is a file, not a folder", f"pass one of: {'; '.join(DATA_KINDS)}")
+        fashion, cifar = _fashion(path), _cifar(path)
+        if fashion:
+            splits = arrays("fashion-mnist", fashion["train"], fashion["val"], tuple(_FASHION_CLASSES), str(path))
+        elif cifar:
+            kind, tr, va, classes = cifar
+            splits = arrays(kind, tr, va, classes, str(path))
+        else:
+            splits = _image_folder(path, cfg, val_split)
+    if num_classes is not None and len(splits.classes) != num_classes:
+        raise FtwtError(f"{splits.source} has {len(splits.classes)} classes but the model's head has {num_classes}",
+                        f"use data with {num_classes} classes, or attach a checkpoint trained on this data")
+    if len(splits.train) == 0 or len(splits.val) == 0:
+        raise FtwtError(f"{splits.source} has an empty train or val split", "add images to both splits")
+    return splits
+
+
+def _image_folder(path: Path, cfg: DataConfig, val_split: Optional[float]) -> DataSplits:
+    in_chans = cfg.input_size[0]
+    train_dir = path / "train"
+    val_dir = next((path / v for v in _VAL_NAMES if (path / v).is_dir()), None)
+    if train_dir.is_dir():
+        if val_dir is None and val_split is None:
+            raise FtwtError(f"{path} has train/ but no val/ folder", "add DIR/val/CLASS/*.jpg, or pass --val-split 0.1")
+        tr = _SafeImageFolder(train_dir, build_transform(cfg, train=True, small=False), in_chans)
+        if val_dir is not None:
+            va = _SafeImageFolder(val_dir, build_transform(cfg, train=False, small=False), in_chans)
+            if va.classes != tr.classes:
+                raise FtwtError(f"{val_dir} has classes {va.classes[:3]}… but {train_dir} has {tr.classes[:3]}…",
+                                "use the same class folders in train/ and val/")
+            return DataSplits(tr, va, tuple(tr.classes), "imagefolder", str(path))
+        root = train_dir
+    else:
+        if val_split is None:
+            raise FtwtError(f"{path} has no train/ and val/ folders",
+                            "lay it out as DIR/train/CLASS/*.jpg + DIR/val/CLASS/*.jpg, or pass --val-split 0.1 for DIR/CLASS/*.jpg")
+        root = path
+    tr_all = _SafeImageFolder(root, build_transform(cfg, train=True, small=False), in_chans)
+    va_all = _SafeImageFolder(root, build_transform(cfg, train=False, small=False), in_chans)
+    tr_idx, va_idx = _split(len(tr_all), val_split)
+    return DataSplits(Subset(tr_all, tr_idx), Subset(va_all, va_idx), tuple(tr_all.classes), "imagefolder", str(path))
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def make_loader(ds: Dataset, batch_size: int, *, train: bool, workers: int, seed: int = 0, epoch: int = 0) -> DataLoader:
+    """Shuffling and worker seeds derive from (seed, epoch) alone, so a resumed run sees the same batches."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train and len(ds) > batch_size,
+                      num_workers=workers, generator=g, persistent_workers=False)

@@ -1,0 +1,273 @@
+"""The two training phases of FTWT, as plain functions the CLI wraps.
+
+fit-gates: the backbone is frozen (eval mode, no gradients); only the gates learn, from the BCE between
+their logits and the heatmap-mass ground truth of their own unit. Predicted masks are applied while fitting,
+so each gate learns on the inputs it will see at inference.
+
+finetune: the backbone trains with hard masks (cross-entropy, BN in train mode) while the gates keep learning
+on BCE with their own optimiser. Decoupled (default): the gate reads a detached input, so BCE never reaches the
+backbone and the task loss never reaches the gates (the mask is a hard, gradient-free 0/1). Joint: BCE also
+trains the backbone through the gate's input.
+
+Loss (FTWT eq. 2): L_pred = mean over layers l of Σ_f BCEWithLogits(P_f^l, g_f^l), averaged over the batch.
+
+Both phases save a resumable checkpoint every epoch; shuffling and augmentation are seeded from
+(seed, epoch), so ``resume`` continues exactly where a run stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .config import FinetuneConfig, FitGatesConfig
+from .data import DataSplits, make_loader, open_data
+from .errors import FtwtError
+from .evaluate import EvalResult, evaluate_loader
+from .gating import GatedModel
+from .model_io import gated_from_meta
+from .run import WEIGHTS_FILE, read_meta, read_weights, update_run
+
+__all__ = ["fit_gates", "finetune", "EpochStats", "TrainReport", "Progress", "gate_loss", "CHECKPOINT_FILE"]
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class Progress(Protocol):
+    """What the loops report; the CLI draws it, tests may ignore it."""
+    def start(self, phase: str, epoch: int, epochs: int, batches: int) -> None: ...
+    def step(self, metrics: Dict[str, float]) -> None: ...
+    def end(self, stats: "EpochStats") -> None: ...
+
+
+class _Silent:
+    def start(self, *a) -> None: ...
+    def step(self, *a) -> None: ...
+    def end(self, *a) -> None: ...
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    phase: str
+    epoch: int                 # 1-based
+    loss: float                # BCE (fit-gates) or CE + BCE (finetune), mean over batches
+    bce: float
+    ce: float
+    agreement: float           # share of (sample, filter) decisions equal to the ground truth
+    keep_ratio: float          # mean share of filters kept in gated layers (training batches)
+    macs_cut: float            # 1 - mean MACs / dense MACs (training batches, gates included)
+    val_top1: float
+    val_macs_cut: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    run_dir: Path
+    phase: str
+    epochs: List[EpochStats]
+    final: EvalResult
+    config: Dict[str, Any]
+
+
+def gate_loss(model: GatedModel) -> torch.Tensor:
+    """Σ over filters, mean over layers (and batch) of BCEWithLogits(gate logits, ground truth)."""
+    logits, targets = model.last_logits, model.last_targets
+    per_layer = [F.binary_cross_entropy_with_logits(logits[n], targets[n].float(), reduction="none").sum(1).mean()
+                 for n in targets]
+    return torch.stack(per_layer).mean()
+
+
+def _batch_metrics(model: GatedModel) -> Dict[str, float]:
+    s, t = model.last_stats, model.last_targets
+    agree = [float((s.masks[n] == t[n]).float().mean()) for n in t]
+    keep = [float(m.float().mean()) for m in s.masks.values()]
+    return {"agreement": sum(agree) / max(len(agree), 1), "keep": sum(keep) / max(len(keep), 1),
+            "macs_cut": 1.0 - float(s.macs.mean()) / s.dense_macs}
+
+
+def _save_checkpoint(run_dir: Path, payload: Dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, run_dir / CHECKPOINT_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_checkpoint(run_dir: Path, phase: str) -> Dict[str, Any]:
+    p = run_dir / CHECKPOINT_FILE
+    if not p.is_file():
+        raise FtwtError(f"nothing to resume in {run_dir}: no {CHECKPOINT_FILE}", f"run `ftwt {phase}` without --resume")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FtwtError(f"{p} is damaged ({str(e).splitlines()[0]})", f"run `ftwt {phase}` without --resume") from None
+    if ck.get("phase") != phase:
+        raise FtwtError(f"the checkpoint in {run_dir} is from `ftwt {ck.get('phase')}`, not `ftwt {phase}`",
+                        f"resume with `ftwt {ck.get('phase')} --resume`, or run `ftwt {phase}` without --resume")
+    return ck
+
+
+def _lr_factor(cfg: FinetuneConfig, step: int, steps_per_epoch: int) -> float:
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":      # half-cosine from lr to 0 over all iterations
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    if cfg.schedule == "step":
+        epoch = step // max(steps_per_epoch, 1)
+        return cfg.gamma ** sum(epoch >= e for e in cfg.step_epochs)
+    return 1.0
+
+
+class _Phase:
+    """What fit-gates and finetune share: the run, data, model, resume state and per-epoch bookkeeping."""
+
+    def __init__(self, phase: str, run_dir: Path, data: str, cfg, resume: bool, val_split: Optional[float]) -> None:
+        self.phase, self.run_dir, self.cfg = phase, Path(run_dir), cfg
+        self.meta = read_meta(self.run_dir)
+        if resume:
+            self.ck = _load_checkpoint(self.run_dir, phase)
+            self.cfg = cfg = type(cfg)(**{**self.ck["config"], "epochs": cfg.epochs})   # same settings, maybe more epochs
+            weights = self.ck["model"]
+        else:
+            self.ck = None
+            weights = read_weights(self.run_dir / WEIGHTS_FILE)
+        self.model = gated_from_meta(self.meta, weights)
+        from .archs import DataConfig
+        self.data: DataSplits = open_data(data, DataConfig.from_dict(self.meta["data_config"]), val_split=val_split,
+                                          num_classes=self.meta["arch"]["num_classes"])
+        self.history: List[Dict[str, Any]] = list(self.ck["history"]) if self.ck else []
+        self.start_epoch = int(self.ck["epoch"]) if self.ck else 0
+
+    def val_loader(self):
+        return make_loader(self.data.val, self.cfg.batch_size, train=False, workers=self.cfg.workers)
+
+    def finish_epoch(self, epoch: int, sums: Dict[str, float], batches: int, seconds: float, optimizers: Dict[str, Any],
+                     progress: Progress) -> EpochStats:
+        res = evaluate_loader(self.model, self.val_loader())
+        avg = {k: v / max(batches, 1) for k, v in sums.items()}
+        stats = EpochStats(self.phase, epoch, avg.get("loss", 0.0), avg.get("bce", 0.0), avg.get("ce", 0.0),
+                           avg.get("agreement", 0.0), avg.get("keep", 1.0), avg.get("macs_cut", 0.0),
+                           res.top1, res.reduction, seconds)
+        self.history.append(dataclasses.asdict(stats))
+        _save_checkpoint(self.run_dir, {
+            "phase": self.phase, "epoch": epoch, "config": dataclasses.asdict(self.cfg), "history": self.history,
+            "model": self.model.state_dict(), **{f"opt_{k}": o.state_dict() for k, o in optimizers.items()}})
+        self.meta["gating"].update({"mode": "predict" if self.model.mode == "predict" else self.meta["gating"]["mode"],
+                                    "r": self.model.r, "gt": self.model.gt, "decoupled": self.model.decoupled})
+        self.meta.setdefault("training", {})[self.phase] = {"config": dataclasses.asdict(self.cfg), "data": self.data.source,
+                                                             "epochs": self.history}
+        self.meta["last_eval"] = {"phase": self.phase, "epoch": epoch, "top1": res.top1, "top5": res.top5,
+                                  "macs": res.mean_macs, "dense_macs": res.dense_macs, "reduction": res.reduction,
+                                  "data": self.data.source, "split": "val", "samples": res.samples}
+        update_run(self.run_dir, self.meta, self.model.state_dict())
+        progress.end(stats)
+        self.last_eval = res
+        return stats
+
+    def report(self) -> TrainReport:
+        if not hasattr(self, "last_eval"):   # nothing left to train (resumed a finished run): still report
+            self.last_eval = evaluate_loader(self.model, self.val_loader())
+        return TrainReport(self.run_dir, self.phase, [EpochStats(**h) for h in self.history], self.last_eval,
+                           dataclasses.asdict(self.cfg))
+
+
+def fit_gates(run_dir: Path | str, data: str, cfg: FitGatesConfig, *, resume: bool = False,
+              val_split: Optional[float] = None, progress: Optional[Progress] = None) -> TrainReport:
+    progress = progress or _Silent()
+    cfg.validate()
+    ph = _Phase("fit-gates", run_dir, data, cfg, resume, val_split)
+    cfg, model = ph.cfg, ph.model
+    model.set_gates("predict", r=cfg.r, gt=cfg.gt)
+    model.decoupled = True
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(model.gates.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if ph.ck:
+        opt.load_state_dict(ph.ck["opt_gates"])
+    for epoch in range(ph.start_epoch + 1, cfg.epochs + 1):
+        torch.manual_seed(cfg.seed * 1_000 + epoch)
+        loader = make_loader(ph.data.train, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed, epoch=epoch)
+        model.eval()                       # frozen backbone: running BN statistics stay as they are
+        model.collect_targets = True
+        progress.start(ph.phase, epoch, cfg.epochs, len(loader))
+        sums: Dict[str, float] = {}
+        t0 = time.perf_counter()
+        for x, _ in loader:
+            model(x)
+            loss = gate_loss(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            m = {"loss": float(loss.detach()), "bce": float(loss.detach()), **_batch_metrics(model)}
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            progress.step(m)
+        model.collect_targets = False
+        ph.finish_epoch(epoch, sums, len(loader), time.perf_counter() - t0, {"gates": opt}, progress)
+    return ph.report()
+
+
+def finetune(run_dir: Path | str, data: str, cfg: FinetuneConfig, *, resume: bool = False,
+             val_split: Optional[float] = None, dense_control: bool = False,
+             progress: Optional[Progress] = None) -> TrainReport:
+    """``dense_control`` trains the backbone with every gate open and no gate loss: the same extra training,
+    without gating, for a fair accuracy comparison."""
+    progress = progress or _Silent()
+    cfg.validate()
+    ph = _Phase("finetune", run_dir, data, cfg, resume, val_split)
+    cfg, model = ph.cfg, ph.model
+    g = ph.meta["gating"]
+    if dense_control:
+        model.set_gates("open")
+    else:
+        if g.get("mode") != "predict" and not ph.ck:
+            raise FtwtError(f"the gates in {ph.run_dir} are not fitted yet", "run `ftwt fit-gates --data ...` first")
+        model.set_gates("predict", r=cfg.r if cfg.r is not None else g.get("r") or 0.95, gt=cfg.gt or g.get("gt") or "mass")
+    model.decoupled = cfg.mode == "decoupled"
+    backbone_opt = torch.optim.SGD(model.backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    gate_opt = torch.optim.Adam(model.gates.parameters(), lr=cfg.gate_lr)
+    if ph.ck:
+        backbone_opt.load_state_dict(ph.ck["opt_backbone"])
+        gate_opt.load_state_dict(ph.ck["opt_gates"])
+    steps_per_epoch = len(make_loader(ph.data.train, cfg.batch_size, train=True, workers=0))
+    for epoch in range(ph.start_epoch + 1, cfg.epochs + 1):
+        torch.manual_seed(cfg.seed * 1_000 + epoch)
+        loader = make_loader(ph.data.train, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed, epoch=epoch)
+        model.train()
+        model.collect_targets = not dense_control
+        progress.start(ph.phase, epoch, cfg.epochs, len(loader))
+        sums: Dict[str, float] = {}
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(loader):
+            step = (epoch - 1) * steps_per_epoch + i
+            for group in backbone_opt.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(cfg, step, steps_per_epoch)
+            out = model(x)
+            ce = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+            bce = gate_loss(model) if not dense_control else torch.zeros(())
+            loss = ce + cfg.bce_weight * bce
+            backbone_opt.zero_grad(set_to_none=True)
+            gate_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            backbone_opt.step()
+            if not dense_control:
+                gate_opt.step()
+            m = {"loss": float(loss.detach()), "ce": float(ce.detach()), "bce": float(bce.detach()),
+                 **(_batch_metrics(model) if not dense_control else {"keep": 1.0, "macs_cut": 0.0, "agreement": 1.0})}
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            progress.step(m)
+        model.collect_targets = False
+        ph.finish_epoch(epoch, sums, len(loader), time.perf_counter() - t0, {"backbone": backbone_opt, "gates": gate_opt}, progress)
+    return ph.report()
