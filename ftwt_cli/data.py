@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .archs import DataConfig
 from .errors import FtwtError
 
-__all__ = ["DataSplits", "open_data", "make_loader", "FASHION_MNIST_DIR", "DATA_KINDS", "read_idx"]
+__all__ = ["DataSplits", "open_data", "make_loader", "with_transform", "build_transform", "FASHION_MNIST_DIR", "DATA_KINDS", "read_idx"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")   # Debian package dataset-fashion-mnist
 DATA_KINDS = ("ImageFolder DIR (DIR/train + DIR/val, or DIR/CLASS with --val-split)", "CIFAR-10/100 folder",
@@ -36,11 +36,26 @@ class DataSplits:
     classes: Tuple[str, ...]
     kind: str       # "imagefolder" | "cifar10" | "cifar100" | "fashion-mnist" | "digits"
     source: str
+    small: bool = False   # source images ≤ 64 px: resized, pad-crop augmentation
+
+    def val_with(self, cfg: DataConfig, corruption: Optional[Callable] = None) -> Dataset:
+        """The validation split with the eval transform plus ``corruption`` on [0, 1] images."""
+        return with_transform(self.val, build_transform(cfg, train=False, small=self.small, corruption=corruption))
+
+
+def with_transform(ds: Dataset, transform: Callable) -> Dataset:
+    """A shallow copy of ``ds`` (or of the dataset a Subset wraps) with another transform."""
+    import copy
+    if isinstance(ds, Subset):
+        return Subset(with_transform(ds.dataset, transform), ds.indices)
+    out = copy.copy(ds)
+    out.transform = transform
+    return out
 
 
 # ------------------------------------------------------------------------------------------- transforms
 class _Normalise:
-    """uint8 (C,H,W) → float, channels repeated to ``in_chans``, then (x - mean) / std."""
+    """float (C,H,W) in [0, 1] → channels repeated to ``in_chans``, then (x - mean) / std."""
 
     def __init__(self, cfg: DataConfig) -> None:
         self.in_chans = cfg.input_size[0]
@@ -48,7 +63,6 @@ class _Normalise:
         self.std = torch.tensor(cfg.std).view(-1, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255)
         if x.shape[0] != self.in_chans:
             if x.shape[0] == 1:
                 x = x.expand(self.in_chans, -1, -1)
@@ -68,7 +82,8 @@ def _interp(name: str):
         return v2.InterpolationMode.BILINEAR
 
 
-def build_transform(cfg: DataConfig, *, train: bool, small: bool) -> Callable:
+def build_transform(cfg: DataConfig, *, train: bool, small: bool, corruption: Optional[Callable] = None) -> Callable:
+    """``corruption`` (for out-of-distribution tests) acts on the resized float image in [0, 1]."""
     from torchvision.transforms import v2
     _, h, w = cfg.input_size
     interp = _interp(cfg.interpolation)
@@ -81,7 +96,8 @@ def build_transform(cfg: DataConfig, *, train: bool, small: bool) -> Callable:
     else:
         resize = int(round(min(h, w) / cfg.crop_pct))
         ops = [v2.Resize(resize, interpolation=interp, antialias=True), v2.CenterCrop((h, w))]
-    return v2.Compose([v2.ToImage(), *ops, _Normalise(cfg)])
+    tail = [corruption] if corruption is not None else []
+    return v2.Compose([v2.ToImage(), *ops, v2.ToDtype(torch.float32, scale=True), *tail, _Normalise(cfg)])
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -202,7 +218,7 @@ def open_data(data: str | Path, cfg: DataConfig, *, val_split: Optional[float] =
     def arrays(kind, train, val, classes, source):
         small = max(train[0].shape[-2:]) <= 64
         return DataSplits(ArrayDataset(*train, build_transform(cfg, train=True, small=small)),
-                          ArrayDataset(*val, build_transform(cfg, train=False, small=small)), classes, kind, source)
+                          ArrayDataset(*val, build_transform(cfg, train=False, small=small)), classes, kind, source, small)
 
     if text == "digits":
         tr, va, classes = _digits()

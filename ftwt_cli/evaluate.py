@@ -1,15 +1,17 @@
 """Accuracy and compute of a GatedModel over a data loader."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
+from .errors import FtwtError
 from .gating import GatedModel
 
-__all__ = ["EvalResult", "evaluate_loader"]
+__all__ = ["EvalResult", "evaluate_loader", "EvalReport", "LayerStat", "ShiftResult", "evaluate_run"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +78,119 @@ def evaluate_loader(model: GatedModel, loader: DataLoader, *, with_agreement: bo
     return EvalResult(correct1 / max(n, 1), correct5 / max(n, 1), n, s.dense_macs if n else 0.0,
                       torch.cat(macs) if macs else torch.zeros(0), gates / max(n, 1),
                       {k: torch.cat(v) for k, v in keep.items() if v}, agreement, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- run level
+@dataclass(frozen=True)
+class LayerStat:
+    name: str
+    keep_mean: float
+    keep_std: float
+    precision: Optional[float]     # of "fires" against the ground truth at r (predict mode only)
+    recall: Optional[float]
+
+
+@dataclass(frozen=True)
+class ShiftResult:
+    shift: str                     # corruption name, or "ood-data"
+    severity: int                  # 0 for a dataset shift
+    top1_gated: float
+    top1_open: float
+    macs: float                    # mean per sample, gated
+    keep: float                    # mean keep ratio over gated layers
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    run_dir: str
+    arch: str
+    data: str
+    samples: int
+    gates: str
+    r: Optional[float]
+    top1: float
+    top5: float
+    top1_open: float
+    top5_open: float
+    dense_macs: float
+    macs_mean: float
+    macs_p10: float
+    macs_p50: float
+    macs_p90: float
+    reduction: float
+    gate_macs: float
+    keep_mean: float
+    layers: Tuple[LayerStat, ...]
+    clean_keep: float
+    ood: Tuple[ShiftResult, ...] = ()
+    macs_per_sample: Tuple[float, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("macs_per_sample")
+        return d
+
+
+def _keep_stats(res: EvalResult) -> Tuple[Tuple[LayerStat, ...], float]:
+    rows = []
+    for name, k in res.keep.items():
+        a = res.agreement.get(name, {})
+        rows.append(LayerStat(name, float(k.mean()), float(k.std()) if len(k) > 1 else 0.0, a.get("precision"), a.get("recall")))
+    mean = sum(r.keep_mean for r in rows) / max(len(rows), 1)
+    return tuple(rows), mean
+
+
+def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[float] = None, ood: bool = False,
+                 ood_data: Optional[str] = None, corruptions: Sequence[str] = (), severities: Sequence[int] = (1, 2, 3, 4, 5),
+                 ood_samples: Optional[int] = 2000, batch_size: int = 256, workers: int = 2,
+                 on_stage: Optional[Callable[[str, int], Callable[[int], None]]] = None) -> EvalReport:
+    """Accuracy, exact MACs and gate behaviour of a run on ``data``'s validation split (and shifts of it).
+    ``on_stage(label, samples)`` may return a per-batch callback for progress display."""
+    from torch.utils.data import Subset
+
+    from . import ood as ood_mod
+    from .archs import DataConfig
+    from .data import make_loader, open_data
+    from .model_io import load
+
+    model = load(run_dir)
+    meta = model.meta
+    if gates == "predict" and meta["gating"].get("mode") != "predict":
+        raise FtwtError(f"the gates in {run_dir} are not fitted yet", "run `ftwt fit-gates` first, or pass --gates oracle/open")
+    model.set_gates(gates, r=r)
+    cfg = DataConfig.from_dict(meta["data_config"])
+    splits = open_data(data, cfg, num_classes=meta["arch"]["num_classes"])
+    stage = on_stage or (lambda label, n: None)
+
+    def run(mode: str, ds, label: str, agreement: bool = False) -> EvalResult:
+        model.set_gates(mode, r=r if r is not None else model.r)
+        return evaluate_loader(model, make_loader(ds, batch_size, train=False, workers=workers), with_agreement=agreement,
+                               on_batch=stage(label, len(ds)))
+
+    main = run(gates, splits.val, f"evaluate ({gates} gates)", agreement=gates == "predict")
+    dense = main if gates == "open" else run("open", splits.val, "evaluate (open gates)")
+    layers, keep = _keep_stats(main)
+    shifts = []
+    if ood or corruptions:
+        names = tuple(corruptions) or ood_mod.DEFAULT_CORRUPTIONS
+        for name in names:
+            for sev in severities:
+                ds = splits.val_with(cfg, ood_mod.corruption(name, sev, small=splits.small))
+                if ood_samples is not None and ood_samples < len(ds):
+                    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:ood_samples].tolist()
+                    ds = Subset(ds, idx)
+                g = run(gates, ds, f"{name} s{sev} ({gates})")
+                o = run("open", ds, f"{name} s{sev} (open)")
+                shifts.append(ShiftResult(name, sev, g.top1, o.top1, g.mean_macs, _keep_stats(g)[1]))
+    if ood_data:
+        other = open_data(ood_data, cfg, num_classes=meta["arch"]["num_classes"])
+        if other.classes != splits.classes:
+            raise FtwtError(f"{other.source} has classes {other.classes[:3]}… but {splits.source} has {splits.classes[:3]}…",
+                            "pass --ood-data with the same classes in the same order")
+        g, o = run(gates, other.val, f"ood-data ({gates})"), run("open", other.val, "ood-data (open)")
+        shifts.append(ShiftResult(f"ood-data:{other.source}", 0, g.top1, o.top1, g.mean_macs, _keep_stats(g)[1]))
+    q = torch.quantile(main.macs.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    a = meta["arch"]
+    return EvalReport(str(run_dir), f"{a['source']}:{a['name']}", splits.source, main.samples, gates, model.r if gates != "open" else None,
+                      main.top1, main.top5, dense.top1, dense.top5, main.dense_macs, main.mean_macs, q[0], q[1], q[2],
+                      main.reduction, main.gate_macs, keep, layers, keep, tuple(shifts), tuple(main.macs.tolist()))

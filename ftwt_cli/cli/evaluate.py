@@ -1,0 +1,105 @@
+"""``ftwt evaluate``: accuracy, exact dynamic MACs and OOD behaviour of a run (wraps :func:`ftwt_cli.evaluate.evaluate_run`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from typing_extensions import Annotated
+
+from ..errors import FtwtError
+from ..evaluate import EvalReport, evaluate_run
+from ..gating import GATE_MODES
+from ..report import ood_summary, write_report
+from ..run import read_meta
+from ._app import command, console
+from .fit_gates import DATA_HELP
+
+__all__ = ["evaluate_cli", "print_eval_report"]
+
+
+def _m(x: float) -> str:
+    return f"{x / 1e9:.3f} G" if x >= 1e8 else f"{x / 1e6:.2f} M"
+
+
+def print_eval_report(rep: EvalReport) -> None:
+    t = Table(title=f"{rep.arch} on {rep.data} ({rep.samples} images), gates {rep.gates}" + (f" r={rep.r}" if rep.r else ""))
+    t.add_column("")
+    t.add_column("gated", justify="right")
+    t.add_column("open gates (dense)", justify="right")
+    t.add_row("top-1", f"{rep.top1:.2%}", f"{rep.top1_open:.2%}")
+    t.add_row("top-5", f"{rep.top5:.2%}", f"{rep.top5_open:.2%}")
+    t.add_row("MACs / sample", _m(rep.macs_mean), _m(rep.dense_macs))
+    t.add_row("MACs p10 / p50 / p90", f"{_m(rep.macs_p10)} / {_m(rep.macs_p50)} / {_m(rep.macs_p90)}", "")
+    t.add_row("reduction", f"{rep.reduction:.1%}", "")
+    t.add_row("gate overhead", f"{_m(rep.gate_macs)} ({rep.gate_macs / rep.dense_macs:.2%})", "")
+    t.add_row("mean keep ratio", f"{rep.keep_mean:.1%}", "100%")
+    console.print(t)
+    if rep.ood:
+        o = Table(title="out of distribution (mean over severities)")
+        for c in ("shift", "top-1 gated", "top-1 open", "Δ pt", "MACs", "MACs change", "keep change pt"):
+            o.add_column(c, justify="left" if c == "shift" else "right", no_wrap=c == "shift")
+        for d in ood_summary(rep):
+            o.add_row(d["shift"], f"{d['top1_gated']:.2%}", f"{d['top1_open']:.2%}", f"{d['gated_minus_open'] * 100:+.2f}",
+                      _m(d["macs"]), f"{d['macs_change']:+.1%}", f"{d['keep_change'] * 100:+.1f}")
+        console.print(o)
+
+
+class _Stages:
+    """One progress bar per evaluation pass (plain output when not a terminal)."""
+
+    def __init__(self, progress: Optional[Progress]) -> None:
+        self.progress, self.task = progress, None
+
+    def __call__(self, label: str, total: int):
+        if self.progress is None:
+            return None
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(label, total=total)
+        return lambda n: self.progress.update(self.task, advance=n)
+
+
+@command("evaluate")
+def evaluate_cli(
+    data: Annotated[Optional[str], typer.Option(help=DATA_HELP + " Default: the data the run was trained on.")] = None,
+    gates: Annotated[str, typer.Option(help=f"{' | '.join(GATE_MODES)}: oracle gives the r rule's reduction before training.")] = "predict",
+    r: Annotated[Optional[float], typer.Option(help="r for --gates oracle (and for the agreement of predicted gates).")] = None,
+    ood: Annotated[bool, typer.Option(help="Also evaluate under ImageNet-C-style corruptions at severities 1-5.")] = False,
+    corruption: Annotated[Optional[List[str]], typer.Option(help="Only these corruptions (repeatable); implies --ood.")] = None,
+    ood_data: Annotated[Optional[str], typer.Option(help="Another dataset with the same classes.")] = None,
+    ood_samples: Annotated[int, typer.Option(help="Images per corruption and severity (0 = the whole split).")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    run: Annotated[Path, typer.Option(help="Run directory.")] = Path("ftwt-run"),
+) -> None:
+    """Report accuracy, exact dynamic MACs, gate behaviour and (with --ood) robustness; writes report.* into the run."""
+    if gates not in GATE_MODES:
+        raise FtwtError(f"unknown gate mode '{gates}'", f"use one of {', '.join(GATE_MODES)}")
+    if gates == "oracle" and r is None:
+        raise FtwtError("--gates oracle needs --r", "pass e.g. --r 0.95")
+    if data is None:
+        trained = read_meta(run).get("training", {})
+        data = next((t["data"] for t in trained.values() if t.get("data")), None)
+        if data is None:
+            raise FtwtError("no --data given and the run was never trained on any", "pass --data DIR (or fashion-mnist, digits)")
+        if data.startswith("scikit-learn"):
+            data = "digits"
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, transient=True) if console.is_terminal else None
+    with (progress or _Null()):
+        rep = evaluate_run(run, data, gates=gates, r=r, ood=ood, ood_data=ood_data, corruptions=corruption or (),
+                           ood_samples=ood_samples or None, batch_size=batch_size, workers=workers, on_stage=_Stages(progress))
+    print_eval_report(rep)
+    files = write_report(rep, run)
+    console.print(f"wrote {', '.join(p.name for p in files)} into {run}", markup=False, highlight=False, soft_wrap=True)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

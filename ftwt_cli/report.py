@@ -1,0 +1,158 @@
+"""Render an EvalReport: report.json, report.md and PNG plots, written atomically into a folder."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Dict, List
+
+from .evaluate import EvalReport
+from .run import atomic_write_bytes, atomic_write_text
+
+__all__ = ["write_report", "report_markdown", "REPORT_FILES"]
+
+REPORT_FILES = ("report.json", "report.md", "keep_ratio.png", "macs_hist.png", "ood.png")
+
+
+def _m(x: float) -> str:
+    return f"{x / 1e9:.3f} G" if x >= 1e8 else f"{x / 1e6:.2f} M"
+
+
+def ood_summary(rep: EvalReport) -> List[Dict]:
+    """Per shift, averaged over severities: accuracy gated vs open, MACs and keep ratio change vs clean."""
+    out: Dict[str, Dict] = {}
+    for s in rep.ood:
+        d = out.setdefault(s.shift, {"shift": s.shift, "n": 0, "top1_gated": 0.0, "top1_open": 0.0, "macs": 0.0, "keep": 0.0})
+        d["n"] += 1
+        for k in ("top1_gated", "top1_open", "macs", "keep"):
+            d[k] += getattr(s, k)
+    rows = []
+    for d in out.values():
+        n = d.pop("n")
+        for k in ("top1_gated", "top1_open", "macs", "keep"):
+            d[k] /= n
+        d["gated_minus_open"] = d["top1_gated"] - d["top1_open"]
+        d["keep_change"] = d["keep"] - rep.clean_keep
+        d["macs_change"] = d["macs"] / rep.macs_mean - 1 if rep.macs_mean else 0.0
+        rows.append(d)
+    return rows
+
+
+def report_markdown(rep: EvalReport) -> str:
+    gap_clean = rep.top1 - rep.top1_open
+    lines = [
+        f"# ftwt evaluation: {rep.arch}",
+        "",
+        f"Run `{rep.run_dir}`, data {rep.data} (validation split, {rep.samples} images), gates **{rep.gates}**"
+        + (f" at r={rep.r}" if rep.r is not None else "") + ".",
+        "MACs are multiply-accumulates (which papers call FLOPs), per sample, convs and linear layers only, gates included.",
+        "",
+        "| | gated | open gates (dense) |",
+        "|---|---|---|",
+        f"| top-1 | {rep.top1:.2%} | {rep.top1_open:.2%} |",
+        f"| top-5 | {rep.top5:.2%} | {rep.top5_open:.2%} |",
+        f"| MACs per sample (mean) | {_m(rep.macs_mean)} | {_m(rep.dense_macs)} |",
+        f"| MACs p10 / p50 / p90 | {_m(rep.macs_p10)} / {_m(rep.macs_p50)} / {_m(rep.macs_p90)} | |",
+        f"| reduction | **{rep.reduction:.1%}** | |",
+        f"| gate overhead | {_m(rep.gate_macs)} ({rep.gate_macs / rep.dense_macs:.2%} of dense) | |",
+        f"| mean keep ratio (gated layers) | {rep.keep_mean:.1%} | 100% |",
+        "",
+        f"Accuracy change from gating: {gap_clean * 100:+.2f} pt.",
+        "",
+        "## Per layer",
+        "",
+        "| layer | keep mean | keep std | precision | recall |",
+        "|---|---|---|---|---|",
+    ]
+    for l in rep.layers:
+        pr = f"{l.precision:.2f}" if l.precision is not None else "–"
+        rc = f"{l.recall:.2f}" if l.recall is not None else "–"
+        lines.append(f"| {l.name} | {l.keep_mean:.1%} | {l.keep_std:.1%} | {pr} | {rc} |")
+    if rep.ood:
+        lines += ["", "## Out of distribution", "",
+                  "Averaged over severities. *Δ* is gated minus open accuracy; on clean data it is "
+                  f"{gap_clean * 100:+.2f} pt. MACs and keep-ratio changes are against clean data.", "",
+                  "| shift | top-1 gated | top-1 open | Δ (pt) | MACs | MACs change | keep change (pt) |",
+                  "|---|---|---|---|---|---|---|"]
+        for d in ood_summary(rep):
+            lines.append(f"| {d['shift']} | {d['top1_gated']:.2%} | {d['top1_open']:.2%} | {d['gated_minus_open'] * 100:+.2f} | "
+                         f"{_m(d['macs'])} | {d['macs_change']:+.1%} | {d['keep_change'] * 100:+.1f} |")
+        lines += ["", "| severity | top-1 gated | top-1 open | MACs |", "|---|---|---|---|"]
+        for sev, g, o, m in _by_severity(rep):
+            lines.append(f"| {sev} | {g:.2%} | {o:.2%} | {_m(m)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _by_severity(rep: EvalReport):
+    sevs = sorted({s.severity for s in rep.ood if s.severity > 0})
+    out = []
+    for sev in sevs:
+        xs = [s for s in rep.ood if s.severity == sev]
+        out.append((sev, sum(s.top1_gated for s in xs) / len(xs), sum(s.top1_open for s in xs) / len(xs),
+                    sum(s.macs for s in xs) / len(xs)))
+    return out
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plots(rep: EvalReport) -> Dict[str, bytes]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    fig, ax = plt.subplots(figsize=(max(6, len(rep.layers) * 0.18), 3.5))
+    xs = range(len(rep.layers))
+    ax.bar(xs, [l.keep_mean for l in rep.layers], yerr=[l.keep_std for l in rep.layers], color="#4c72b0", ecolor="#999")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("kept filters (mean ± std)")
+    ax.set_title(f"{rep.arch}: keep ratio per gated layer ({rep.gates} gates)")
+    ax.set_xticks(list(xs), [l.name for l in rep.layers], rotation=90, fontsize=6)
+    out["keep_ratio.png"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist([m / 1e6 for m in rep.macs_per_sample], bins=40, color="#55a868")
+    ax.axvline(rep.dense_macs / 1e6, color="k", ls="--", label="dense")
+    ax.set_xlabel("MACs per sample (M)")
+    ax.set_ylabel("samples")
+    ax.legend()
+    ax.set_title(f"per-sample MACs: mean {rep.reduction:.1%} below dense")
+    out["macs_hist.png"] = _png(fig)
+
+    sev = _by_severity(rep)
+    if sev:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        s = [0] + [x[0] for x in sev]
+        a1.plot(s, [rep.top1] + [x[1] for x in sev], "o-", label="gated")
+        a1.plot(s, [rep.top1_open] + [x[2] for x in sev], "s--", label="open (dense)")
+        a1.set_xlabel("severity (0 = clean)")
+        a1.set_ylabel("top-1")
+        a1.legend()
+        a2.plot(s, [rep.macs_mean / 1e6] + [x[3] / 1e6 for x in sev], "o-", color="#c44e52")
+        a2.axhline(rep.dense_macs / 1e6, color="k", ls="--", label="dense")
+        a2.set_xlabel("severity (0 = clean)")
+        a2.set_ylabel("MACs per sample (M)")
+        a2.legend()
+        fig.suptitle("accuracy and compute under corruption (mean over corruptions)")
+        out["ood.png"] = _png(fig)
+    return out
+
+
+def write_report(rep: EvalReport, folder: Path) -> List[Path]:
+    folder = Path(folder)
+    written = []
+    d = rep.to_dict()
+    d["ood_summary"] = ood_summary(rep)
+    atomic_write_text(folder / "report.json", json.dumps(d, indent=1))
+    atomic_write_text(folder / "report.md", report_markdown(rep))
+    written += [folder / "report.json", folder / "report.md"]
+    for name, data in _plots(rep).items():
+        atomic_write_bytes(folder / name, data)
+        written.append(folder / name)
+    return written

@@ -1,0 +1,105 @@
+"""ftwt evaluate: report numbers, files, OOD shifts, and the MACs count checked on real images."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from typer.testing import CliRunner
+
+import ftwt_cli
+from ftwt_cli.archs import DataConfig
+from ftwt_cli.attach import attach
+from ftwt_cli.cli import app
+from ftwt_cli.data import make_loader, open_data
+from ftwt_cli.errors import FtwtError
+from ftwt_cli.evaluate import evaluate_run
+from ftwt_cli.ood import CORRUPTIONS, corruption
+from ftwt_cli.report import REPORT_FILES, write_report
+
+from test_macs import _Measure, _no_natural_zeros
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("eval")
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), d / "r18.pth")
+    attach(d / "r18.pth", input_size=(3, 16, 16), run_dir=d / "run")
+    return d / "run"
+
+
+def test_report_numbers_and_files(run, tmp_path):
+    rep = evaluate_run(run, "digits", gates="oracle", r=0.9, corruptions=("gaussian_noise", "contrast"),
+                       severities=(1, 5), ood_samples=64, workers=0)
+    assert rep.samples == 359 and 0 < rep.reduction < 1 and rep.macs_mean < rep.dense_macs
+    assert rep.macs_p10 <= rep.macs_p50 <= rep.macs_p90 and len(rep.macs_per_sample) == 359
+    assert rep.gate_macs > 0 and len(rep.layers) == 17 and all(0 <= l.keep_mean <= 1 for l in rep.layers)
+    assert [(s.shift, s.severity) for s in rep.ood] == [("gaussian_noise", 1), ("gaussian_noise", 5), ("contrast", 1), ("contrast", 5)]
+    open_only = evaluate_run(run, "digits", gates="open", workers=0)
+    assert open_only.top1 == pytest.approx(rep.top1_open) and open_only.reduction == 0 and open_only.gate_macs == 0
+    files = write_report(rep, tmp_path)
+    assert sorted(p.name for p in files) == sorted(REPORT_FILES)
+    d = json.loads((tmp_path / "report.json").read_text())
+    assert d["reduction"] == pytest.approx(rep.reduction) and len(d["ood_summary"]) == 2
+    md = (tmp_path / "report.md").read_text()
+    assert "| reduction |" in md and "Out of distribution" in md
+    assert (tmp_path / "ood.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_predict_needs_fitted_gates(run):
+    with pytest.raises(FtwtError, match="not fitted yet"):
+        evaluate_run(run, "digits", gates="predict", workers=0)
+
+
+def test_dynamic_macs_on_real_images_match_zero_channel_count():
+    """The independent hook-based count of test_macs, on real digits images instead of noise."""
+    torch.manual_seed(0)
+    m = _no_natural_zeros(torchvision.models.resnet18(num_classes=10)).eval()
+    from ftwt_cli.dataflow import trace_plan
+    from ftwt_cli.gating import GatedModel
+    g = GatedModel(m, trace_plan(m, (3, 32, 32))).eval().set_gates("oracle", r=0.9)
+    data = open_data("digits", DataConfig((3, 32, 32), (0.5,) * 3, (0.25,) * 3))
+    x, _ = next(iter(make_loader(data.val, 16, train=False, workers=0)))
+    measured = _Measure(g).run(x)
+    assert torch.allclose(g.last_stats.macs, measured, rtol=1e-12)
+    assert (g.last_stats.macs < g.last_stats.dense_macs).all()
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+@pytest.mark.parametrize("small", [True, False])
+def test_corruptions_are_bounded_and_grow_with_severity(name, small):
+    torch.manual_seed(0)
+    x = torch.rand(3, 32, 32) * 0.6 + 0.2
+    diffs = []
+    for sev in (1, 5):
+        torch.manual_seed(1)
+        y = corruption(name, sev, small=small)(x)
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+        diffs.append(float((y - x).abs().mean()))
+    assert diffs[1] >= diffs[0] > 0
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--gates", "nope", "--data", "digits"], "open, predict, oracle"),
+    (["--gates", "oracle", "--data", "digits"], "needs --r"),
+    (["--gates", "open"], "never trained"),
+    (["--gates", "oracle", "--r", "2", "--data", "digits"], "outside (0, 1]"),
+    (["--gates", "open", "--data", "digits", "--corruption", "fog"], "unknown corruption 'fog'"),
+])
+def test_cli_bad_input(run, args, expect):
+    res = runner.invoke(app, ["evaluate", "--run", str(run), "--workers", "0", *args])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0]
+    assert not (run / "report.json").exists()
+
+
+def test_cli_writes_report(run):
+    res = runner.invoke(app, ["evaluate", "--run", str(run), "--data", "digits", "--gates", "oracle", "--r", "0.9",
+                              "--workers", "0", "--corruption", "jpeg", "--ood-samples", "32"])
+    assert res.exit_code == 0, res.output
+    assert "reduction" in res.stdout and "jpeg" in res.stdout
+    assert all((run / f).is_file() for f in REPORT_FILES)
