@@ -7,6 +7,7 @@ random-resized-crop + flip for training. Grayscale is repeated to the model's ``
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import struct
@@ -208,8 +209,9 @@ def _split(n: int, frac: float) -> Tuple[List[int], List[int]]:
 
 
 def open_data(data: str | Path, cfg: DataConfig, *, val_split: Optional[float] = None,
-              num_classes: Optional[int] = None) -> DataSplits:
-    """Resolve ``--data`` into train/val datasets with the run's transforms, checking the class count."""
+              num_classes: Optional[int] = None, train_samples: Optional[int] = None) -> DataSplits:
+    """Resolve ``--data`` into train/val datasets with the run's transforms, checking the class count.
+    ``train_samples`` keeps a fixed random subset of the training split (quick experiments, the demo)."""
     text = str(data)
     in_chans = cfg.input_size[0]
     if val_split is not None and not 0 < val_split < 1:
@@ -248,6 +250,12 @@ def open_data(data: str | Path, cfg: DataConfig, *, val_split: Optional[float] =
                         f"use data with {num_classes} classes, or attach a checkpoint trained on this data")
     if len(splits.train) == 0 or len(splits.val) == 0:
         raise FtwtError(f"{splits.source} has an empty train or val split", "add images to both splits")
+    if train_samples is not None:
+        if train_samples <= 0:
+            raise FtwtError(f"--train-samples {train_samples} must be positive", "pass a number of training images, e.g. 10000")
+        if train_samples < len(splits.train):
+            keep = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[:train_samples].tolist()
+            splits = dataclasses.replace(splits, train=Subset(splits.train, keep))
     return splits
 
 

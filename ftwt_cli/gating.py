@@ -100,7 +100,10 @@ class _MaskHook:
             g._state.targets[name] = target
         if g.mode == "open":
             return None
-        mask = g._state.logits[name] > 0 if g.mode == "predict" else target
+        if g.mode == "predict":
+            mask = g.forced_masks[name] if g.forced_masks is not None else g._state.logits[name] > 0
+        else:
+            mask = target
         g._state.masks[name] = mask
         return out * mask[:, :, None, None].to(out.dtype)
 
@@ -133,6 +136,7 @@ class GatedModel(nn.Module):
         self.mode, self.r, self.gt = "open", 0.95, "mass"
         self.decoupled = True          # the gate reads a detached input: the task loss never reaches it
         self.collect_targets = False   # also compute ground-truth masks (for the BCE loss) while predicting
+        self.forced_masks: Optional[Dict[str, torch.Tensor]] = None   # replay fixed masks (gates still run)
         self.meta: dict = {}           # what the run/export knows (architecture, source, history, ...)
         self.data_config = None        # archs.DataConfig once loaded from a run
         self.last_stats: Optional[ForwardStats] = None

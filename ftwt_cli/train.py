@@ -132,7 +132,8 @@ def _lr_factor(cfg: FinetuneConfig, step: int, steps_per_epoch: int) -> float:
 class _Phase:
     """What fit-gates and finetune share: the run, data, model, resume state and per-epoch bookkeeping."""
 
-    def __init__(self, phase: str, run_dir: Path, data: str, cfg, resume: bool, val_split: Optional[float]) -> None:
+    def __init__(self, phase: str, run_dir: Path, data: str, cfg, resume: bool, val_split: Optional[float],
+                 train_samples: Optional[int] = None) -> None:
         self.phase, self.run_dir, self.cfg = phase, Path(run_dir), cfg
         self.meta = read_meta(self.run_dir)
         if resume:
@@ -145,7 +146,7 @@ class _Phase:
         self.model = gated_from_meta(self.meta, weights)
         from .archs import DataConfig
         self.data: DataSplits = open_data(data, DataConfig.from_dict(self.meta["data_config"]), val_split=val_split,
-                                          num_classes=self.meta["arch"]["num_classes"])
+                                          num_classes=self.meta["arch"]["num_classes"], train_samples=train_samples)
         self.history: List[Dict[str, Any]] = list(self.ck["history"]) if self.ck else []
         self.start_epoch = int(self.ck["epoch"]) if self.ck else 0
 
@@ -183,10 +184,11 @@ class _Phase:
 
 
 def fit_gates(run_dir: Path | str, data: str, cfg: FitGatesConfig, *, resume: bool = False,
-              val_split: Optional[float] = None, progress: Optional[Progress] = None) -> TrainReport:
+              val_split: Optional[float] = None, train_samples: Optional[int] = None,
+              progress: Optional[Progress] = None) -> TrainReport:
     progress = progress or _Silent()
     cfg.validate()
-    ph = _Phase("fit-gates", run_dir, data, cfg, resume, val_split)
+    ph = _Phase("fit-gates", run_dir, data, cfg, resume, val_split, train_samples)
     cfg, model = ph.cfg, ph.model
     model.set_gates("predict", r=cfg.r, gt=cfg.gt)
     model.decoupled = True
@@ -219,13 +221,13 @@ def fit_gates(run_dir: Path | str, data: str, cfg: FitGatesConfig, *, resume: bo
 
 
 def finetune(run_dir: Path | str, data: str, cfg: FinetuneConfig, *, resume: bool = False,
-             val_split: Optional[float] = None, dense_control: bool = False,
+             val_split: Optional[float] = None, train_samples: Optional[int] = None, dense_control: bool = False,
              progress: Optional[Progress] = None) -> TrainReport:
     """``dense_control`` trains the backbone with every gate open and no gate loss: the same extra training,
     without gating, for a fair accuracy comparison."""
     progress = progress or _Silent()
     cfg.validate()
-    ph = _Phase("finetune", run_dir, data, cfg, resume, val_split)
+    ph = _Phase("finetune", run_dir, data, cfg, resume, val_split, train_samples)
     cfg, model = ph.cfg, ph.model
     g = ph.meta["gating"]
     if dense_control:

@@ -28,6 +28,7 @@ def fit_gates_cli(
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for shuffling and augmentation.")] = None,
     val_split: Annotated[Optional[float], typer.Option(help="Hold out this fraction of DIR/CLASS images for validation.")] = None,
+    train_samples: Annotated[Optional[int], typer.Option(help="Train on a fixed random subset of this many images.")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe; flags override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted fit-gates from its last epoch.")] = False,
     run: Annotated[Path, typer.Option(help="Run directory.")] = Path("ftwt-run"),
@@ -35,7 +36,7 @@ def fit_gates_cli(
     """Train the decision gates on the frozen backbone (BCE against self-supervised heatmap-mass masks)."""
     cfg = resolve_config(FitGatesConfig, load_recipe(recipe) if recipe else None, "fit_gates",
                          dict(r=r, gt=gt, epochs=epochs, lr=lr, batch_size=batch_size, workers=workers, seed=seed))
-    rep = fit_gates(run, data, cfg, resume=resume, val_split=val_split, progress=EpochProgress())
+    rep = fit_gates(run, data, cfg, resume=resume, val_split=val_split, train_samples=train_samples, progress=EpochProgress())
     f = rep.final
     console.print(f"gates fitted at r={rep.config['r']}: val top-1 {f.top1:.2%}, MACs {f.mean_macs / 1e6:.2f} M of "
                   f"{f.dense_macs / 1e6:.2f} M dense ({f.reduction:.1%} cut, gates included); run {rep.run_dir}",

@@ -1,0 +1,130 @@
+"""Latency of dense, gated-masked and gated-compact execution, measured in one process, with MACs beside it.
+
+Each variant runs ``warmup`` times, then ``reps`` timed forwards on the same input; we report the median (p50)
+and p90 in milliseconds. The gated variants use the gates' decisions, or replay fixed masks (``masks``, e.g.
+oracle masks at some r) while still running their gates, so the gate cost is always in the timing.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+
+from .compact import make_compact
+from .gating import GatedModel
+
+__all__ = ["BenchRow", "BenchReport", "bench", "oracle_masks"]
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    variant: str          # "dense" | "dense-folded" (BN folded into gated convs, the fair baseline) | "masked" | "compact"
+    p50_ms: float
+    p90_ms: float
+    macs: float           # mean per sample (dense MACs for "dense"; gated count for the others)
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    arch: str
+    batch_size: int
+    input_size: Tuple[int, int, int]
+    threads: int
+    keep: float           # mean keep ratio over gated layers
+    rows: Tuple[BenchRow, ...]
+    strategies: Dict[str, int]
+
+    def row(self, variant: str) -> BenchRow:
+        return next(r for r in self.rows if r.variant == variant)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.row("compact").macs / self.row("dense").macs
+
+    @property
+    def latency_ratio(self) -> float:
+        """Compact against the dense network with the same BN folding: the speed-up gating itself buys."""
+        return self.row("compact").p50_ms / self.row("dense-folded").p50_ms
+
+
+def _timeit(fn, warmup: int, reps: int) -> Tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    ts.sort()
+    return ts[len(ts) // 2], ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))]
+
+
+@torch.no_grad()
+def oracle_masks(model: GatedModel, x: torch.Tensor, r: float) -> Dict[str, torch.Tensor]:
+    mode, old_r = model.mode, model.r
+    model.set_gates("oracle", r=r)
+    model(x)
+    masks = dict(model.last_stats.masks)
+    model.set_gates(mode, r=old_r)
+    return masks
+
+
+def _folded_dense(model: GatedModel) -> torch.nn.Module:
+    """The source network with each gated unit's BN folded into its conv, as the compact path does."""
+    from .compact import _fold_bn, _set
+    net = copy.deepcopy(model.backbone).eval()
+    for m in net.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    mods = dict(net.named_modules())
+    for u in model.units:
+        conv, norm = mods[u.name], (mods[u.end] if u.end != u.name else None)
+        w, b = _fold_bn(conv, norm)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if conv.bias is None:
+                conv.bias = torch.nn.Parameter(b)
+            else:
+                conv.bias.copy_(b)
+        if norm is not None:
+            rest = [m for m in (getattr(norm, "drop", None), getattr(norm, "act", None)) if m is not None]
+            _set(net, u.end, torch.nn.Sequential(*rest) if rest else torch.nn.Identity())
+    return net
+
+
+@torch.no_grad()
+def bench(model: GatedModel, x: torch.Tensor, *, masks: Optional[Mapping[str, torch.Tensor]] = None,
+          warmup: int = 5, reps: int = 30, threads: Optional[int] = None, calibrate: bool = True) -> BenchReport:
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        gated = copy.deepcopy(model).eval().set_gates("predict")
+        gated.forced_masks = dict(masks) if masks is not None else None
+        dense = copy.deepcopy(model.backbone).eval()
+        for m in dense.modules():     # the plain source network: no gates, no hooks
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+        compact = make_compact(gated, calibrate=calibrate, input_size=tuple(x.shape[1:]))
+        folded = _folded_dense(model)
+        gated(x)
+        stats = gated.last_stats
+        keep = float(torch.stack([m.float().mean() for m in stats.masks.values()]).mean()) if stats.masks else 1.0
+        rows = []
+        for name, fn, macs in (("dense", lambda: dense(x), stats.dense_macs),
+                               ("dense-folded", lambda: folded(x), stats.dense_macs),
+                               ("masked", lambda: gated(x), float(stats.macs.mean())),
+                               ("compact", lambda: compact(x, masks), float(stats.macs.mean()))):
+            p50, p90 = _timeit(fn, warmup, reps)
+            rows.append(BenchRow(name, p50, p90, macs))
+        counts: Dict[str, int] = {}
+        for s in compact.strategies.values():
+            counts[s] = counts.get(s, 0) + 1
+        a = model.meta.get("arch", {})
+        return BenchReport(f"{a.get('source', '?')}:{a.get('name', '?')}", x.shape[0], tuple(x.shape[1:]),
+                           torch.get_num_threads(), keep, tuple(rows), counts)
+    finally:
+        torch.set_num_threads(old_threads)

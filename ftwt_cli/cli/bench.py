@@ -1,0 +1,62 @@
+"""``ftwt bench``: latency of dense, gated-masked and gated-compact execution (wraps :func:`ftwt_cli.bench.bench`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.table import Table
+from typing_extensions import Annotated
+
+from ..archs import DataConfig
+from ..attach import parse_input_size
+from ..bench import bench, oracle_masks
+from ..errors import FtwtError
+from ..model_io import load
+from ._app import command, console
+from .fit_gates import DATA_HELP
+
+__all__ = ["bench_cli"]
+
+
+@command("bench")
+def bench_cli(
+    run: Annotated[Path, typer.Option(help="Run directory.")] = Path("ftwt-run"),
+    file: Annotated[Optional[Path], typer.Option(help="An exported .safetensors file (instead of --run).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size (1 is the target case).")] = 1,
+    input_size: Annotated[Optional[str], typer.Option(help="C,H,W (default: the run's).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads (default: torch's).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Benchmark on real images from this data's validation split. " + DATA_HELP)] = None,
+    r: Annotated[Optional[float], typer.Option(help="Replay oracle masks at this r instead of the gates' decisions.")] = None,
+    reps: Annotated[int, typer.Option(help="Timed repetitions per variant.")] = 50,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per variant.")] = 10,
+) -> None:
+    """Latency (p50/p90) of dense, gated-masked and gated-compact execution, with the MACs ratio beside it."""
+    model = load(file if file is not None else run)
+    size = parse_input_size(input_size) or tuple(model.data_config.input_size)
+    if batch_size < 1 or reps < 1:
+        raise FtwtError("--batch-size and --reps must be at least 1", "e.g. --batch-size 1 --reps 50")
+    if model.meta["gating"].get("mode") != "predict" and r is None:
+        raise FtwtError("the gates are not fitted yet", "run `ftwt fit-gates` first, or pass --r to replay oracle masks")
+    if data is not None:
+        from ..data import make_loader, open_data
+        dc = model.data_config
+        cfg = DataConfig(size, dc.mean, dc.std, dc.interpolation, dc.crop_pct, dc.crop_mode)
+        x, _ = next(iter(make_loader(open_data(data, cfg).val, batch_size, train=False, workers=0)))
+    else:
+        x = torch.randn(batch_size, *size)
+        console.print("note: random inputs; gates decide differently on real images (pass --data)", markup=False)
+    masks = oracle_masks(model, x, r) if r is not None else None
+    rep = bench(model, x, masks=masks, warmup=warmup, reps=reps, threads=threads)
+    t = Table(title=f"{rep.arch}, batch {rep.batch_size}, {size[1]}×{size[2]}, {rep.threads} threads, mean keep {rep.keep:.1%}")
+    for c in ("variant", "p50 ms", "p90 ms", "MACs", "latency ratio", "MACs ratio"):
+        t.add_column(c, justify="left" if c == "variant" else "right")
+    d = rep.row("dense")
+    for row in rep.rows:
+        t.add_row(row.variant, f"{row.p50_ms:.2f}", f"{row.p90_ms:.2f}", f"{row.macs / 1e6:.1f} M",
+                  f"{row.p50_ms / d.p50_ms:.2f}", f"{row.macs / d.macs:.2f}")
+    console.print(t)
+    console.print(f"compact vs dense with the same BN folding: latency ratio {rep.latency_ratio:.2f} for a MACs ratio of "
+                  f"{rep.macs_ratio:.2f} ({rep.latency_ratio / rep.macs_ratio:.2f}× the ideal; strategies {rep.strategies})",
+                  markup=False, highlight=False, soft_wrap=True)

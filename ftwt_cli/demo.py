@@ -1,0 +1,122 @@
+"""``ftwt demo``: the main job end to end on a built-in default, in a few minutes on a laptop CPU.
+
+Trains a torchvision ResNet-18 baseline at 32 px on Fashion-MNIST (Debian package dataset-fashion-mnist,
+when installed; a 20k-image training subset) or else on scikit-learn's bundled digits, saves it as a plain
+state dict, then runs attach → fit-gates → finetune → evaluate → export on it.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .archs import DataConfig
+from .attach import attach
+from .config import FinetuneConfig, FitGatesConfig
+from .data import FASHION_MNIST_DIR, DataSplits, make_loader, open_data
+from .errors import FtwtError
+from .evaluate import EvalReport, evaluate_run
+from .export import export
+from .report import write_report
+from .train import Progress, finetune, fit_gates
+
+__all__ = ["DemoSettings", "DemoResult", "run_demo", "train_classifier", "demo_settings"]
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    data: str
+    mean: float
+    std: float
+    train_samples: Optional[int]
+    baseline_epochs: int
+    fit_epochs: int
+    ft_epochs: int
+    r: float = 0.92
+    batch_size: int = 128
+
+
+def demo_settings(data: Optional[str] = None) -> DemoSettings:
+    if data is None:
+        data = "fashion-mnist" if FASHION_MNIST_DIR.is_dir() else "digits"
+    if data == "fashion-mnist":
+        return DemoSettings("fashion-mnist", 0.286, 0.353, 20000, baseline_epochs=2, fit_epochs=1, ft_epochs=1)
+    if data == "digits":
+        return DemoSettings("digits", 0.33, 0.38, None, baseline_epochs=15, fit_epochs=3, ft_epochs=3, batch_size=64)
+    raise FtwtError(f"unknown demo data '{data}'", "use fashion-mnist or digits")
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    folder: Path
+    checkpoint: Path
+    run_dir: Path
+    exported: Path
+    report: EvalReport
+    baseline_top1: float
+    seconds: float
+
+
+def train_classifier(model: nn.Module, data: DataSplits, epochs: int, *, lr: float = 0.05, batch_size: int = 128,
+                     workers: int = 2, log: Callable[[str], None] = print) -> nn.Module:
+    """Plain supervised training (SGD + Nesterov, cosine): how a user's baseline checkpoint would be made."""
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps = max(1, epochs * (len(data.train) // batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    for epoch in range(1, epochs + 1):
+        model.train()
+        t0, total, n = time.time(), 0.0, 0
+        for x, y in make_loader(data.train, batch_size, train=True, workers=workers, seed=0, epoch=epoch):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total, n = total + float(loss.detach()), n + 1
+        log(f"baseline epoch {epoch}/{epochs}: loss {total / max(n, 1):.3f} ({time.time() - t0:.0f}s)")
+    return model.eval()
+
+
+def run_demo(folder: Path | str = "ftwt-demo", *, data: Optional[str] = None, force: bool = False, workers: int = 2,
+             log: Callable[[str], None] = print, progress: Optional[Progress] = None) -> DemoResult:
+    import torchvision
+    t0 = time.time()
+    folder = Path(folder)
+    if folder.exists() and not force:
+        raise FtwtError(f"{folder} already exists", "pass --force to replace it, or choose another --dir")
+    s = demo_settings(data)
+    cfg = DataConfig((3, 32, 32), (s.mean,) * 3, (s.std,) * 3, "bilinear", 1.0, "center")
+    splits = open_data(s.data, cfg, num_classes=10, train_samples=s.train_samples)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    log(f"1/6 training a ResNet-18 baseline on {splits.source} ({len(splits.train)} images, 32 px)")
+    model = train_classifier(torchvision.models.resnet18(num_classes=10), splits, s.baseline_epochs,
+                             batch_size=s.batch_size, workers=workers, log=log)
+    ckpt = folder / "baseline-resnet18.pth"
+    torch.save(model.state_dict(), ckpt)
+    run = folder / "run"
+    log(f"2/6 ftwt attach {ckpt}")
+    rep = attach(ckpt, input_size=(3, 32, 32), mean=cfg.mean, std=cfg.std, run_dir=run)
+    base = evaluate_run(run, s.data, gates="open", workers=workers)
+    log(f"    {rep.arch}: {len(rep.layers)} gated layers, {rep.dense_macs / 1e6:.1f} M MACs dense, baseline top-1 {base.top1:.2%}")
+    log(f"3/6 ftwt fit-gates --r {s.r}")
+    fit_gates(run, s.data, FitGatesConfig(r=s.r, epochs=s.fit_epochs, batch_size=s.batch_size, workers=workers),
+              train_samples=s.train_samples, progress=progress)
+    log("4/6 ftwt finetune")
+    finetune(run, s.data, FinetuneConfig(epochs=s.ft_epochs, batch_size=s.batch_size, workers=workers),
+             train_samples=s.train_samples, progress=progress)
+    log("5/6 ftwt evaluate")
+    ev = evaluate_run(run, s.data, gates="predict", workers=workers)
+    write_report(ev, run)
+    log("6/6 ftwt export")
+    out = export(run, folder / "resnet18-ftwt.safetensors")
+    return DemoResult(folder, ckpt, run, out.path, ev, base.top1, time.time() - t0)

@@ -1,0 +1,98 @@
+"""The compact path computes only kept filters and matches the masked model within 1e-4."""
+import pytest
+import timm
+import torch
+import torchvision
+from typer.testing import CliRunner
+
+import ftwt_cli
+from ftwt_cli.bench import bench, oracle_masks
+from ftwt_cli.cli import app
+from ftwt_cli.compact import STRATEGIES, CompactModel, make_compact
+from ftwt_cli.dataflow import trace_plan
+from ftwt_cli.gating import GatedModel
+
+from test_macs import _no_natural_zeros
+
+
+def _gated(build, size=64):
+    torch.manual_seed(0)
+    m = _no_natural_zeros(build()).eval()     # non-trivial BN statistics, so folding is really tested
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.running_mean.normal_(0, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+    g = GatedModel(m, trace_plan(m, (3, size, size))).eval()
+    for p in g.gates.parameters():            # gates that close about half the filters
+        torch.nn.init.normal_(p, std=0.5)
+    return g.set_gates("predict")
+
+
+MODELS = {
+    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10),
+    "densenet121": lambda: torchvision.models.densenet121(num_classes=10),
+    "efficientnet_b0(timm)": lambda: timm.create_model("efficientnet_b0", num_classes=10),   # BatchNormAct2d, SE
+    "resnext(timm)": lambda: timm.create_model("resnext26ts", num_classes=10),                  # grouped convs
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compact_matches_masked(name, batch):
+    g = _gated(MODELS[name])
+    c = make_compact(g, calibrate=False)
+    x = torch.randn(batch, 3, 64, 64)
+    with torch.no_grad():
+        ref = g(x)
+        for strategy in STRATEGIES:
+            for u in c.compact_units.values():
+                u.strategy = strategy if (u.groups == 1 or u.depthwise or strategy == "dense") else "dense"
+            y = c(x)
+            assert (y - ref).abs().max() <= 1e-4 * ref.abs().max(), strategy
+    keep = torch.stack([m.float().mean() for m in g.last_stats.masks.values()]).mean()
+    assert 0.2 < keep < 0.8                    # the test really exercised partial masks
+
+
+def test_calibration_picks_a_strategy_per_layer_and_stays_exact():
+    g = _gated(MODELS["resnet18"], size=96)
+    c = make_compact(g, calibrate=True, input_size=(3, 96, 96), reps=3)
+    assert set(c.strategies.values()) <= set(STRATEGIES) and len(c.strategies) == len(g.units)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(c(x), g(x), atol=1e-4 * g(x).abs().max())
+
+
+def test_replayed_masks_and_caller_model_untouched():
+    g = _gated(MODELS["resnet18"])
+    x = torch.randn(1, 3, 64, 64)
+    masks = oracle_masks(g, x, 0.9)
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    c = make_compact(g, calibrate=False)
+    g.forced_masks = masks
+    with torch.no_grad():
+        ref = g(x)
+        assert torch.allclose(c(x, masks), ref, atol=1e-4 * ref.abs().max())
+    g.forced_masks = None
+    assert all(torch.equal(before[k], v) for k, v in g.state_dict().items()) and g.mode == "predict"
+
+
+def test_bench_report_and_load_compact(r18_run):
+    g = ftwt_cli.load(r18_run).set_gates("predict")
+    for p in g.gates.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(1, 3, 32, 32)
+    rep = bench(g, x, reps=3, warmup=1, calibrate=False)
+    assert [r.variant for r in rep.rows] == ["dense", "dense-folded", "masked", "compact"]
+    assert rep.row("dense").macs == rep.row("dense-folded").macs > rep.row("compact").macs
+    assert 0 < rep.macs_ratio < 1 and rep.latency_ratio > 0 and all(r.p90_ms >= r.p50_ms for r in rep.rows)
+    c = ftwt_cli.load(r18_run, compact=True, calibrate=False)
+    assert isinstance(c, CompactModel) and c.meta["arch"]["name"] == "resnet18"
+
+
+def test_cli_bench(r18_run):
+    res = CliRunner().invoke(app, ["bench", "--run", str(r18_run), "--r", "0.9", "--reps", "2", "--warmup", "1", "--data", "digits"])
+    assert res.exit_code == 0, res.output
+    assert "compact" in res.stdout and "latency ratio" in res.stdout
+    res = CliRunner().invoke(app, ["bench", "--run", str(r18_run)])
+    assert res.exit_code == 2 and "not fitted" in res.stderr

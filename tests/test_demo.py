@@ -1,0 +1,20 @@
+"""ftwt demo: the main job on its built-in default (digits here, so the test is quick and always possible)."""
+from typer.testing import CliRunner
+
+import ftwt_cli
+from ftwt_cli.cli import app
+
+
+def test_demo_on_digits(tmp_path):
+    res = CliRunner().invoke(app, ["demo", "--data", "digits", "--dir", str(tmp_path / "demo"), "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert "1/6 training a ResNet-18 baseline" in out and "6/6 ftwt export" in out
+    assert "before (the baseline checkpoint)" in out and "after (gated, r=0.92)" in out
+    d = tmp_path / "demo"
+    assert (d / "baseline-resnet18.pth").is_file() and (d / "report.md").is_file()
+    m = ftwt_cli.load(d / "resnet18-ftwt.safetensors")
+    e = m.meta["evaluation"]
+    assert e["top1"] > 0.9 and e["reduction"] > 0.05      # a real, trained model that really got cheaper
+    res = CliRunner().invoke(app, ["demo", "--data", "digits", "--dir", str(d)])
+    assert res.exit_code == 2 and "already exists" in res.stderr
