@@ -13,7 +13,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .compact import make_compact
+from .compact import make_compact, plain_copy
 from .gating import GatedModel
 
 __all__ = ["BenchRow", "BenchReport", "bench", "oracle_masks"]
@@ -75,10 +75,7 @@ def oracle_masks(model: GatedModel, x: torch.Tensor, r: float) -> Dict[str, torc
 def _folded_dense(model: GatedModel) -> torch.nn.Module:
     """The source network with each gated unit's BN folded into its conv, as the compact path does."""
     from .compact import _fold_bn, _set
-    net = copy.deepcopy(model.backbone).eval()
-    for m in net.modules():
-        m._forward_hooks.clear()
-        m._forward_pre_hooks.clear()
+    net = plain_copy(model.backbone)
     mods = dict(net.named_modules())
     for u in model.units:
         conv, norm = mods[u.name], (mods[u.end] if u.end != u.name else None)
@@ -104,10 +101,7 @@ def bench(model: GatedModel, x: torch.Tensor, *, masks: Optional[Mapping[str, to
     try:
         gated = copy.deepcopy(model).eval().set_gates("predict")
         gated.forced_masks = dict(masks) if masks is not None else None
-        dense = copy.deepcopy(model.backbone).eval()
-        for m in dense.modules():     # the plain source network: no gates, no hooks
-            m._forward_hooks.clear()
-            m._forward_pre_hooks.clear()
+        dense = plain_copy(model.backbone)    # the plain source network: no gates, no hooks
         compact = make_compact(gated, calibrate=calibrate, input_size=tuple(x.shape[1:]))
         folded = _folded_dense(model)
         gated(x)

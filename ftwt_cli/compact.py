@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .gating import GatedModel, gate_key
 from .macs import active_channels
 
-__all__ = ["CompactModel", "CompactConv", "make_compact", "STRATEGIES"]
+__all__ = ["CompactModel", "CompactConv", "make_compact", "plain_copy", "STRATEGIES"]
 
 STRATEGIES = ("dense", "out", "in_out")
 
@@ -135,6 +135,18 @@ class CompactModel(nn.Module):
         return {n: u.strategy for n, u in self.compact_units.items()}
 
 
+def strip_hooks(module: nn.Module) -> nn.Module:
+    for m in module.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    return module
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy without any forward hooks (GatedModel's hooks travel with deepcopy)."""
+    return strip_hooks(copy.deepcopy(module).eval())
+
+
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
@@ -145,10 +157,7 @@ def make_compact(gated: GatedModel, *, calibrate: bool = True, input_size: Optio
     """Compact copy of ``gated``. ``calibrate`` times the strategies of every gated conv at batch 1 with
     ``keep`` of its input and output channels active, and keeps the fastest."""
     src = copy.deepcopy(gated).eval()
-    backbone = src.backbone
-    for m in backbone.modules():            # the copy keeps GatedModel's hooks: drop them, CompactConv gates itself
-        m._forward_hooks.clear()
-        m._forward_pre_hooks.clear()
+    backbone = strip_hooks(src.backbone)    # CompactConv gates itself: no GatedModel hooks
     shared = _Shared()
     units: Dict[str, CompactConv] = {}
     mods = dict(backbone.named_modules())

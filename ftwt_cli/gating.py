@@ -26,6 +26,8 @@ from .macs import MacsBreakdown, count_macs
 __all__ = ["Gate", "GatedModel", "ForwardStats", "GATE_MODES", "gate_key"]
 
 GATE_MODES = ("open", "predict", "oracle")
+# Activations that are monotone (non-decreasing): max |f(y)| over a map sits at the map's min or max.
+_MONOTONE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.Tanh, nn.Identity)
 # Gates start open: zero weights and a positive bias give sigmoid(3) ≈ 0.95 > 0.5 for every channel.
 _INIT_LOGIT = 3.0
 
@@ -81,21 +83,26 @@ class _MaskHook:
     def __init__(self, owner: "GatedModel", unit: Unit) -> None:
         self.owner, self.unit = owner, unit
 
-    def _unit_output(self, out: torch.Tensor) -> torch.Tensor:
-        """The unit's output after its activation: what the ground truth is computed on."""
+    def _scores(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, C) spatial max of |activation(unit output)|: what the ground truth ranks channels by.
+
+        For a monotone activation f the maximum of |f(y)| over a map is reached where y is largest or smallest,
+        so one aminmax pass over the map and f on the two (B, C) extremes give it exactly, without touching
+        the full tensor again. Other activations (SiLU, GELU, ...) are applied to a copy of the map."""
         act = self.unit.act
-        if act is None:
-            return out
-        if act == "relu":
-            return F.relu(out)
-        return self.owner.backbone.get_submodule(act)(out.clone())
+        module = self.owner.backbone.get_submodule(act) if act not in (None, "relu") else None
+        if act is None or act == "relu" or isinstance(module, _MONOTONE):
+            f = (lambda t: t) if act is None else F.relu if act == "relu" else module
+            lo, hi = out.flatten(2).aminmax(dim=2)
+            return torch.maximum(f(lo.clone()).abs(), f(hi.clone()).abs())
+        return module(out.clone()).abs().amax(dim=(2, 3))
 
     def __call__(self, module: nn.Module, args, out: torch.Tensor):
         g, name = self.owner, self.unit.name
         target = None
         if g.mode == "oracle" or g.collect_targets:
             with torch.no_grad():
-                score = self._unit_output(out.detach()).abs().amax(dim=(2, 3))
+                score = self._scores(out.detach())
                 target = ground_truth(score, g.r, g.gt)
             g._state.targets[name] = target
         if g.mode == "open":

@@ -33,12 +33,13 @@ def _spread(sorted_keep: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 def heatmap_mass(scores: torch.Tensor, r: float) -> torch.Tensor:
     """scores: (B, C) non-negative → (B, C) bool, the smallest top-k reaching mass r per row."""
-    s = scores.detach().double()
+    s = scores.detach().float()
     if r >= 1.0:
         return s > 0
-    mass = s / s.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    sorted_mass, order = mass.sort(dim=1, descending=True, stable=True)
-    before = sorted_mass.cumsum(1) - sorted_mass
+    sorted_s, order = s.sort(dim=1, descending=True, stable=True)      # rank in float32 (fast) ...
+    sorted_mass = sorted_s.double()
+    sorted_mass = sorted_mass / sorted_mass.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    before = sorted_mass.cumsum(1) - sorted_mass                        # ... accumulate mass in float64
     keep = (before < r - _EPS) & (sorted_mass > 0)
     return _spread(keep, order)
 

@@ -9,13 +9,17 @@ from typing import Dict, List
 from .evaluate import EvalReport
 from .run import atomic_write_bytes, atomic_write_text
 
-__all__ = ["write_report", "report_markdown", "REPORT_FILES"]
+__all__ = ["write_report", "report_markdown", "REPORT_FILES", "fmt_macs"]
 
 REPORT_FILES = ("report.json", "report.md", "keep_ratio.png", "macs_hist.png", "ood.png")
 
 
-def _m(x: float) -> str:
+def fmt_macs(x: float) -> str:
+    """MACs for people: G above 100 M, else M."""
     return f"{x / 1e9:.3f} G" if x >= 1e8 else f"{x / 1e6:.2f} M"
+
+
+_m = fmt_macs
 
 
 def ood_summary(rep: EvalReport) -> List[Dict]:

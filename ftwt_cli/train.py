@@ -134,7 +134,7 @@ class _Phase:
 
     def __init__(self, phase: str, run_dir: Path, data: str, cfg, resume: bool, val_split: Optional[float],
                  train_samples: Optional[int] = None) -> None:
-        self.phase, self.run_dir, self.cfg = phase, Path(run_dir), cfg
+        self.phase, self.run_dir, self.cfg, self.data_arg = phase, Path(run_dir), cfg, str(data)
         self.meta = read_meta(self.run_dir)
         if resume:
             self.ck = _load_checkpoint(self.run_dir, phase)
@@ -166,8 +166,8 @@ class _Phase:
             "model": self.model.state_dict(), **{f"opt_{k}": o.state_dict() for k, o in optimizers.items()}})
         self.meta["gating"].update({"mode": "predict" if self.model.mode == "predict" else self.meta["gating"]["mode"],
                                     "r": self.model.r, "gt": self.model.gt, "decoupled": self.model.decoupled})
-        self.meta.setdefault("training", {})[self.phase] = {"config": dataclasses.asdict(self.cfg), "data": self.data.source,
-                                                             "epochs": self.history}
+        self.meta.setdefault("training", {})[self.phase] = {"config": dataclasses.asdict(self.cfg), "data": self.data_arg,
+                                                             "data_source": self.data.source, "epochs": self.history}
         self.meta["last_eval"] = {"phase": self.phase, "epoch": epoch, "top1": res.top1, "top5": res.top5,
                                   "macs": res.mean_macs, "dense_macs": res.dense_macs, "reduction": res.reduction,
                                   "data": self.data.source, "split": "val", "samples": res.samples}

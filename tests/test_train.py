@@ -145,3 +145,6 @@ def test_cli_fit_gates_and_finetune_end_to_end(run):
     assert "finetune epoch 1:" in res.stdout and (run / CHECKPOINT_FILE).is_file()
     meta = ftwt_cli.load(run).meta
     assert meta["training"]["finetune"]["config"]["schedule"] == "step" and meta["training"]["fit-gates"]["config"]["r"] == 0.9
+    res = runner.invoke(app, ["evaluate", "--run", str(run), "--workers", "0"])      # --data defaults to the training data
+    assert res.exit_code == 0, res.output
+    assert "scikit-learn digits" in res.stdout and (run / "report.md").is_file()

@@ -9,6 +9,7 @@ from rich.table import Table
 from typing_extensions import Annotated
 
 from ..attach import AttachReport, attach, parse_input_size
+from ..report import fmt_macs as _g
 from ._app import command, console
 
 __all__ = ["attach_cli", "print_attach_report"]
@@ -23,9 +24,6 @@ def _floats(text: Optional[str], flag: str) -> Optional[List[float]]:
     except ValueError:
         raise FtwtError(f"{flag} {text} is not a comma-separated list of numbers", f"e.g. {flag} 0.485,0.456,0.406") from None
 
-
-def _g(x: float) -> str:
-    return f"{x / 1e9:.3f} G" if x >= 1e8 else f"{x / 1e6:.2f} M"
 
 
 def print_attach_report(r: AttachReport) -> None:

@@ -14,14 +14,12 @@ from ..evaluate import EvalReport, evaluate_run
 from ..gating import GATE_MODES
 from ..report import ood_summary, write_report
 from ..run import read_meta
+from ..report import fmt_macs as _m
 from ._app import command, console
 from .fit_gates import DATA_HELP
 
 __all__ = ["evaluate_cli", "print_eval_report"]
 
-
-def _m(x: float) -> str:
-    return f"{x / 1e9:.3f} G" if x >= 1e8 else f"{x / 1e6:.2f} M"
 
 
 def print_eval_report(rep: EvalReport) -> None:
@@ -85,8 +83,6 @@ def evaluate_cli(
         data = next((t["data"] for t in trained.values() if t.get("data")), None)
         if data is None:
             raise FtwtError("no --data given and the run was never trained on any", "pass --data DIR (or fashion-mnist, digits)")
-        if data.startswith("scikit-learn"):
-            data = "digits"
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console, transient=True) if console.is_terminal else None
     with (progress or _Null()):

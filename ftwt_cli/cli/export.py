@@ -11,14 +11,12 @@ from typing_extensions import Annotated
 from ..demo import run_demo
 from ..export import export
 from ..model_io import load
+from ..report import fmt_macs as _m
 from ._app import command, console
 from ._progress import EpochProgress
 
 __all__ = ["export_cli", "info_cli", "demo_cli"]
 
-
-def _m(x: float) -> str:
-    return f"{x / 1e9:.3f} G" if x >= 1e8 else f"{x / 1e6:.2f} M"
 
 
 @command("export")
