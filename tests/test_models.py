@@ -30,11 +30,12 @@ def test_transformers_are_refused_not_crashed(arch):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
 def test_every_torchvision_classifier(name):
-    if name.startswith("vit_") or name.startswith("swin") or name.startswith("maxvit"):
-        r = check_arch(f"torchvision:{name}", (3, 224, 224))
+    # Transformers and ConvNeXt (depthwise convs, but linear MLPs hold 93-97% of its MACs) are refused by design.
+    if name.startswith(("vit_", "swin", "convnext")):
+        r = check_arch(f"torchvision:{name}", (3, 224, 224) if not name.startswith("convnext") else None)
         assert not r.ok and r.note.startswith("refused")
         return
-    _assert_ok(check_arch(f"torchvision:{name}"))
+    _assert_ok(check_arch(f"torchvision:{name}", (3, 224, 224) if name.startswith("maxvit") else None))
 
 
 @pytest.mark.slow
