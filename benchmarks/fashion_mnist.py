@@ -89,6 +89,7 @@ def main() -> int:
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--rs", default="1.0,0.95,0.92,0.9")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
     ckpt = WORK / "resnet18-fashion-mnist.pth"
@@ -98,7 +99,7 @@ def main() -> int:
 
     # the baseline's own accuracy, and the dense control with the same extra epochs as finetune (reused when a
     # previous invocation already trained it with these settings: rows accumulate across invocations)
-    cache_file = WORK / "rows.json"
+    cache_file = WORK / f"rows-b{args.baseline_epochs}-f{args.fit_epochs}-t{args.ft_epochs}.json"
     settings = {"baseline_epochs": args.baseline_epochs, "fit_epochs": args.fit_epochs, "ft_epochs": args.ft_epochs}
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     if cache.get("settings") != settings:
@@ -175,7 +176,7 @@ def main() -> int:
           "was measured with the machine otherwise idle.",
         "",
     ]
-    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -44,7 +44,7 @@ _ZERO_PRESERVING = {
 _RESHAPES = {"ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward0",
              "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "UnsqueezeBackward0", "FlattenBackward0"}
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-                nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Identity, nn.Dropout, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+                nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Identity, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
 
 
 def _is_activation(m: nn.Module) -> bool:

@@ -103,3 +103,17 @@ def test_cli_writes_report(run):
     assert res.exit_code == 0, res.output
     assert "reduction" in res.stdout and "jpeg" in res.stdout
     assert all((run / f).is_file() for f in REPORT_FILES)
+
+
+def test_unreadable_image_in_a_worker_is_one_line(tmp_path, run):
+    import numpy as np
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in range(10):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / split / f"c{c}" / "a.png")
+    (tmp_path / "val" / "c3" / "bad.png").write_bytes(b"not an image")
+    res = runner.invoke(app, ["evaluate", "--run", str(run), "--data", str(tmp_path), "--gates", "open", "--workers", "1"])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot read image" in lines[0] and "bad.png" in lines[0] and "Traceback" not in res.stderr

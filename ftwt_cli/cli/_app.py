@@ -23,6 +23,15 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
 
 
+def _one_line(text: str) -> str:
+    """An FtwtError raised in a DataLoader worker comes back wrapped in the worker's traceback; keep its last
+    line, which is the original message."""
+    if "Original Traceback" in text:
+        last = [l for l in text.strip().splitlines() if l.strip()][-1]
+        return last.split("FtwtError: ", 1)[-1]
+    return text
+
+
 def command(name: str, **kw) -> Callable[[F], F]:
     """Register a Typer command whose FtwtError becomes one line on stderr and exit code 2."""
     def deco(fn: F) -> F:
@@ -31,7 +40,7 @@ def command(name: str, **kw) -> Callable[[F], F]:
             try:
                 return fn(*args, **kwargs)
             except FtwtError as e:
-                err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+                err_console.print(f"error: {_one_line(str(e))}", markup=False, highlight=False, soft_wrap=True)
                 raise typer.Exit(EXIT_USER_ERROR)
             except KeyboardInterrupt:
                 err_console.print("interrupted", markup=False)
