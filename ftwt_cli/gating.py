@@ -146,8 +146,9 @@ class GatedModel(nn.Module):
         self.forced_masks: Optional[Dict[str, torch.Tensor]] = None   # replay fixed masks (gates still run)
         self.meta: dict = {}           # what the run/export knows (architecture, source, history, ...)
         self.data_config = None        # archs.DataConfig once loaded from a run
-        self.last_stats: Optional[ForwardStats] = None
         self._state = _ForwardState()
+        self._last: Optional[tuple] = None          # (state, batch, size, gates ran) of the last forward
+        self._last_stats: Optional[ForwardStats] = None
         self._dense_cache: Dict[tuple, float] = {}
         self._install_hooks()
 
@@ -182,8 +183,16 @@ class GatedModel(nn.Module):
     def forward(self, x: torch.Tensor):
         self._state = _ForwardState()
         out = self.backbone(x)
-        self.last_stats = self._stats(x.shape[0], tuple(x.shape[1:]))
+        # MACs are counted when someone asks (last_stats), not on every forward: inference pays nothing for them.
+        self._last, self._last_stats = (self._state, x.shape[0], tuple(x.shape[1:]), self.mode != "open"), None
         return out
+
+    @property
+    def last_stats(self) -> Optional[ForwardStats]:
+        """Per-sample MACs and masks of the last forward (computed on first access)."""
+        if self._last_stats is None and self._last is not None:
+            self._last_stats = self._stats(*self._last)
+        return self._last_stats
 
     @property
     def last_logits(self) -> Dict[str, torch.Tensor]:
@@ -193,10 +202,9 @@ class GatedModel(nn.Module):
     def last_targets(self) -> Dict[str, torch.Tensor]:
         return self._state.targets
 
-    def _stats(self, batch: int, size: tuple) -> ForwardStats:
-        st = self._state
+    def _stats(self, st: _ForwardState, batch: int, size: tuple, gates_run: bool) -> ForwardStats:
         masks = {k: v.detach() for k, v in st.masks.items()}
-        b = count_macs(self.plan.ops, self.units, masks, st.positions, batch, gates_run=self.mode != "open")
+        b = count_macs(self.plan.ops, self.units, masks, st.positions, batch, gates_run=gates_run)
         if size not in self._dense_cache:
             self._dense_cache[size] = float(count_macs(self.plan.ops, self.units, {}, st.positions, 1, gates_run=False).total[0])
         return ForwardStats(b.total, b.gates, self._dense_cache[size], masks, b.per_op)
