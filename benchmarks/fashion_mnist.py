@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -22,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 
 from ftwt_cli.archs import DataConfig
 from ftwt_cli.data import make_loader, open_data
+from ftwt_cli.demo import train_classifier
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
@@ -42,22 +41,9 @@ def sh(*args: str) -> float:
 
 
 def train_baseline(path: Path, epochs: int, workers: int) -> float:
-    torch.manual_seed(0)
-    data = open_data("fashion-mnist", CFG, num_classes=10)
-    model = torchvision.models.resnet18(num_classes=10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    steps = epochs * (len(data.train) // 128)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     t0 = time.time()
-    for epoch in range(1, epochs + 1):
-        model.train()
-        for x, y in make_loader(data.train, 128, train=True, workers=workers, seed=0, epoch=epoch):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        print(f"baseline epoch {epoch}: last loss {float(loss):.3f} ({time.time() - t0:.0f}s)", flush=True)
+    data = open_data("fashion-mnist", CFG, num_classes=10)
+    model = train_classifier(torchvision.models.resnet18(num_classes=10), data, epochs, workers=workers)
     torch.save(model.state_dict(), path)
     return time.time() - t0
 
@@ -165,7 +151,7 @@ def main() -> int:
                      f"**{x['ft_cut']:.1%}** | {x['delta']:+.2f} | {x['seconds']:.0f} s |")
     lines += [
         "",
-        f"Target (≥ 35% MACs cut at ≤ 0.3 pt drop against the dense control): "
+        "Target (≥ 35% MACs cut at ≤ 0.3 pt drop against the dense control): "
         + (f"**met** at r = {', '.join(str(x['r']) for x in best if x['ft_cut'] >= 0.35)}." if any(x['ft_cut'] >= 0.35 for x in best)
            else "**not met** in this run; best within 0.3 pt: " + (f"{max(best, key=lambda x: x['ft_cut'])['ft_cut']:.1%} cut" if best else "none")),
         "",

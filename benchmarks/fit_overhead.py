@@ -56,7 +56,7 @@ def measure(size: int, batch: int, rounds: int):
 
 
 if __name__ == "__main__":
-    print(f"| input | batch | dense forward ms | gated forward ms (ratio) | fit-gates step ms (ratio) |")
+    print("| input | batch | dense forward ms | gated forward ms (ratio) | fit-gates step ms (ratio) |")
     print("|---|---|---|---|---|")
     for size, batch, rounds in ((32, 128, 12), (224, 32, 4)):
         m = measure(size, batch, rounds)

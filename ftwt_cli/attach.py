@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 from . import __version__
-from .archs import ArchSpec, DataConfig, Detection, build_model, detect_arch, head_and_stem, load_weights, parse_arch, resolve_data_config
+from .archs import DataConfig, Detection, build_model, detect_arch, head_and_stem, load_weights, parse_arch, resolve_data_config
 from .checkpoints import read_checkpoint
 from .dataflow import trace_plan
 from .errors import FtwtError

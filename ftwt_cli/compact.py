@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch

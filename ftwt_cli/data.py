@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -213,7 +213,6 @@ def open_data(data: str | Path, cfg: DataConfig, *, val_split: Optional[float] =
     """Resolve ``--data`` into train/val datasets with the run's transforms, checking the class count.
     ``train_samples`` keeps a fixed random subset of the training split (quick experiments, the demo)."""
     text = str(data)
-    in_chans = cfg.input_size[0]
     if val_split is not None and not 0 < val_split < 1:
         raise FtwtError(f"--val-split {val_split} is outside (0, 1)", "pass a fraction such as --val-split 0.1")
 

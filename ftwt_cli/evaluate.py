@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -40,7 +41,6 @@ def evaluate_loader(model: GatedModel, loader: DataLoader, *, with_agreement: bo
                     on_batch: Optional[Callable[[int], None]] = None) -> EvalResult:
     """One pass in eval mode with the model's current gate mode. ``with_agreement`` also computes the
     ground truth at the model's r (costs a sort per layer) to score the gates' precision and recall."""
-    import time
     t0 = time.perf_counter()
     was, collect = model.training, model.collect_targets
     model.eval()

@@ -18,6 +18,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 
 from .dataflow import Expr, MacOp, Unit
+from .dataflow import _width
 
 __all__ = ["active_channels", "op_macs", "count_macs", "MacsBreakdown"]
 
@@ -61,11 +62,6 @@ def active_channels(expr: Expr, masks: Mapping[str, torch.Tensor], batch: int) -
         p = active_channels(expr[1], masks, batch)
         return None if p is None else p.repeat_interleave(int(expr[2]), dim=1)
     raise ValueError(f"unknown sparsity expression {expr!r}")
-
-
-def _width(e: Expr) -> int:
-    from .dataflow import _width as w
-    return w(e)
 
 
 def _per_group(active: Optional[torch.Tensor], channels: int, groups: int, batch: int) -> torch.Tensor:

@@ -17,9 +17,8 @@ Both phases save a resumable checkpoint every epoch; shuffling and augmentation 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from .errors import FtwtError
 from .evaluate import EvalResult, evaluate_loader
 from .gating import GatedModel
 from .model_io import gated_from_meta
-from .run import WEIGHTS_FILE, read_meta, read_weights, update_run
+from .run import WEIGHTS_FILE, atomic_write_bytes, read_meta, read_weights, update_run
 
 __all__ = ["fit_gates", "finetune", "EpochStats", "TrainReport", "Progress", "gate_loss", "CHECKPOINT_FILE"]
 
@@ -95,14 +94,9 @@ def _batch_metrics(model: GatedModel) -> Dict[str, float]:
 
 
 def _save_checkpoint(run_dir: Path, payload: Dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, run_dir / CHECKPOINT_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(run_dir / CHECKPOINT_FILE, buf.getvalue())
 
 
 def _load_checkpoint(run_dir: Path, phase: str) -> Dict[str, Any]:

@@ -3,11 +3,9 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 import torchvision
 from typer.testing import CliRunner
 
-import ftwt_cli
 from ftwt_cli.archs import DataConfig
 from ftwt_cli.attach import attach
 from ftwt_cli.cli import app
