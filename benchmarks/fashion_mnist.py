@@ -74,6 +74,8 @@ def main() -> int:
     ap.add_argument("--fit-epochs", type=int, default=2)
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--rs", default="1.0,0.95,0.92,0.9")
+    ap.add_argument("--distill", type=float, default=0.0, help="finetune --distill for the gated runs and the control")
+    ap.add_argument("--no-timing", action="store_true", help="skip the fit-gates vs dense epoch timing")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
@@ -82,19 +84,24 @@ def main() -> int:
     base_s = train_baseline(ckpt, args.baseline_epochs, args.workers) if not ckpt.exists() else float("nan")
     common = ["--input-size", "3,32,32", "--mean", MEAN, "--std", STD, "--force"]
     w = ["--workers", str(args.workers)]
+    kd = ["--distill", str(args.distill)] if args.distill else []
 
     # the baseline's own accuracy, and the dense control with the same extra epochs as finetune (reused when a
     # previous invocation already trained it with these settings: rows accumulate across invocations)
-    cache_file = WORK / f"rows-b{args.baseline_epochs}-f{args.fit_epochs}-t{args.ft_epochs}.json"
-    settings = {"baseline_epochs": args.baseline_epochs, "fit_epochs": args.fit_epochs, "ft_epochs": args.ft_epochs}
+    suffix = f"b{args.baseline_epochs}-f{args.fit_epochs}-t{args.ft_epochs}" + (f"-kd{args.distill}" if args.distill else "")
+    cache_file = WORK / f"rows-{suffix}.json"
+    settings = {"baseline_epochs": args.baseline_epochs, "fit_epochs": args.fit_epochs, "ft_epochs": args.ft_epochs,
+                **({"distill": args.distill} if args.distill else {})}
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     if cache.get("settings") != settings:
         cache = {"settings": settings, "rows": {}}
-    ctrl = WORK / "run-dense"
-    if "t_ctrl" not in cache or not (ctrl / "ftwt.json").exists():
+    ctrl = WORK / f"run-dense-{suffix}"
+    if "ctrl_acc" not in cache:
         sh("attach", str(ckpt), "--run", str(ctrl), *common)
         cache["t_ctrl"] = sh("finetune", "--data", "fashion-mnist", "--run", str(ctrl), "--dense-control", "--epochs", str(args.ft_epochs),
-                             "--recipe", str(HERE.parent / "recipes" / "resnet18-fashion-mnist.yaml"), *w)
+                             "--recipe", str(HERE.parent / "recipes" / "resnet18-fashion-mnist.yaml"), *w, *kd)
+        cache["ctrl_acc"] = meta(ctrl)["last_eval"]["top1"]
+        cache_file.write_text(json.dumps(cache, indent=1))
     t_ctrl = cache["t_ctrl"]
     cache["base_s"] = cache.get("base_s") if base_s != base_s else base_s   # NaN when the baseline was reused
     import ftwt_cli
@@ -102,17 +109,17 @@ def main() -> int:
     data = open_data("fashion-mnist", CFG, num_classes=10)
     sh("attach", str(ckpt), "--run", str(WORK / "run-base"), *common)
     base = evaluate_loader(ftwt_cli.load(WORK / "run-base").set_gates("open"), make_loader(data.val, 256, train=False, workers=args.workers))
-    ctrl_acc = meta(ctrl)["last_eval"]["top1"]
+    ctrl_acc = cache["ctrl_acc"]
 
     rows = []
     for r in [float(v) for v in args.rs.split(",") if v]:
-        run = WORK / f"run-r{r}"
+        run = WORK / f"run-{suffix}-r{r}"
         sh("attach", str(ckpt), "--run", str(run), *common)
         oracle = evaluate_loader(ftwt_cli.load(run).set_gates("oracle", r=r), make_loader(data.val, 256, train=False, workers=args.workers))
         t_fit = sh("fit-gates", "--data", "fashion-mnist", "--run", str(run), "--r", str(r), "--epochs", str(args.fit_epochs), *w)
         fit = meta(run)["last_eval"]
         t_ft = sh("finetune", "--data", "fashion-mnist", "--run", str(run), "--epochs", str(args.ft_epochs),
-                  "--recipe", str(HERE.parent / "recipes" / "resnet18-fashion-mnist.yaml"), *w)
+                  "--recipe", str(HERE.parent / "recipes" / "resnet18-fashion-mnist.yaml"), *w, *kd)
         ft = meta(run)["last_eval"]
         cache["rows"][str(r)] = dict(r=r, oracle_cut=oracle.reduction, oracle_top1=oracle.top1, fit_top1=fit["top1"],
                                      fit_cut=fit["reduction"], ft_top1=ft["top1"], ft_cut=ft["reduction"], macs=ft["macs"],
@@ -122,7 +129,7 @@ def main() -> int:
     rows = sorted(cache["rows"].values(), key=lambda x: -x["r"])
     base_s = cache.get("base_s") or float("nan")
 
-    dense_s, fit_s = time_epochs(WORK / "run-base", args.workers)
+    dense_s, fit_s = time_epochs(WORK / "run-base", args.workers) if not args.no_timing else (float("nan"), float("nan"))
     cache_file.write_text(json.dumps(cache, indent=1))
     best = [x for x in rows if x["delta"] >= -0.3]
     lines = [
@@ -133,12 +140,14 @@ def main() -> int:
         "",
         f"* Baseline: torchvision ResNet-18 (10 classes), trained {args.baseline_epochs} epochs from scratch at 32 px "
         f"(SGD 0.05, cosine, pad-crop + flip), saved as a plain state dict: **top-1 {base.top1:.2%}** on the 10k test split.",
-        f"* Dense control: the baseline fine-tuned {args.ft_epochs} more epochs with the same recipe and every gate open: "
+        f"* Dense control: the baseline fine-tuned {args.ft_epochs} more epochs with the same recipe"
+        + (f" (distillation α = {args.distill} from the baseline, as for the gated runs)" if args.distill else "")
+        + " and every gate open: "
         f"**top-1 {ctrl_acc:.2%}**. Deltas below are against this control.",
         "* Rows may come from several invocations with the same settings (`benchmarks/_work/rows.json`); the baseline, "
         "the dense control and every row use the same checkpoint.",
         f"* Each r: `ftwt attach` → `ftwt fit-gates --epochs {args.fit_epochs}` → `ftwt finetune --epochs {args.ft_epochs}` "
-        "(recipe `recipes/resnet18-fashion-mnist.yaml`, decoupled). MACs are exact per-sample counts (input- and "
+        f"(recipe `recipes/resnet18-fashion-mnist.yaml`, decoupled{f', --distill {args.distill}' if args.distill else ''}). MACs are exact per-sample counts (input- and "
         "output-channel sparsity, dense residual stream, gate cost included), averaged over the test split; "
         f"dense = {rows[0]['dense'] / 1e6:.2f} M MACs.",
         "* *oracle*: MACs cut by the heatmap-mass rule on the baseline before any training (the paper's FLOPs estimate).",

@@ -61,8 +61,8 @@ def main() -> int:
         "*dense-folded* the same with BatchNorm folded into the gated convs, as the compact path does, and is the fair "
         "baseline: **latency ratio = compact / dense-folded**. Target: latency ratio ≤ 1.15 × MACs ratio.",
         "",
-        "| model | weights | r | mean keep | MACs ratio | dense ms | dense-folded ms | masked ms | compact ms | latency ratio | ratio / ideal | target | strategies |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | weights | r | mean keep | MACs ratio | dense ms | dense-folded ms | masked ms | compact ms | latency ratio | ratio / ideal | target | strategies | chained pairs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in args.models.split(","):
         net, weights = model_for(name)
@@ -76,7 +76,7 @@ def main() -> int:
             lines.append(f"| {name} | {weights} | {r} | {rep.keep:.1%} | {rep.macs_ratio:.3f} | {row['dense'].p50_ms:.1f} | "
                          f"{row['dense-folded'].p50_ms:.1f} | {row['masked'].p50_ms:.1f} | {row['compact'].p50_ms:.1f} | "
                          f"{rep.latency_ratio:.3f} | {rep.latency_ratio / rep.macs_ratio:.2f} | {'met' if ok else 'missed'} | "
-                         f"{', '.join(f'{k} {v}' for k, v in sorted(rep.strategies.items()))} |")
+                         f"{', '.join(f'{k} {v}' for k, v in sorted(rep.strategies.items()))} | {rep.chains} |")
             print(lines[-1], flush=True)
     (HERE / "SPEEDUP.md").write_text("\n".join(lines) + "\n")
     return 0

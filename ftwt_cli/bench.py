@@ -36,6 +36,7 @@ class BenchReport:
     keep: float           # mean keep ratio over gated layers
     rows: Tuple[BenchRow, ...]
     strategies: Dict[str, int]
+    chains: int = 0       # producer → consumer pairs that pass compact tensors
 
     def row(self, variant: str) -> BenchRow:
         return next(r for r in self.rows if r.variant == variant)
@@ -119,6 +120,6 @@ def bench(model: GatedModel, x: torch.Tensor, *, masks: Optional[Mapping[str, to
             counts[s] = counts.get(s, 0) + 1
         a = model.meta.get("arch", {})
         return BenchReport(f"{a.get('source', '?')}:{a.get('name', '?')}", x.shape[0], tuple(x.shape[1:]),
-                           torch.get_num_threads(), keep, tuple(rows), counts)
+                           torch.get_num_threads(), keep, tuple(rows), counts, len(compact.chains))
     finally:
         torch.set_num_threads(old_threads)

@@ -52,6 +52,8 @@ class FinetuneConfig:
     gamma: float = 0.1
     bce_weight: float = 1.0
     label_smoothing: float = 0.0
+    distill: float = 0.0            # weight α of knowledge distillation from the frozen starting model (0 = off)
+    distill_temp: float = 4.0       # softmax temperature T of the distillation term
     batch_size: int = 128
     workers: int = 2
     seed: int = 0
@@ -67,7 +69,9 @@ class FinetuneConfig:
             check_r(self.r)
         if self.gt is not None and self.gt not in GT_RULES:
             raise FtwtError(f"unknown ground-truth rule '{self.gt}'", f"use one of {', '.join(GT_RULES)}")
-        _positive(self, "epochs", "lr", "gate_lr", "batch_size")
+        _positive(self, "epochs", "lr", "gate_lr", "batch_size", "distill_temp")
+        if not 0.0 <= self.distill <= 1.0:
+            raise FtwtError(f"distill={self.distill} is outside [0, 1]", "pass --distill between 0 (off) and 1 (distillation only)")
 
 
 def _positive(cfg, *names: str) -> None:

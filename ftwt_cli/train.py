@@ -5,7 +5,9 @@ their logits and the heatmap-mass ground truth of their own unit. Predicted mask
 so each gate learns on the inputs it will see at inference.
 
 finetune: the backbone trains with hard masks (cross-entropy, BN in train mode) while the gates keep learning
-on BCE with their own optimiser. Decoupled (default): the gate reads a detached input, so BCE never reaches the
+on BCE with their own optimiser. Optional knowledge distillation (``distill`` = α > 0) mixes the task loss with
+the KL divergence to the frozen starting model's softened outputs (Hinton et al. 2015):
+(1 − α)·CE(s, y) + α·T²·KL(softmax(t/T) ‖ softmax(s/T)); the dense control gets the same teacher. Decoupled (default): the gate reads a detached input, so BCE never reaches the
 backbone and the task loss never reaches the gates (the mask is a hard, gradient-free 0/1). Joint: BCE also
 trains the backbone through the gate's input.
 
@@ -35,7 +37,7 @@ from .gating import GatedModel
 from .model_io import gated_from_meta
 from .run import WEIGHTS_FILE, atomic_write_bytes, read_meta, read_weights, update_run
 
-__all__ = ["fit_gates", "finetune", "EpochStats", "TrainReport", "Progress", "gate_loss", "CHECKPOINT_FILE"]
+__all__ = ["fit_gates", "finetune", "EpochStats", "TrainReport", "Progress", "gate_loss", "distill_loss", "CHECKPOINT_FILE"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -93,6 +95,27 @@ def _batch_metrics(model: GatedModel) -> Dict[str, float]:
             "macs_cut": 1.0 - float(s.macs.mean()) / s.dense_macs}
 
 
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
+    """T² · KL(softmax(teacher/T) ‖ softmax(student/T)), batch mean; T² keeps gradients comparable to CE's."""
+    return F.kl_div(F.log_softmax(student / temp, 1), F.log_softmax(teacher / temp, 1), reduction="batchmean",
+                    log_target=True) * temp * temp
+
+
+def _teacher(ph: "_Phase") -> torch.nn.Module:
+    """The frozen model finetune starts from (every gate open); saved in the checkpoint so resume uses the same."""
+    from .compact import plain_copy
+    teacher = plain_copy(ph.model.backbone)
+    if ph.ck is not None:
+        if "teacher" not in ph.ck:
+            raise FtwtError(f"the checkpoint in {ph.run_dir} was written without --distill",
+                            "resume without --distill, or run `ftwt finetune` again without --resume")
+        teacher.load_state_dict(ph.ck["teacher"])
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    ph.extra_state["teacher"] = teacher.state_dict()
+    return teacher.eval()
+
+
 def _save_checkpoint(run_dir: Path, payload: Dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -142,6 +165,7 @@ class _Phase:
         self.data: DataSplits = open_data(data, DataConfig.from_dict(self.meta["data_config"]), val_split=val_split,
                                           num_classes=self.meta["arch"]["num_classes"], train_samples=train_samples)
         self.history: List[Dict[str, Any]] = list(self.ck["history"]) if self.ck else []
+        self.extra_state: Dict[str, Any] = {}      # more tensors for the checkpoint (the distillation teacher)
         self.start_epoch = int(self.ck["epoch"]) if self.ck else 0
 
     def val_loader(self):
@@ -157,7 +181,8 @@ class _Phase:
         self.history.append(dataclasses.asdict(stats))
         _save_checkpoint(self.run_dir, {
             "phase": self.phase, "epoch": epoch, "config": dataclasses.asdict(self.cfg), "history": self.history,
-            "model": self.model.state_dict(), **{f"opt_{k}": o.state_dict() for k, o in optimizers.items()}})
+            "model": self.model.state_dict(), **self.extra_state,
+            **{f"opt_{k}": o.state_dict() for k, o in optimizers.items()}})
         self.meta["gating"].update({"mode": "predict" if self.model.mode == "predict" else self.meta["gating"]["mode"],
                                     "r": self.model.r, "gt": self.model.gt, "decoupled": self.model.decoupled})
         self.meta.setdefault("training", {})[self.phase] = {"config": dataclasses.asdict(self.cfg), "data": self.data_arg,
@@ -236,6 +261,7 @@ def finetune(run_dir: Path | str, data: str, cfg: FinetuneConfig, *, resume: boo
     if ph.ck:
         backbone_opt.load_state_dict(ph.ck["opt_backbone"])
         gate_opt.load_state_dict(ph.ck["opt_gates"])
+    teacher = _teacher(ph) if cfg.distill > 0 else None
     steps_per_epoch = len(make_loader(ph.data.train, cfg.batch_size, train=True, workers=0))
     for epoch in range(ph.start_epoch + 1, cfg.epochs + 1):
         torch.manual_seed(cfg.seed * 1_000 + epoch)
@@ -251,8 +277,13 @@ def finetune(run_dir: Path | str, data: str, cfg: FinetuneConfig, *, resume: boo
                 group["lr"] = cfg.lr * _lr_factor(cfg, step, steps_per_epoch)
             out = model(x)
             ce = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+            task = ce
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = teacher(x)
+                task = (1.0 - cfg.distill) * ce + cfg.distill * distill_loss(out, t_out, cfg.distill_temp)
             bce = gate_loss(model) if not dense_control else torch.zeros(())
-            loss = ce + cfg.bce_weight * bce
+            loss = task + cfg.bce_weight * bce
             backbone_opt.zero_grad(set_to_none=True)
             gate_opt.zero_grad(set_to_none=True)
             loss.backward()

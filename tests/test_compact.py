@@ -54,10 +54,53 @@ def test_compact_matches_masked(name, batch):
     assert 0.2 < keep < 0.8                    # the test really exercised partial masks
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_chained_and_padded_execution_stays_exact(name, batch):
+    g = _gated(MODELS[name])
+    c = make_compact(g, calibrate=False)
+    assert len(c.chains) >= 8                  # conv1 → conv2 in every ResNet block; expand/project in MobileNetV2
+    gen = torch.Generator().manual_seed(0)
+    for u in c.compact_units.values():         # pad to arbitrary larger counts: the extra channels must stay zero
+        u.strategy = "out" if (u.groups == 1 or u.depthwise) else "dense"
+        u.pad_out = [0] + [int(torch.randint(n, u.out_channels + 1, (1,), generator=gen)) for n in range(1, u.out_channels + 1)]
+        u.pad_in = [0] + [int(torch.randint(n, u.in_channels + 1, (1,), generator=gen)) for n in range(1, u.in_channels + 1)]
+    for producer, consumer in c.chains.items():
+        c.compact_units[producer].pad_out = c.compact_units[consumer].pad_in
+    x = torch.randn(batch, 3, 64, 64)
+    with torch.no_grad():
+        ref = g(x)
+        assert (c(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+        c.compact_units[next(iter(c.chains.values()))].strategy = "dense"   # a chained consumer may still run dense
+        assert (c(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_a_pair_with_a_hidden_second_reader_is_not_chained():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16)
+            self.c2, self.b2 = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16)
+            self.head = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            a = torch.relu(self.b1(self.c1(x)))
+            b = torch.relu(self.b2(self.c2(a)))
+            return self.head(b.mean((2, 3)) + a.amax((2, 3)))    # `a` is read again, outside the conv
+    g = _gated(Net, size=32)
+    c = make_compact(g, calibrate=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert c.chains == {} and torch.allclose(c(x), g(x), atol=1e-5)
+
+
 def test_calibration_picks_a_strategy_per_layer_and_stays_exact():
     g = _gated(MODELS["resnet18"], size=96)
     c = make_compact(g, calibrate=True, input_size=(3, 96, 96), reps=3)
     assert set(c.strategies.values()) <= set(STRATEGIES) and len(c.strategies) == len(g.units)
+    for u in c.compact_units.values():         # padding tables: a count at or above every n, within the layer
+        if u.groups == 1:
+            assert u.pad_out[0] == 0 and all(n <= m <= u.out_channels for n, m in enumerate(u.pad_out))
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         assert torch.allclose(c(x), g(x), atol=1e-4 * g(x).abs().max())

@@ -11,7 +11,7 @@ from ftwt_cli.attach import attach
 from ftwt_cli.cli import app
 from ftwt_cli.config import FinetuneConfig, FitGatesConfig
 from ftwt_cli.errors import FtwtError
-from ftwt_cli.train import CHECKPOINT_FILE, finetune, fit_gates, gate_loss
+from ftwt_cli.train import CHECKPOINT_FILE, distill_loss, finetune, fit_gates, gate_loss
 
 runner = CliRunner()
 FIT = dict(r=0.9, epochs=2, lr=0.05, batch_size=64, workers=0)
@@ -101,6 +101,32 @@ def test_finetune_before_fit_gates_is_refused(run):
 def test_dense_control_trains_with_open_gates(run):
     rep = finetune(run, "digits", FinetuneConfig(epochs=1, batch_size=64, workers=0), dense_control=True)
     assert rep.final.reduction == 0.0 and rep.epochs[0].val_top1 > 0.1
+
+
+def test_distill_loss_is_zero_at_the_teacher_and_scaled_by_t_squared():
+    t = torch.randn(8, 10)
+    assert distill_loss(t.clone(), t, 4.0).abs() < 1e-6
+    s = torch.randn(8, 10)
+    kl = (torch.softmax(t / 2, 1) * (torch.log_softmax(t / 2, 1) - torch.log_softmax(s / 2, 1))).sum(1).mean()
+    assert distill_loss(s, t, 2.0) == pytest.approx(float(kl) * 4, rel=1e-5)
+
+
+def test_finetune_with_distillation_resumes_exactly(run, tmp_path):
+    import shutil
+    fit_gates(run, "digits", FitGatesConfig(**{**FIT, "epochs": 1}))
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    cfg = dict(epochs=2, lr=0.05, batch_size=64, workers=0, distill=0.7, distill_temp=3.0,
+               schedule="constant")   # a cosine over 1 epoch would differ from the first half of one over 2
+    full = finetune(run, "digits", FinetuneConfig(**cfg))
+    finetune(other, "digits", FinetuneConfig(**{**cfg, "epochs": 1}))
+    # the teacher is the model finetune started from, not the checkpoint it resumes from
+    resumed = finetune(other, "digits", FinetuneConfig(**cfg), resume=True)
+    a, b = _backbone(run), _backbone(other)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.epochs[1].loss == pytest.approx(full.epochs[1].loss, rel=1e-6)
+    with pytest.raises(FtwtError, match="distill=1.5"):
+        finetune(run, "digits", FinetuneConfig(**{**cfg, "distill": 1.5}))
 
 
 def _sha(p):

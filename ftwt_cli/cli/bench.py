@@ -58,5 +58,5 @@ def bench_cli(
                   f"{row.p50_ms / d.p50_ms:.2f}", f"{row.macs / d.macs:.2f}")
     console.print(t)
     console.print(f"compact vs dense with the same BN folding: latency ratio {rep.latency_ratio:.2f} for a MACs ratio of "
-                  f"{rep.macs_ratio:.2f} ({rep.latency_ratio / rep.macs_ratio:.2f}× the ideal; strategies {rep.strategies})",
+                  f"{rep.macs_ratio:.2f} ({rep.latency_ratio / rep.macs_ratio:.2f}× the ideal; strategies {rep.strategies}; {rep.chains} chained pairs)",
                   markup=False, highlight=False, soft_wrap=True)
