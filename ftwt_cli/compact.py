@@ -266,7 +266,7 @@ def _chain(model: CompactModel, input_size: Tuple[int, ...]) -> None:
     output would see a narrower tensor and fail or differ, so such a pair is dropped."""
     us = model.compact_units
     pairs = [(u.in_expr[1], n) for n, u in us.items()
-             if u.in_expr and u.in_expr[0] == "unit" and u.in_expr[1] in us and u.groups == 1
+             if u.in_expr and u.in_expr[0] == "unit" and u.in_expr[1] in us and u.groups == 1 and u.padding_mode == "zeros"
              and us[u.in_expr[1]].out_channels == u.in_channels and int(u.in_expr[2]) == u.in_channels]
     if not pairs:
         return
