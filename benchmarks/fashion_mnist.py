@@ -8,6 +8,7 @@
 5. Write benchmarks/RESULTS.md.
 
     python benchmarks/fashion_mnist.py [--baseline-epochs 5] [--fit-epochs 2] [--ft-epochs 2] [--rs 1.0,0.95,0.92,0.9]
+        [--freeze-gates-at 0.5] [--distill 0.5] [--no-timing]
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ def main() -> int:
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--rs", default="1.0,0.95,0.92,0.9")
     ap.add_argument("--distill", type=float, default=0.0, help="finetune --distill for the gated runs and the control")
+    ap.add_argument("--freeze-gates-at", type=float, default=1.0, help="finetune --freeze-gates-at for the gated runs")
     ap.add_argument("--no-timing", action="store_true", help="skip the fit-gates vs dense epoch timing")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
@@ -86,22 +88,28 @@ def main() -> int:
     w = ["--workers", str(args.workers)]
     kd = ["--distill", str(args.distill)] if args.distill else []
 
-    # the baseline's own accuracy, and the dense control with the same extra epochs as finetune (reused when a
-    # previous invocation already trained it with these settings: rows accumulate across invocations)
-    suffix = f"b{args.baseline_epochs}-f{args.fit_epochs}-t{args.ft_epochs}" + (f"-kd{args.distill}" if args.distill else "")
+    # the baseline's own accuracy, and the dense control with the same extra epochs as finetune (trained once per
+    # baseline/finetune setting and reused: rows accumulate across invocations with the same settings)
+    fz = ["--freeze-gates-at", str(args.freeze_gates_at)] if args.freeze_gates_at < 1 else []
+    ctrl_suffix = f"b{args.baseline_epochs}-t{args.ft_epochs}" + (f"-kd{args.distill}" if args.distill else "")
+    suffix = (f"b{args.baseline_epochs}-f{args.fit_epochs}-t{args.ft_epochs}" + (f"-fz{args.freeze_gates_at}" if fz else "")
+              + (f"-kd{args.distill}" if args.distill else ""))
     cache_file = WORK / f"rows-{suffix}.json"
     settings = {"baseline_epochs": args.baseline_epochs, "fit_epochs": args.fit_epochs, "ft_epochs": args.ft_epochs,
-                **({"distill": args.distill} if args.distill else {})}
+                **({"freeze_gates_at": args.freeze_gates_at} if fz else {}), **({"distill": args.distill} if args.distill else {})}
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     if cache.get("settings") != settings:
         cache = {"settings": settings, "rows": {}}
-    ctrl = WORK / f"run-dense-{suffix}"
-    if "ctrl_acc" not in cache:
+    ctrl_file = WORK / f"control-{ctrl_suffix}.json"
+    control = json.loads(ctrl_file.read_text()) if ctrl_file.exists() else {}
+    if "ctrl_acc" not in control:
+        ctrl = WORK / f"run-dense-{ctrl_suffix}"
         sh("attach", str(ckpt), "--run", str(ctrl), *common)
-        cache["t_ctrl"] = sh("finetune", "--data", "fashion-mnist", "--run", str(ctrl), "--dense-control", "--epochs", str(args.ft_epochs),
-                             "--recipe", str(HERE.parent / "recipes" / "resnet18-fashion-mnist.yaml"), *w, *kd)
-        cache["ctrl_acc"] = meta(ctrl)["last_eval"]["top1"]
-        cache_file.write_text(json.dumps(cache, indent=1))
+        control["t_ctrl"] = sh("finetune", "--data", "fashion-mnist", "--run", str(ctrl), "--dense-control", "--epochs", str(args.ft_epochs),
+                               "--recipe", str(HERE.parent / "recipes" / "resnet18-fashion-mnist.yaml"), *w, *kd)
+        control["ctrl_acc"] = meta(ctrl)["last_eval"]["top1"]
+        ctrl_file.write_text(json.dumps(control, indent=1))
+    cache.update(control)
     t_ctrl = cache["t_ctrl"]
     cache["base_s"] = cache.get("base_s") if base_s != base_s else base_s   # NaN when the baseline was reused
     import ftwt_cli
@@ -119,7 +127,7 @@ def main() -> int:
         t_fit = sh("fit-gates", "--data", "fashion-mnist", "--run", str(run), "--r", str(r), "--epochs", str(args.fit_epochs), *w)
         fit = meta(run)["last_eval"]
         t_ft = sh("finetune", "--data", "fashion-mnist", "--run", str(run), "--epochs", str(args.ft_epochs),
-                  "--recipe", str(HERE.parent / "recipes" / "resnet18-fashion-mnist.yaml"), *w, *kd)
+                  "--recipe", str(HERE.parent / "recipes" / "resnet18-fashion-mnist.yaml"), *w, *kd, *fz)
         ft = meta(run)["last_eval"]
         cache["rows"][str(r)] = dict(r=r, oracle_cut=oracle.reduction, oracle_top1=oracle.top1, fit_top1=fit["top1"],
                                      fit_cut=fit["reduction"], ft_top1=ft["top1"], ft_cut=ft["reduction"], macs=ft["macs"],
@@ -144,10 +152,11 @@ def main() -> int:
         + (f" (distillation α = {args.distill} from the baseline, as for the gated runs)" if args.distill else "")
         + " and every gate open: "
         f"**top-1 {ctrl_acc:.2%}**. Deltas below are against this control.",
-        "* Rows may come from several invocations with the same settings (`benchmarks/_work/rows.json`); the baseline, "
+        "* Rows may come from several invocations with the same settings (`benchmarks/_work/rows-*.json`); the baseline, "
         "the dense control and every row use the same checkpoint.",
         f"* Each r: `ftwt attach` → `ftwt fit-gates --epochs {args.fit_epochs}` → `ftwt finetune --epochs {args.ft_epochs}` "
-        f"(recipe `recipes/resnet18-fashion-mnist.yaml`, decoupled{f', --distill {args.distill}' if args.distill else ''}). MACs are exact per-sample counts (input- and "
+        f"(recipe `recipes/resnet18-fashion-mnist.yaml`, decoupled{f', --distill {args.distill}' if args.distill else ''}"
+        f"{f', --freeze-gates-at {args.freeze_gates_at}' if fz else ''}). MACs are exact per-sample counts (input- and "
         "output-channel sparsity, dense residual stream, gate cost included), averaged over the test split; "
         f"dense = {rows[0]['dense'] / 1e6:.2f} M MACs.",
         "* *oracle*: MACs cut by the heatmap-mass rule on the baseline before any training (the paper's FLOPs estimate).",

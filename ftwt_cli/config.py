@@ -51,6 +51,9 @@ class FinetuneConfig:
     step_epochs: List[int] = field(default_factory=list)   # epochs at which "step" multiplies lr by gamma
     gamma: float = 0.1
     bce_weight: float = 1.0
+    # FTWT drops the mask-loss weight to 0 after half the epochs: the gates freeze and the backbone finishes
+    # training against a fixed gating function. The fraction of finetune's iterations the gates learn for.
+    freeze_gates_at: float = 1.0
     label_smoothing: float = 0.0
     distill: float = 0.0            # weight α of knowledge distillation from the frozen starting model (0 = off)
     distill_temp: float = 4.0       # softmax temperature T of the distillation term
@@ -70,6 +73,9 @@ class FinetuneConfig:
         if self.gt is not None and self.gt not in GT_RULES:
             raise FtwtError(f"unknown ground-truth rule '{self.gt}'", f"use one of {', '.join(GT_RULES)}")
         _positive(self, "epochs", "lr", "gate_lr", "batch_size", "distill_temp")
+        if not 0.0 <= self.freeze_gates_at <= 1.0:
+            raise FtwtError(f"freeze-gates-at={self.freeze_gates_at} is outside [0, 1]",
+                            "pass --freeze-gates-at between 0 (gates never learn) and 1 (they learn throughout; FTWT: 0.5)")
         if not 0.0 <= self.distill <= 1.0:
             raise FtwtError(f"distill={self.distill} is outside [0, 1]", "pass --distill between 0 (off) and 1 (distillation only)")
 

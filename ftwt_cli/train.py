@@ -5,7 +5,7 @@ their logits and the heatmap-mass ground truth of their own unit. Predicted mask
 so each gate learns on the inputs it will see at inference.
 
 finetune: the backbone trains with hard masks (cross-entropy, BN in train mode) while the gates keep learning
-on BCE with their own optimiser. Optional knowledge distillation (``distill`` = α > 0) mixes the task loss with
+on BCE with their own optimiser; ``freeze_gates_at`` < 1 stops them part-way, as FTWT does at half-way. Optional knowledge distillation (``distill`` = α > 0) mixes the task loss with
 the KL divergence to the frozen starting model's softened outputs (Hinton et al. 2015):
 (1 − α)·CE(s, y) + α·T²·KL(softmax(t/T) ‖ softmax(s/T)); the dense control gets the same teacher. Decoupled (default): the gate reads a detached input, so BCE never reaches the
 backbone and the task loss never reaches the gates (the mask is a hard, gradient-free 0/1). Joint: BCE also
@@ -19,12 +19,13 @@ Both phases save a resumable checkpoint every epoch; shuffling and augmentation 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -80,18 +81,38 @@ class TrainReport:
 
 
 def gate_loss(model: GatedModel) -> torch.Tensor:
-    """Σ over filters, mean over layers (and batch) of BCEWithLogits(gate logits, ground truth)."""
+    """Σ over filters, mean over layers (and batch) of BCEWithLogits(gate logits, ground truth).
+
+    Every (sample, filter) term carries the same weight 1/(B·L), so one BCE over all layers' logits side by
+    side equals the per-layer sums averaged, in one kernel instead of one per layer."""
     logits, targets = model.last_logits, model.last_targets
-    per_layer = [F.binary_cross_entropy_with_logits(logits[n], targets[n].float(), reduction="none").sum(1).mean()
-                 for n in targets]
-    return torch.stack(per_layer).mean()
+    names = list(targets)
+    lg = torch.cat([logits[n] for n in names], 1)
+    # float64 on CPU: more exact and ~2× faster there, since float32's log1p is not vectorised (measured).
+    dt = torch.float64 if lg.device.type == "cpu" else lg.dtype
+    bce = F.binary_cross_entropy_with_logits(lg.to(dt), torch.cat([targets[n] for n in names], 1).to(dt), reduction="sum")
+    return (bce / (lg.shape[0] * len(names))).to(lg.dtype)
+
+
+def _gate_optimizer(model: GatedModel, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam over the gates; the fused kernel updates all ~20 small gate tensors at once (3× faster on CPU)."""
+    return torch.optim.Adam(model.gates.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _layer_weights(widths: Tuple[int, ...]) -> torch.Tensor:
+    """(Σ C_l,) weights 1/(L·C_l): a dot product with per-channel means gives the mean over layers of per-layer means."""
+    return torch.cat([torch.full((c,), 1.0 / (len(widths) * c)) for c in widths])
 
 
 def _batch_metrics(model: GatedModel) -> Dict[str, float]:
+    """Gate agreement with the ground truth and keep ratio (each a mean over layers), and the MACs cut."""
     s, t = model.last_stats, model.last_targets
-    agree = [float((s.masks[n] == t[n]).float().mean()) for n in t]
-    keep = [float(m.float().mean()) for m in s.masks.values()]
-    return {"agreement": sum(agree) / max(len(agree), 1), "keep": sum(keep) / max(len(keep), 1),
+    names = list(t)
+    masks = torch.cat([s.masks[n] for n in names], 1)
+    w = _layer_weights(tuple(t[n].shape[1] for n in names))
+    agree = (masks == torch.cat([t[n] for n in names], 1)).float().mean(0) @ w
+    return {"agreement": float(agree), "keep": float(masks.float().mean(0) @ w),
             "macs_cut": 1.0 - float(s.macs.mean()) / s.dense_macs}
 
 
@@ -211,9 +232,10 @@ def fit_gates(run_dir: Path | str, data: str, cfg: FitGatesConfig, *, resume: bo
     cfg, model = ph.cfg, ph.model
     model.set_gates("predict", r=cfg.r, gt=cfg.gt)
     model.decoupled = True
+    model.frozen_backbone = True           # no autograd graph for the backbone: only the gates learn
     for p in model.backbone.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.Adam(model.gates.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _gate_optimizer(model, cfg.lr, cfg.weight_decay)
     if ph.ck:
         opt.load_state_dict(ph.ck["opt_gates"])
     for epoch in range(ph.start_epoch + 1, cfg.epochs + 1):
@@ -257,12 +279,13 @@ def finetune(run_dir: Path | str, data: str, cfg: FinetuneConfig, *, resume: boo
         model.set_gates("predict", r=cfg.r if cfg.r is not None else g.get("r") or 0.95, gt=cfg.gt or g.get("gt") or "mass")
     model.decoupled = cfg.mode == "decoupled"
     backbone_opt = torch.optim.SGD(model.backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    gate_opt = torch.optim.Adam(model.gates.parameters(), lr=cfg.gate_lr)
+    gate_opt = _gate_optimizer(model, cfg.gate_lr)
     if ph.ck:
         backbone_opt.load_state_dict(ph.ck["opt_backbone"])
         gate_opt.load_state_dict(ph.ck["opt_gates"])
     teacher = _teacher(ph) if cfg.distill > 0 else None
     steps_per_epoch = len(make_loader(ph.data.train, cfg.batch_size, train=True, workers=0))
+    freeze_step = round(cfg.freeze_gates_at * cfg.epochs * steps_per_epoch)   # gates learn before this step
     for epoch in range(ph.start_epoch + 1, cfg.epochs + 1):
         torch.manual_seed(cfg.seed * 1_000 + epoch)
         loader = make_loader(ph.data.train, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed, epoch=epoch)
@@ -283,12 +306,13 @@ def finetune(run_dir: Path | str, data: str, cfg: FinetuneConfig, *, resume: boo
                     t_out = teacher(x)
                 task = (1.0 - cfg.distill) * ce + cfg.distill * distill_loss(out, t_out, cfg.distill_temp)
             bce = gate_loss(model) if not dense_control else torch.zeros(())
-            loss = task + cfg.bce_weight * bce
+            gates_learn = not dense_control and step < freeze_step
+            loss = task + cfg.bce_weight * bce if gates_learn else task
             backbone_opt.zero_grad(set_to_none=True)
             gate_opt.zero_grad(set_to_none=True)
             loss.backward()
             backbone_opt.step()
-            if not dense_control:
+            if gates_learn:
                 gate_opt.step()
             m = {"loss": float(loss.detach()), "ce": float(ce.detach()), "bce": float(bce.detach()),
                  **(_batch_metrics(model) if not dense_control else {"keep": 1.0, "macs_cut": 0.0, "agreement": 1.0})}

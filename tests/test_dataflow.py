@@ -112,3 +112,42 @@ def test_trace_restores_train_mode_and_leaves_no_hooks():
     trace_plan(net, (3, 16, 16))
     assert net.training
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+class _ActNet(nn.Module):
+    """One unit per activation kind the ground truth special-cases, plus one before a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        acts = [nn.ReLU(inplace=True), nn.ReLU6(), nn.LeakyReLU(0.3), nn.Tanh(), nn.SiLU(), nn.Hardswish()]
+        self.layers = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), a) for a in acts)
+        self.res = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.head = nn.Conv2d(4, 2, 1)        # the model's output itself is never gated
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x + self.res(x))
+
+
+def test_ground_truth_scores_equal_spatial_max_abs_activation():
+    torch.manual_seed(0)
+    net = _ActNet().eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):          # push maps to both signs and past ReLU6's 6
+            nn.init.normal_(m.bias, std=3.0)
+            nn.init.normal_(m.weight, std=3.0)
+    g = GatedModel(net, trace_plan(net, (4, 8, 8))).eval()
+    seen = {}
+    hooks = {h.unit.name: h for m in net.modules() for h in m._forward_hooks.values() if hasattr(h, "_scores")}
+    for name, hook in hooks.items():
+        end = net.get_submodule(hook.unit.end)
+        end.register_forward_hook(lambda mod, a, out, n=name: seen.__setitem__(n, out.detach().clone()))
+    with torch.no_grad():
+        g(torch.randn(3, 4, 8, 8))
+    assert len(seen) == 7
+    for name, out in seen.items():
+        act = hooks[name].unit.act
+        f = net.get_submodule(act) if act not in (None, "relu") else (lambda t: t)
+        want = f(out.clone()).abs().amax(dim=(2, 3))
+        assert torch.allclose(hooks[name]._scores(out), want, atol=1e-6), (name, act)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ftwt_cli.errors import FtwtError
-from ftwt_cli.groundtruth import check_r, heatmap_mass, uniform
+from ftwt_cli.groundtruth import check_r, ground_truth_many, heatmap_mass, uniform
 
 
 def test_mass_rule_smallest_topk_reaching_r():
@@ -53,3 +53,39 @@ def test_uniform_keeps_fixed_fraction():
 def test_r_out_of_range(r):
     with pytest.raises(FtwtError, match=r"outside \(0, 1\]"):
         check_r(r)
+
+
+def _reference_mass(s: torch.Tensor, r: float) -> torch.Tensor:
+    """The rule written the slow, obvious way: a stable argsort, cumulative mass, scatter back."""
+    sorted_s, order = s.sort(dim=1, descending=True, stable=True)
+    mass = sorted_s.double() / sorted_s.double().sum(1, keepdim=True).clamp_min(1e-300)
+    keep = (mass.cumsum(1) - mass < r - 1e-9) & (mass > 0)
+    return torch.zeros_like(keep).scatter(1, order, keep)
+
+
+@pytest.mark.parametrize("r", [0.3, 0.7, 0.9, 0.95, 0.999])
+def test_mass_rule_matches_a_stable_argsort_with_many_ties(r):
+    torch.manual_seed(1)
+    # few distinct values per row (as with ReLU6 saturating at 6), dead channels and an all-dead row
+    s = torch.randint(0, 5, (64, 96)).float() * torch.rand(64, 1)
+    s[3] = 0
+    assert torch.equal(heatmap_mass(s, r), _reference_mass(s, r))
+    c = torch.rand(32, 512)
+    assert torch.equal(heatmap_mass(c, r), _reference_mass(c, r))
+
+
+def test_uniform_breaks_ties_by_index():
+    s = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]])
+    assert uniform(s, 0.6).tolist() == [[True, True, True, False, False]]
+
+
+@pytest.mark.parametrize("kind", ["mass", "uniform"])
+def test_all_layers_at_once_equals_one_layer_at_a_time(kind):
+    torch.manual_seed(2)
+    layers = [torch.randint(0, 4, (16, c)).float() * torch.rand(16, 1) for c in (3, 64, 17, 128)]
+    layers.append(torch.rand(16, 256))
+    many = ground_truth_many(layers, 0.9, kind)
+    for s, m in zip(layers, many):
+        assert torch.equal(m, ground_truth_many([s], 0.9, kind)[0])
+    if kind == "mass":
+        assert all(torch.equal(m, _reference_mass(s, 0.9)) for s, m in zip(layers, many))

@@ -103,6 +103,34 @@ def test_dense_control_trains_with_open_gates(run):
     assert rep.final.reduction == 0.0 and rep.epochs[0].val_top1 > 0.1
 
 
+class _Snapshots:
+    """A Progress that keeps the run's gates and backbone as saved at the end of every epoch."""
+
+    def __init__(self, run):
+        self.run, self.gates, self.backbone = run, [], []
+
+    def start(self, *a): ...
+    def step(self, *a): ...
+
+    def end(self, stats):
+        self.gates.append(_gates(self.run))
+        self.backbone.append(_backbone(self.run))
+
+
+def test_gates_freeze_after_the_given_fraction_of_finetune(run):
+    fit_gates(run, "digits", FitGatesConfig(**{**FIT, "epochs": 1}))
+    before = _gates(run)
+    snaps = _Snapshots(run)
+    finetune(run, "digits", FinetuneConfig(epochs=2, lr=0.01, gate_lr=0.05, batch_size=64, workers=0, freeze_gates_at=0.5),
+             progress=snaps)
+    (g1, g2), (b1, b2) = snaps.gates, snaps.backbone
+    assert any(not torch.equal(before[k], g1[k]) for k in g1)          # learning in the first half
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)                   # frozen in the second
+    assert any(not torch.equal(b1[k], b2[k]) for k in b1)               # while the backbone trains on
+    with pytest.raises(FtwtError, match="freeze-gates-at=1.5"):
+        FinetuneConfig(freeze_gates_at=1.5).validate()
+
+
 def test_distill_loss_is_zero_at_the_teacher_and_scaled_by_t_squared():
     t = torch.randn(8, 10)
     assert distill_loss(t.clone(), t, 4.0).abs() < 1e-6
