@@ -45,7 +45,8 @@ def train_baseline(path: Path, epochs: int, workers: int) -> float:
     t0 = time.time()
     data = open_data("fashion-mnist", CFG, num_classes=10)
     model = train_classifier(torchvision.models.resnet18(num_classes=10), data, epochs, workers=workers)
-    torch.save(model.state_dict(), path)
+    torch.save(model.state_dict(), path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
     return time.time() - t0
 
 
@@ -77,12 +78,14 @@ def main() -> int:
     ap.add_argument("--rs", default="1.0,0.95,0.92,0.9")
     ap.add_argument("--distill", type=float, default=0.0, help="finetune --distill for the gated runs and the control")
     ap.add_argument("--freeze-gates-at", type=float, default=1.0, help="finetune --freeze-gates-at for the gated runs")
+    ap.add_argument("--mode", default="decoupled", help="finetune --mode for the gated runs")
+    ap.add_argument("--bce-weight", type=float, default=1.0, help="finetune --bce-weight for the gated runs")
     ap.add_argument("--no-timing", action="store_true", help="skip the fit-gates vs dense epoch timing")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
-    ckpt = WORK / "resnet18-fashion-mnist.pth"
+    ckpt = WORK / f"resnet18-fashion-mnist-b{args.baseline_epochs}.pth"
     base_s = train_baseline(ckpt, args.baseline_epochs, args.workers) if not ckpt.exists() else float("nan")
     common = ["--input-size", "3,32,32", "--mean", MEAN, "--std", STD, "--force"]
     w = ["--workers", str(args.workers)]
@@ -91,12 +94,18 @@ def main() -> int:
     # the baseline's own accuracy, and the dense control with the same extra epochs as finetune (trained once per
     # baseline/finetune setting and reused: rows accumulate across invocations with the same settings)
     fz = ["--freeze-gates-at", str(args.freeze_gates_at)] if args.freeze_gates_at < 1 else []
+    fz += ["--mode", args.mode] if args.mode != "decoupled" else []
+    fz += ["--bce-weight", str(args.bce_weight)] if args.bce_weight != 1 else []
     ctrl_suffix = f"b{args.baseline_epochs}-t{args.ft_epochs}" + (f"-kd{args.distill}" if args.distill else "")
-    suffix = (f"b{args.baseline_epochs}-f{args.fit_epochs}-t{args.ft_epochs}" + (f"-fz{args.freeze_gates_at}" if fz else "")
+    suffix = (f"b{args.baseline_epochs}-f{args.fit_epochs}-t{args.ft_epochs}"
+              + (f"-fz{args.freeze_gates_at}" if args.freeze_gates_at < 1 else "")
+              + (f"-{args.mode}" if args.mode != "decoupled" else "") + (f"-bce{args.bce_weight}" if args.bce_weight != 1 else "")
               + (f"-kd{args.distill}" if args.distill else ""))
     cache_file = WORK / f"rows-{suffix}.json"
     settings = {"baseline_epochs": args.baseline_epochs, "fit_epochs": args.fit_epochs, "ft_epochs": args.ft_epochs,
-                **({"freeze_gates_at": args.freeze_gates_at} if fz else {}), **({"distill": args.distill} if args.distill else {})}
+                **({"freeze_gates_at": args.freeze_gates_at} if args.freeze_gates_at < 1 else {}),
+                **({"mode": args.mode} if args.mode != "decoupled" else {}),
+                **({"bce_weight": args.bce_weight} if args.bce_weight != 1 else {}), **({"distill": args.distill} if args.distill else {})}
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     if cache.get("settings") != settings:
         cache = {"settings": settings, "rows": {}}
@@ -115,8 +124,9 @@ def main() -> int:
     import ftwt_cli
     from ftwt_cli.evaluate import evaluate_loader
     data = open_data("fashion-mnist", CFG, num_classes=10)
-    sh("attach", str(ckpt), "--run", str(WORK / "run-base"), *common)
-    base = evaluate_loader(ftwt_cli.load(WORK / "run-base").set_gates("open"), make_loader(data.val, 256, train=False, workers=args.workers))
+    base_run = WORK / f"run-base-b{args.baseline_epochs}"
+    sh("attach", str(ckpt), "--run", str(base_run), *common)
+    base = evaluate_loader(ftwt_cli.load(base_run).set_gates("open"), make_loader(data.val, 256, train=False, workers=args.workers))
     ctrl_acc = cache["ctrl_acc"]
 
     rows = []
@@ -137,7 +147,7 @@ def main() -> int:
     rows = sorted(cache["rows"].values(), key=lambda x: -x["r"])
     base_s = cache.get("base_s") or float("nan")
 
-    dense_s, fit_s = time_epochs(WORK / "run-base", args.workers) if not args.no_timing else (float("nan"), float("nan"))
+    dense_s, fit_s = time_epochs(base_run, args.workers) if not args.no_timing else (float("nan"), float("nan"))
     cache_file.write_text(json.dumps(cache, indent=1))
     best = [x for x in rows if x["delta"] >= -0.3]
     lines = [
@@ -155,8 +165,8 @@ def main() -> int:
         "* Rows may come from several invocations with the same settings (`benchmarks/_work/rows-*.json`); the baseline, "
         "the dense control and every row use the same checkpoint.",
         f"* Each r: `ftwt attach` → `ftwt fit-gates --epochs {args.fit_epochs}` → `ftwt finetune --epochs {args.ft_epochs}` "
-        f"(recipe `recipes/resnet18-fashion-mnist.yaml`, decoupled{f', --distill {args.distill}' if args.distill else ''}"
-        f"{f', --freeze-gates-at {args.freeze_gates_at}' if fz else ''}). MACs are exact per-sample counts (input- and "
+        f"(recipe `recipes/resnet18-fashion-mnist.yaml`, {args.mode}{f', --distill {args.distill}' if args.distill else ''}"
+        f"{' ' + ' '.join(fz) if fz else ''}). MACs are exact per-sample counts (input- and "
         "output-channel sparsity, dense residual stream, gate cost included), averaged over the test split; "
         f"dense = {rows[0]['dense'] / 1e6:.2f} M MACs.",
         "* *oracle*: MACs cut by the heatmap-mass rule on the baseline before any training (the paper's FLOPs estimate).",

@@ -73,6 +73,8 @@ class FinetuneConfig:
         if self.gt is not None and self.gt not in GT_RULES:
             raise FtwtError(f"unknown ground-truth rule '{self.gt}'", f"use one of {', '.join(GT_RULES)}")
         _positive(self, "epochs", "lr", "gate_lr", "batch_size", "distill_temp")
+        if not self.bce_weight >= 0:
+            raise FtwtError(f"bce-weight={self.bce_weight} is negative", "pass --bce-weight ≥ 0 (default 1)")
         if not 0.0 <= self.freeze_gates_at <= 1.0:
             raise FtwtError(f"freeze-gates-at={self.freeze_gates_at} is outside [0, 1]",
                             "pass --freeze-gates-at between 0 (gates never learn) and 1 (they learn throughout; FTWT: 0.5)")

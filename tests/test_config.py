@@ -42,3 +42,7 @@ def test_bad_choices():
         resolve_config(FinetuneConfig, None, "finetune", {"mode": "both"})
     with pytest.raises(FtwtError, match="mass, uniform"):
         resolve_config(FitGatesConfig, None, "fit_gates", {"gt": "max"})
+    with pytest.raises(FtwtError, match="bce-weight=-1.0"):
+        resolve_config(FinetuneConfig, None, "finetune", {"bce_weight": -1.0})
+    with pytest.raises(FtwtError, match=r"freeze-gates-at=2.0 is outside \[0, 1\]"):
+        resolve_config(FinetuneConfig, None, "finetune", {"freeze_gates_at": 2.0})

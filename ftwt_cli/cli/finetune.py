@@ -31,6 +31,7 @@ def finetune_cli(
     r: Annotated[Optional[float], typer.Option(help="Ground-truth r (default: the r the gates were fitted with).")] = None,
     val_split: Annotated[Optional[float], typer.Option(help="Hold out this fraction of DIR/CLASS images for validation.")] = None,
     train_samples: Annotated[Optional[int], typer.Option(help="Train on a fixed random subset of this many images.")] = None,
+    bce_weight: Annotated[Optional[float], typer.Option(help="Weight of the gate loss (BCE summed over filters); in joint mode it also scales what reaches the backbone.")] = None,
     freeze_gates_at: Annotated[Optional[float], typer.Option(help="Fraction of the iterations the gates learn for; then they freeze (FTWT: 0.5; default 1).")] = None,
     distill: Annotated[Optional[float], typer.Option(help="Weight α in [0, 1] of distillation from the starting model (0 = off).")] = None,
     distill_temp: Annotated[Optional[float], typer.Option(help="Distillation temperature T.")] = None,
@@ -43,7 +44,7 @@ def finetune_cli(
     cfg = resolve_config(FinetuneConfig, load_recipe(recipe) if recipe else None, "finetune",
                          dict(epochs=epochs, lr=lr, gate_lr=gate_lr, mode=mode, schedule=schedule, weight_decay=weight_decay,
                               batch_size=batch_size, workers=workers, seed=seed, r=r,
-                              freeze_gates_at=freeze_gates_at, distill=distill, distill_temp=distill_temp))
+                              bce_weight=bce_weight, freeze_gates_at=freeze_gates_at, distill=distill, distill_temp=distill_temp))
     rep = finetune(run, data, cfg, resume=resume, val_split=val_split, train_samples=train_samples, dense_control=dense_control, progress=EpochProgress())
     f = rep.final
     console.print(f"fine-tuned ({'dense control' if dense_control else cfg.mode}): val top-1 {f.top1:.2%}, MACs "
