@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .dataflow import Plan, Unit
 from .errors import FtwtError
-from .groundtruth import GT_RULES, check_r, ground_truth, ground_truth_many
+from .groundtruth import GT_RULES, check_r, ground_truth
 from .macs import MacsBreakdown, count_macs
 
 __all__ = ["Gate", "GatedModel", "ForwardStats", "GATE_MODES", "gate_key"]
@@ -66,7 +66,6 @@ class _ForwardState:
     logits: Dict[str, torch.Tensor] = field(default_factory=dict)
     masks: Dict[str, torch.Tensor] = field(default_factory=dict)
     targets: Dict[str, torch.Tensor] = field(default_factory=dict)
-    scores: Dict[str, torch.Tensor] = field(default_factory=dict)     # awaiting ranking into targets
     positions: Dict[str, int] = field(default_factory=dict)
 
 
@@ -106,13 +105,10 @@ class _MaskHook:
     def __call__(self, module: nn.Module, args, out: torch.Tensor):
         g, name = self.owner, self.unit.name
         target = None
-        if g.mode == "oracle":
+        if g.mode == "oracle" or g.collect_targets:
             with torch.no_grad():
                 target = ground_truth(self._scores(out.detach()), g.r, g.gt)
             g._state.targets[name] = target
-        elif g.collect_targets:        # ranked after the forward, all layers at once (GatedModel.forward)
-            with torch.no_grad():
-                g._state.scores[name] = self._scores(out.detach())
         if g.mode == "open":
             return None
         if g.mode == "predict":
@@ -197,10 +193,6 @@ class GatedModel(nn.Module):
         self._state = _ForwardState()
         with torch.no_grad() if self.frozen_backbone else nullcontext():
             out = self.backbone(x)
-        st = self._state
-        if st.scores:
-            st.targets.update(zip(st.scores, ground_truth_many(list(st.scores.values()), self.r, self.gt)))
-            st.scores.clear()
         # MACs are counted when someone asks (last_stats), not on every forward: inference pays nothing for them.
         self._last, self._last_stats = (self._state, x.shape[0], tuple(x.shape[1:]), self.mode != "open"), None
         return out

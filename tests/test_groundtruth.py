@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ftwt_cli.errors import FtwtError
-from ftwt_cli.groundtruth import check_r, ground_truth_many, heatmap_mass, uniform
+from ftwt_cli.groundtruth import check_r, heatmap_mass, uniform
 
 
 def test_mass_rule_smallest_topk_reaching_r():
@@ -78,14 +78,3 @@ def test_uniform_breaks_ties_by_index():
     s = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]])
     assert uniform(s, 0.6).tolist() == [[True, True, True, False, False]]
 
-
-@pytest.mark.parametrize("kind", ["mass", "uniform"])
-def test_all_layers_at_once_equals_one_layer_at_a_time(kind):
-    torch.manual_seed(2)
-    layers = [torch.randint(0, 4, (16, c)).float() * torch.rand(16, 1) for c in (3, 64, 17, 128)]
-    layers.append(torch.rand(16, 256))
-    many = ground_truth_many(layers, 0.9, kind)
-    for s, m in zip(layers, many):
-        assert torch.equal(m, ground_truth_many([s], 0.9, kind)[0])
-    if kind == "mass":
-        assert all(torch.equal(m, _reference_mass(s, 0.9)) for s, m in zip(layers, many))
