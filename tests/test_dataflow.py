@@ -151,3 +151,25 @@ def test_ground_truth_scores_equal_spatial_max_abs_activation():
         f = net.get_submodule(act) if act not in (None, "relu") else (lambda t: t)
         want = f(out.clone()).abs().amax(dim=(2, 3))
         assert torch.allclose(hooks[name]._scores(out), want, atol=1e-6), (name, act)
+
+
+def test_in_place_masking_and_frozen_backbone_match_the_autograd_path():
+    torch.manual_seed(0)
+    net, plan = _plan()
+    g = GatedModel(net, plan).eval()
+    for p in g.gates.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(4, 3, 16, 16)
+    for mode in ("oracle", "predict"):
+        g.set_gates(mode, r=0.7)
+        ref = g(x)                                   # backbone weights require grad: masks multiply out of place
+        with torch.no_grad():
+            fast = g(x)                              # nothing records: masks multiply in place
+        assert torch.equal(ref.detach(), fast)
+    g.frozen_backbone, g.collect_targets = True, True
+    out = g(x)
+    assert not out.requires_grad                     # no graph through the backbone ...
+    loss = sum(v.sum() for v in g.last_logits.values())
+    loss.backward()                                  # ... yet the gates still learn
+    assert all(p.grad is not None for p in g.gates.parameters())
+    assert all(p.grad is None for p in g.backbone.parameters())
