@@ -85,6 +85,7 @@ def main() -> int:
     ap.add_argument("--mode", default="decoupled", help="finetune --mode for the gated runs")
     ap.add_argument("--bce-weight", type=float, default=1.0, help="finetune --bce-weight for the gated runs")
     ap.add_argument("--no-timing", action="store_true", help="skip the fit-gates vs dense epoch timing")
+    ap.add_argument("--seed", type=int, default=0, help="--seed for fit-gates, finetune and the dense control")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
@@ -92,7 +93,7 @@ def main() -> int:
     ckpt = WORK / f"resnet18-fashion-mnist-b{args.baseline_epochs}.pth"
     base_s = train_baseline(ckpt, args.baseline_epochs, args.workers) if not ckpt.exists() else float("nan")
     common = ["--input-size", "3,32,32", "--mean", MEAN, "--std", STD, "--force"]
-    w = ["--workers", str(args.workers)]
+    w = ["--workers", str(args.workers)] + (["--seed", str(args.seed)] if args.seed else [])
     kd = ["--distill", str(args.distill)] if args.distill else []
 
     # the baseline's own accuracy, and the dense control with the same extra epochs as finetune (trained once per
@@ -100,16 +101,19 @@ def main() -> int:
     fz = ["--freeze-gates-at", str(args.freeze_gates_at)] if args.freeze_gates_at < 1 else []
     fz += ["--mode", args.mode] if args.mode != "decoupled" else []
     fz += ["--bce-weight", str(args.bce_weight)] if args.bce_weight != 1 else []
-    ctrl_suffix = f"b{args.baseline_epochs}-t{args.ft_epochs}" + (f"-kd{args.distill}" if args.distill else "")
+    seed = f"-s{args.seed}" if args.seed else ""
+    ctrl_suffix = f"b{args.baseline_epochs}-t{args.ft_epochs}" + (f"-kd{args.distill}" if args.distill else "") + seed
     suffix = (f"b{args.baseline_epochs}-f{args.fit_epochs}-t{args.ft_epochs}"
               + (f"-fz{args.freeze_gates_at}" if args.freeze_gates_at < 1 else "")
               + (f"-{args.mode}" if args.mode != "decoupled" else "") + (f"-bce{args.bce_weight}" if args.bce_weight != 1 else "")
+              + seed
               + (f"-kd{args.distill}" if args.distill else ""))
     cache_file = WORK / f"rows-{suffix}.json"
     settings = {"baseline_epochs": args.baseline_epochs, "fit_epochs": args.fit_epochs, "ft_epochs": args.ft_epochs,
                 **({"freeze_gates_at": args.freeze_gates_at} if args.freeze_gates_at < 1 else {}),
                 **({"mode": args.mode} if args.mode != "decoupled" else {}),
-                **({"bce_weight": args.bce_weight} if args.bce_weight != 1 else {}), **({"distill": args.distill} if args.distill else {})}
+                **({"bce_weight": args.bce_weight} if args.bce_weight != 1 else {}), **({"distill": args.distill} if args.distill else {}),
+                **({"seed": args.seed} if args.seed else {})}
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     if cache.get("settings") != settings:
         cache = {"settings": settings, "rows": {}}

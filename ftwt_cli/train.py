@@ -5,11 +5,12 @@ their logits and the heatmap-mass ground truth of their own unit. Predicted mask
 so each gate learns on the inputs it will see at inference.
 
 finetune: the backbone trains with hard masks (cross-entropy, BN in train mode) while the gates keep learning
-on BCE with their own optimiser; ``freeze_gates_at`` < 1 stops them part-way, as FTWT does at half-way. Optional knowledge distillation (``distill`` = α > 0) mixes the task loss with
-the KL divergence to the frozen starting model's softened outputs (Hinton et al. 2015):
-(1 − α)·CE(s, y) + α·T²·KL(softmax(t/T) ‖ softmax(s/T)); the dense control gets the same teacher. Decoupled (default): the gate reads a detached input, so BCE never reaches the
-backbone and the task loss never reaches the gates (the mask is a hard, gradient-free 0/1). Joint: BCE also
-trains the backbone through the gate's input.
+on BCE with their own optimiser; ``freeze_gates_at`` < 1 stops them part-way, as FTWT does at half-way.
+Optional knowledge distillation (``distill`` = α > 0) mixes the task loss with the KL divergence to the
+frozen starting model's softened outputs (Hinton et al. 2015): (1 − α)·CE(s, y) + α·T²·KL(softmax(t/T) ‖
+softmax(s/T)); the dense control gets the same teacher. Decoupled (default): the gate reads a detached input,
+so BCE never reaches the backbone and the task loss never reaches the gates (the mask is a hard, gradient-free
+0/1). Joint: BCE also trains the backbone through the gate's input.
 
 Loss (FTWT eq. 2): L_pred = mean over layers l of Σ_f BCEWithLogits(P_f^l, g_f^l), averaged over the batch.
 
@@ -109,6 +110,8 @@ def _batch_metrics(model: GatedModel) -> Dict[str, float]:
     """Gate agreement with the ground truth and keep ratio (each a mean over layers), and the MACs cut."""
     s, t = model.last_stats, model.last_targets
     names = list(t)
+    if not names:
+        return {"agreement": 1.0, "keep": 1.0, "macs_cut": 1.0 - float(s.macs.mean()) / s.dense_macs}
     masks = torch.cat([s.masks[n] for n in names], 1)
     w = _layer_weights(tuple(t[n].shape[1] for n in names))
     agree = (masks == torch.cat([t[n] for n in names], 1)).float().mean(0) @ w
