@@ -110,13 +110,13 @@ def _batch_metrics(model: GatedModel) -> Dict[str, float]:
     """Gate agreement with the ground truth and keep ratio (each a mean over layers), and the MACs cut."""
     s, t = model.last_stats, model.last_targets
     names = list(t)
-    if not names:
-        return {"agreement": 1.0, "keep": 1.0, "macs_cut": 1.0 - float(s.macs.mean()) / s.dense_macs}
-    masks = torch.cat([s.masks[n] for n in names], 1)
-    w = _layer_weights(tuple(t[n].shape[1] for n in names))
-    agree = (masks == torch.cat([t[n] for n in names], 1)).float().mean(0) @ w
-    return {"agreement": float(agree), "keep": float(masks.float().mean(0) @ w),
-            "macs_cut": 1.0 - float(s.macs.mean()) / s.dense_macs}
+    out = {"agreement": 1.0, "keep": 1.0, "macs_cut": 1.0 - float(s.macs.mean()) / s.dense_macs}
+    if names:
+        masks = torch.cat([s.masks[n] for n in names], 1)
+        w = _layer_weights(tuple(t[n].shape[1] for n in names))
+        out["agreement"] = float((masks == torch.cat([t[n] for n in names], 1)).float().mean(0) @ w)
+        out["keep"] = float(masks.float().mean(0) @ w)
+    return out
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
