@@ -19,13 +19,14 @@ import platform
 import subprocess
 import sys
 import time
+from typing import Optional
 from pathlib import Path
 
 import torch
 import torchvision
 
 from ftwt_cli.archs import DataConfig
-from ftwt_cli.data import make_loader, open_data
+from ftwt_cli.data import default_workers, make_loader, open_data
 from ftwt_cli.demo import train_classifier
 
 HERE = Path(__file__).resolve().parent
@@ -54,9 +55,10 @@ def meta(run: Path) -> dict:
     return json.loads((run / "ftwt.json").read_text())
 
 
-def time_epochs(run: Path, workers: int, rounds: int = 3) -> tuple:
+def time_epochs(run: Path, workers: Optional[int] = None, rounds: int = 3) -> tuple:
     """Seconds of one fit-gates epoch vs one dense evaluation epoch over the same (augmented) images: the two
-    alternate for ``rounds`` rounds and each keeps its fastest (this VM's timings drift by ±20% minute to minute)."""
+    alternate for ``rounds`` rounds and each keeps its fastest (this VM's timings drift by ±20% minute to minute).
+    Both load with ``workers`` (default: ftwt's, ``default_workers()``)."""
     import ftwt_cli
     from ftwt_cli.config import FitGatesConfig
     from ftwt_cli.train import fit_gates
@@ -86,7 +88,9 @@ def main() -> int:
     ap.add_argument("--bce-weight", type=float, default=1.0, help="finetune --bce-weight for the gated runs")
     ap.add_argument("--no-timing", action="store_true", help="skip the fit-gates vs dense epoch timing")
     ap.add_argument("--seed", type=int, default=0, help="--seed for fit-gates, finetune and the dense control")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2,
+                    help="DataLoader workers for the training runs (2: as the cached rows were made; the epoch "
+                         "timing uses ftwt's own default instead)")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
@@ -155,7 +159,7 @@ def main() -> int:
     rows = sorted(cache["rows"].values(), key=lambda x: -x["r"])
     base_s = cache.get("base_s") or float("nan")
 
-    dense_s, fit_s = time_epochs(base_run, args.workers) if not args.no_timing else (float("nan"), float("nan"))
+    dense_s, fit_s = time_epochs(base_run) if not args.no_timing else (float("nan"), float("nan"))
     cache_file.write_text(json.dumps(cache, indent=1))
     best = [x for x in rows if x["delta"] >= -0.3]
     lines = [
@@ -192,7 +196,8 @@ def main() -> int:
            else "**not met** in this run; best within 0.3 pt: " + (f"{max(best, key=lambda x: x['ft_cut'])['ft_cut']:.1%} cut" if best else "none")),
         "",
         f"Timing: one fit-gates epoch took {fit_s:.1f} s against {dense_s:.1f} s for one dense evaluation epoch over the same "
-        f"60k augmented images (fastest of 3 alternating rounds each; **{fit_s / dense_s:.2f}×**, target ≤ 1.2×). Baseline training: {base_s:.0f} s"
+        f"60k augmented images, both loading them with ftwt's default of {default_workers()} DataLoader workers "
+        f"(fastest of 3 alternating rounds each; **{fit_s / dense_s:.2f}×**, target ≤ 1.2×). Baseline training: {base_s:.0f} s"
         + (f"; dense control finetune: {t_ctrl:.0f} s." if t_ctrl else ".")
         + " Wall times are single measurements on a 2-core VM whose speed drifts by about ±20%; the epoch timing ran "
           "with the machine otherwise idle.",

@@ -13,7 +13,7 @@ import torchvision
 
 from ftwt_cli.dataflow import trace_plan
 from ftwt_cli.gating import GatedModel
-from ftwt_cli.train import _batch_metrics, _gate_optimizer, gate_loss
+from ftwt_cli.train import _batch_metrics, _gate_optimizer, gate_grads
 
 
 def measure(size: int, batch: int, rounds: int):
@@ -24,7 +24,7 @@ def measure(size: int, batch: int, rounds: int):
     g = GatedModel(net, trace_plan(net, (3, size, size))).eval().set_gates("predict", r=0.92)
     for p in g.backbone.parameters():
         p.requires_grad_(False)
-    g.frozen_backbone = True              # as fit_gates runs it: no autograd graph for the backbone
+    g.frozen_backbone = True              # as fit_gates runs it: no autograd; gate_grads gives the gradients
     for p in g.gates.parameters():        # gates that close some filters, as after a little fitting
         torch.nn.init.normal_(p, std=0.05)
     opt = _gate_optimizer(g, 0.01)
@@ -33,9 +33,7 @@ def measure(size: int, batch: int, rounds: int):
     def fit():
         g.collect_targets = True
         g(x)
-        loss = gate_loss(g)
-        opt.zero_grad()
-        loss.backward()
+        float(gate_grads(g))
         opt.step()
         _batch_metrics(g)
 

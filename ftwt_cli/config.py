@@ -29,7 +29,7 @@ class FitGatesConfig:
     lr: float = 0.01                # Adam, gates only
     weight_decay: float = 0.0
     batch_size: int = 128
-    workers: int = 2
+    workers: Optional[int] = None   # DataLoader processes; None: the machine's default (0 on a 2-core CPU)
     seed: int = 0
 
     def validate(self) -> None:
@@ -37,6 +37,7 @@ class FitGatesConfig:
         if self.gt not in GT_RULES:
             raise FtwtError(f"unknown ground-truth rule '{self.gt}'", f"use one of {', '.join(GT_RULES)}")
         _positive(self, "epochs", "lr", "batch_size")
+        _workers(self)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class FinetuneConfig:
     distill: float = 0.0            # weight α of knowledge distillation from the frozen starting model (0 = off)
     distill_temp: float = 4.0       # softmax temperature T of the distillation term
     batch_size: int = 128
-    workers: int = 2
+    workers: Optional[int] = None   # as FitGatesConfig
     seed: int = 0
     r: Optional[float] = None       # default: the r gates were fitted with
     gt: Optional[str] = None
@@ -73,6 +74,7 @@ class FinetuneConfig:
         if self.gt is not None and self.gt not in GT_RULES:
             raise FtwtError(f"unknown ground-truth rule '{self.gt}'", f"use one of {', '.join(GT_RULES)}")
         _positive(self, "epochs", "lr", "gate_lr", "batch_size", "distill_temp")
+        _workers(self)
         if not self.bce_weight >= 0:
             raise FtwtError(f"bce-weight={self.bce_weight} is negative", "pass --bce-weight ≥ 0 (default 1)")
         if not 0.0 <= self.freeze_gates_at <= 1.0:
@@ -87,6 +89,11 @@ def _positive(cfg, *names: str) -> None:
         v = getattr(cfg, n)
         if not v > 0:
             raise FtwtError(f"{n.replace('_', '-')}={v} must be positive", f"pass --{n.replace('_', '-')} > 0")
+
+
+def _workers(cfg) -> None:
+    if cfg.workers is not None and not cfg.workers >= 0:
+        raise FtwtError(f"workers={cfg.workers} is negative", "pass --workers 0 (load in the main process) or more")
 
 
 def load_recipe(path: Path | str) -> Dict[str, Any]:
@@ -129,7 +136,7 @@ def resolve_config(cls: Type[T], recipe: Optional[Mapping[str, Any]], section: s
         v = getattr(cfg, f.name)
         if f.type in ("float", "Optional[float]") and isinstance(v, int) and not isinstance(v, bool):
             setattr(cfg, f.name, float(v))
-        elif f.type == "int" and not (isinstance(v, int) and not isinstance(v, bool)):
+        elif (f.type == "int" or f.type == "Optional[int]" and v is not None) and not (isinstance(v, int) and not isinstance(v, bool)):
             raise FtwtError(f"{f.name}={v!r} must be an integer", f"fix '{f.name}' in the recipe or flag")
         elif f.type in ("float", "Optional[float]") and v is not None and not isinstance(getattr(cfg, f.name), float):
             raise FtwtError(f"{f.name}={v!r} must be a number", f"fix '{f.name}' in the recipe or flag")

@@ -65,7 +65,7 @@ class DemoResult:
 
 
 def train_classifier(model: nn.Module, data: DataSplits, epochs: int, *, lr: float = 0.05, batch_size: int = 128,
-                     workers: int = 2, log: Callable[[str], None] = print) -> nn.Module:
+                     workers: Optional[int] = None, log: Callable[[str], None] = print) -> nn.Module:
     """Plain supervised training (SGD + Nesterov, cosine): how a user's baseline checkpoint would be made."""
     torch.manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -85,7 +85,7 @@ def train_classifier(model: nn.Module, data: DataSplits, epochs: int, *, lr: flo
     return model.eval()
 
 
-def run_demo(folder: Path | str = "ftwt-demo", *, data: Optional[str] = None, force: bool = False, workers: int = 2,
+def run_demo(folder: Path | str = "ftwt-demo", *, data: Optional[str] = None, force: bool = False, workers: Optional[int] = None,
              log: Callable[[str], None] = print, progress: Optional[Progress] = None) -> DemoResult:
     import torchvision
     t0 = time.time()

@@ -142,7 +142,7 @@ def _keep_stats(res: EvalResult) -> Tuple[Tuple[LayerStat, ...], float]:
 
 def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[float] = None, ood: bool = False,
                  ood_data: Optional[str] = None, corruptions: Sequence[str] = (), severities: Sequence[int] = (1, 2, 3, 4, 5),
-                 ood_samples: Optional[int] = 2000, batch_size: int = 256, workers: int = 2,
+                 ood_samples: Optional[int] = 2000, batch_size: int = 256, workers: Optional[int] = None,
                  on_stage: Optional[Callable[[str, int], Callable[[int], None]]] = None) -> EvalReport:
     """Accuracy, exact MACs and gate behaviour of a run on ``data``'s validation split (and shifts of it).
     ``on_stage(label, samples)`` may return a per-batch callback for progress display."""

@@ -46,8 +46,10 @@ def _top_k(s: torch.Tensor, desc: torch.Tensor, k: torch.Tensor) -> torch.Tensor
     kth = desc.gather(1, (k - 1).clamp_min(0)[:, None])                 # (B, 1) the k-th largest value
     kth.masked_fill_((k == 0)[:, None], math.inf)                        # k = 0: keep nothing
     keep = s >= kth
-    extra = keep.sum(1) - k                                              # ties at the k-th value past the top-k
-    if bool(extra.any()):                                                # rare: keep the lowest-index ties only
+    # More than k pass only if the (k+1)-th largest value ties the k-th: a (B, 1) check, not a count.
+    nxt = desc.gather(1, k.clamp_max(s.shape[1] - 1)[:, None])
+    if bool(((nxt == kth) & (k < s.shape[1])[:, None]).any()):          # rare: keep the lowest-index ties only
+        extra = keep.sum(1) - k                                          # ties at the k-th value past the top-k
         tie = s == kth
         keep &= ~tie | (tie.cumsum(1) <= (tie.sum(1) - extra)[:, None])
     return keep
@@ -59,10 +61,12 @@ def heatmap_mass(scores: torch.Tensor, r: float) -> torch.Tensor:
     if r >= 1.0:
         return s > 0
     desc = _sorted_desc(s)                                               # rank in float32 (fast) ...
-    mass = desc.double()
-    mass = mass / mass.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    before = mass.cumsum(1) - mass                                       # ... accumulate mass in float64
-    k = ((before < r - _EPS) & (mass > 0)).sum(1)                        # a prefix of the sorted order
+    c = desc.double().cumsum(1)                                          # ... accumulate mass in float64
+    total = c[:, -1:]
+    # Channel j (in sorted order) is kept while the mass before it, c[j-1]/total, is below r: the first
+    # always (if any mass), then one per c[i] < r·total, counted by a binary search since c is sorted.
+    # Zero-score channels never count: the mass before them is already the total.
+    k = torch.searchsorted(c, total * (r - _EPS)).squeeze(1) + (total[:, 0] > 0)
     return _top_k(s, desc, k)
 
 

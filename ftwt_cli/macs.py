@@ -64,17 +64,28 @@ def active_channels(expr: Expr, masks: Mapping[str, torch.Tensor], batch: int) -
     raise ValueError(f"unknown sparsity expression {expr!r}")
 
 
-def _per_group(active: Optional[torch.Tensor], channels: int, groups: int, batch: int) -> torch.Tensor:
+def _per_group(active: Optional[torch.Tensor], channels: int, groups: int, batch: int,
+               memo: Optional[dict] = None) -> torch.Tensor:
+    """(B, groups) float64 active channels per group. ``memo`` shares the counts of a mask between the ops
+    that read it (a unit's mask is the output of its conv and the input of the next one)."""
     if active is None:
         return torch.full((batch, groups), channels // groups, dtype=torch.float64)
-    return active.reshape(batch, groups, channels // groups).sum(2, dtype=torch.float64)
+    key = (id(active), groups)
+    if memo is not None and key in memo:
+        return memo[key][1]
+    n = active.reshape(batch, groups, channels // groups).sum(2, dtype=torch.float64)
+    if memo is not None:
+        memo[key] = (active, n)      # keep the mask alive: its id must not be reused while the memo lives
+    return n
 
 
 def op_macs(op: MacOp, active_in: Optional[torch.Tensor], active_out: Optional[torch.Tensor], positions: int,
-            batch: int) -> torch.Tensor:
+            batch: int, memo: Optional[dict] = None) -> torch.Tensor:
     """(B,) MACs of one conv/linear; ``positions`` is H_out·W_out (tokens for a linear)."""
-    a_in = _per_group(active_in, op.in_channels, op.groups, batch)
-    a_out = _per_group(active_out, op.out_channels, op.groups, batch)
+    a_in = _per_group(active_in, op.in_channels, op.groups, batch, memo)
+    a_out = _per_group(active_out, op.out_channels, op.groups, batch, memo)
+    if op.groups == 1:
+        return (a_in * a_out).squeeze(1) * (op.kernel_area * positions)
     return (a_in * a_out).sum(1) * (op.kernel_area * positions)
 
 
@@ -90,6 +101,7 @@ def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, 
     """Per-sample MACs of one forward. ``masks`` holds the masks of gated units only (missing = dense);
     ``positions`` the output positions each op saw in this forward (summed over calls)."""
     per_op = {}
+    memo: dict = {}
     for op in ops:
         if op.name not in positions:
             continue
@@ -97,14 +109,13 @@ def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, 
             per_op[op.name] = op_macs(op, None, None, positions[op.name], batch)
             continue
         a_in = active_channels(op.in_expr, masks, batch)
-        per_op[op.name] = op_macs(op, a_in, masks.get(op.name), positions[op.name], batch)
+        per_op[op.name] = op_macs(op, a_in, masks.get(op.name), positions[op.name], batch, memo)
     gates = torch.zeros(batch, dtype=torch.float64)
     if gates_run:
         for u in units:
             if u.name in masks:
-                a_in = active_channels(u.in_expr, masks, batch)
-                n_in = a_in.sum(1, dtype=torch.float64) if a_in is not None else torch.full((batch,), float(u.in_channels), dtype=torch.float64)
-                gates += n_in * u.out_channels
+                n_in = _per_group(active_channels(u.in_expr, masks, batch), u.in_channels, 1, batch, memo)
+                gates += n_in.squeeze(1) * u.out_channels
     total = gates.clone()
     for v in per_op.values():
         total += v

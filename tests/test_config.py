@@ -46,3 +46,17 @@ def test_bad_choices():
         resolve_config(FinetuneConfig, None, "finetune", {"bce_weight": -1.0})
     with pytest.raises(FtwtError, match=r"freeze-gates-at=2.0 is outside \[0, 1\]"):
         resolve_config(FinetuneConfig, None, "finetune", {"freeze_gates_at": 2.0})
+
+
+def test_workers_default_to_the_machine_and_must_not_be_negative(monkeypatch):
+    import ftwt_cli.data as data
+    assert resolve_config(FitGatesConfig, None, "fit_gates", {}).workers is None     # resolved when a run starts
+    with pytest.raises(FtwtError, match="workers=-1"):
+        resolve_config(FitGatesConfig, None, "fit_gates", {"workers": -1})
+    with pytest.raises(FtwtError, match="must be an integer"):
+        resolve_config(FinetuneConfig, {"_path": "r.yaml", "finetune": {"workers": "two"}}, "finetune", {})
+    monkeypatch.setattr(data.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 2)
+    assert data.default_workers() == 0          # workers would compete with torch's threads for 2 cores
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 16)
+    assert data.default_workers() == 4

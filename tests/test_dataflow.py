@@ -4,6 +4,7 @@ import torch.nn as nn
 
 from ftwt_cli.dataflow import trace_plan
 from ftwt_cli.gating import GatedModel
+from ftwt_cli.train import gate_grads, gate_loss
 
 
 class Block(nn.Module):
@@ -166,10 +167,36 @@ def test_in_place_masking_and_frozen_backbone_match_the_autograd_path():
         with torch.no_grad():
             fast = g(x)                              # nothing records: masks multiply in place
         assert torch.equal(ref.detach(), fast)
-    g.frozen_backbone, g.collect_targets = True, True
+    # fit-gates: with a frozen backbone nothing records, and gate_grads gives the gradients autograd would
+    g.set_gates("predict", r=0.7)
+    g.collect_targets = True
+    g(x)
+    want_loss = gate_loss(g)
+    want_loss.backward()
+    want = {n: p.grad.clone() for n, p in g.gates.named_parameters()}
+    g.zero_grad(set_to_none=True)
+    g.frozen_backbone = True
     out = g(x)
-    assert not out.requires_grad                     # no graph through the backbone ...
-    loss = sum(v.sum() for v in g.last_logits.values())
-    loss.backward()                                  # ... yet the gates still learn
-    assert all(p.grad is not None for p in g.gates.parameters())
+    assert not out.requires_grad and not any(v.requires_grad for v in g.last_logits.values())
+    assert torch.allclose(gate_grads(g), want_loss.detach(), rtol=1e-6)
+    for n, p in g.gates.named_parameters():
+        assert torch.allclose(p.grad, want[n], rtol=1e-5, atol=1e-8), n
     assert all(p.grad is None for p in g.backbone.parameters())
+
+
+def test_collected_targets_are_ranked_after_the_forward_with_its_own_r():
+    torch.manual_seed(0)
+    net, plan = _plan()
+    g = GatedModel(net, plan).eval()
+    x = torch.randn(4, 3, 16, 16)
+    first = g.units[0].name                          # reads the image: the same input whatever the masks
+    with torch.no_grad():
+        g.set_gates("oracle", r=0.7)(x)
+        want = g.last_stats.masks[first]
+        g.set_gates("predict", r=0.7)
+        g.collect_targets = True
+        g(x)
+        g.set_gates("predict", r=0.9)                # changing r afterwards does not change that forward's targets
+        got = g.last_targets
+    assert set(got) == {u.name for u in g.units}
+    assert torch.equal(got[first], want) and not want.all()

@@ -202,3 +202,11 @@ def test_cli_fit_gates_and_finetune_end_to_end(run):
     res = runner.invoke(app, ["evaluate", "--run", str(run), "--workers", "0"])      # --data defaults to the training data
     assert res.exit_code == 0, res.output
     assert "scikit-learn digits" in res.stdout and (run / "report.md").is_file()
+
+
+def test_default_workers_are_saved_resolved(run):
+    from ftwt_cli.data import default_workers
+    from ftwt_cli.run import read_meta
+    rep = fit_gates(run, "digits", FitGatesConfig(**{**FIT, "epochs": 1, "workers": None}), train_samples=128)
+    assert rep.config["workers"] == default_workers()
+    assert read_meta(run)["training"]["fit-gates"]["config"]["workers"] == default_workers()

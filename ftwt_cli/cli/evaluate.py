@@ -70,7 +70,7 @@ def evaluate_cli(
     ood_data: Annotated[Optional[str], typer.Option(help="Another dataset with the same classes.")] = None,
     ood_samples: Annotated[int, typer.Option(help="Images per corruption and severity (0 = the whole split).")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="DataLoader worker processes (default: 0 on a 2-core CPU, else half the cores, at most 4).")] = None,
     run: Annotated[Path, typer.Option(help="Run directory.")] = Path("ftwt-run"),
 ) -> None:
     """Report accuracy, exact dynamic MACs, gate behaviour and (with --ood) robustness; writes report.* into the run."""

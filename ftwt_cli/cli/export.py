@@ -66,7 +66,7 @@ def info_cli(path: Annotated[Path, typer.Argument(help="A run directory or an ex
 def demo_cli(
     dir: Annotated[Path, typer.Option(help="Folder for the baseline, the run and the export.")] = Path("ftwt-demo"),
     data: Annotated[Optional[str], typer.Option(help="fashion-mnist (default when installed) or digits.")] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="DataLoader worker processes (default: 0 on a 2-core CPU, else half the cores, at most 4).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
 ) -> None:
     """Train a small baseline on a bundled dataset, then attach → fit-gates → finetune → evaluate → export."""

@@ -26,7 +26,7 @@ def finetune_cli(
     schedule: Annotated[Optional[str], typer.Option(help="cosine | step | constant.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Backbone weight decay.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="DataLoader worker processes (default: 0 on a 2-core CPU, else half the cores, at most 4).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for shuffling and augmentation.")] = None,
     r: Annotated[Optional[float], typer.Option(help="Ground-truth r (default: the r the gates were fitted with).")] = None,
     val_split: Annotated[Optional[float], typer.Option(help="Hold out this fraction of DIR/CLASS images for validation.")] = None,

@@ -25,7 +25,7 @@ def fit_gates_cli(
     epochs: Annotated[Optional[int], typer.Option(help="Epochs.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of the gates.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="DataLoader worker processes (default: 0 on a 2-core CPU, else half the cores, at most 4).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for shuffling and augmentation.")] = None,
     val_split: Annotated[Optional[float], typer.Option(help="Hold out this fraction of DIR/CLASS images for validation.")] = None,
     train_samples: Annotated[Optional[int], typer.Option(help="Train on a fixed random subset of this many images.")] = None,
