@@ -136,7 +136,7 @@ def resolve_config(cls: Type[T], recipe: Optional[Mapping[str, Any]], section: s
         v = getattr(cfg, f.name)
         if f.type in ("float", "Optional[float]") and isinstance(v, int) and not isinstance(v, bool):
             setattr(cfg, f.name, float(v))
-        elif (f.type == "int" or f.type == "Optional[int]" and v is not None) and not (isinstance(v, int) and not isinstance(v, bool)):
+        elif (f.type == "int" or (f.type == "Optional[int]" and v is not None)) and not (isinstance(v, int) and not isinstance(v, bool)):
             raise FtwtError(f"{f.name}={v!r} must be an integer", f"fix '{f.name}' in the recipe or flag")
         elif f.type in ("float", "Optional[float]") and v is not None and not isinstance(getattr(cfg, f.name), float):
             raise FtwtError(f"{f.name}={v!r} must be a number", f"fix '{f.name}' in the recipe or flag")

@@ -81,18 +81,27 @@ class TrainReport:
     config: Dict[str, Any]
 
 
+def _side_by_side(model: GatedModel) -> Tuple[List[str], torch.Tensor, torch.Tensor]:
+    """Gated layers' names, and their (B, Σ C_l) logits and ground truth, layer after layer."""
+    logits, targets = model.last_logits, model.last_targets
+    names = list(targets)
+    return names, torch.cat([logits[n] for n in names], 1), torch.cat([targets[n] for n in names], 1)
+
+
+def _mean_bce(lg: torch.Tensor, tg: torch.Tensor, layers: int) -> torch.Tensor:
+    # float64 on CPU: more exact and ~2× faster there, since float32's log1p is not vectorised (measured).
+    dt = torch.float64 if lg.device.type == "cpu" else lg.dtype
+    bce = F.binary_cross_entropy_with_logits(lg.to(dt), tg.to(dt), reduction="sum")
+    return (bce / (lg.shape[0] * layers)).to(lg.dtype)
+
+
 def gate_loss(model: GatedModel) -> torch.Tensor:
     """Σ over filters, mean over layers (and batch) of BCEWithLogits(gate logits, ground truth).
 
     Every (sample, filter) term carries the same weight 1/(B·L), so one BCE over all layers' logits side by
     side equals the per-layer sums averaged, in one kernel instead of one per layer."""
-    logits, targets = model.last_logits, model.last_targets
-    names = list(targets)
-    lg = torch.cat([logits[n] for n in names], 1)
-    # float64 on CPU: more exact and ~2× faster there, since float32's log1p is not vectorised (measured).
-    dt = torch.float64 if lg.device.type == "cpu" else lg.dtype
-    bce = F.binary_cross_entropy_with_logits(lg.to(dt), torch.cat([targets[n] for n in names], 1).to(dt), reduction="sum")
-    return (bce / (lg.shape[0] * len(names))).to(lg.dtype)
+    names, lg, tg = _side_by_side(model)
+    return _mean_bce(lg, tg, len(names))
 
 
 def gate_grads(model: GatedModel) -> torch.Tensor:
@@ -102,19 +111,14 @@ def gate_grads(model: GatedModel) -> torch.Tensor:
     ∂L/∂l = (σ(l) − t) / (B·L) (the BCE-with-logits derivative), so ∂L/∂W = (∂L/∂l)ᵀ p and ∂L/∂b = Σ_batch ∂L/∂l.
     One sigmoid over all layers side by side, then one matrix product per gate: the graph bookkeeping that
     autograd would add costs more than this arithmetic on a CPU at batch 128 (measured)."""
-    logits, targets, pooled = model.last_logits, model.last_targets, model.last_pooled
-    names = list(targets)
-    lg = torch.cat([logits[n] for n in names], 1)
-    tg = torch.cat([targets[n] for n in names], 1)
-    n = lg.shape[0] * len(names)
-    dt = torch.float64 if lg.device.type == "cpu" else lg.dtype     # as gate_loss
-    loss = F.binary_cross_entropy_with_logits(lg.to(dt), tg.to(dt), reduction="sum") / n
-    grad = (torch.sigmoid(lg) - tg.to(lg.dtype)) / n
-    for name, g in zip(names, grad.split([targets[k].shape[1] for k in names], 1)):
+    names, lg, tg = _side_by_side(model)
+    grad = (torch.sigmoid(lg) - tg.to(lg.dtype)) / (lg.shape[0] * len(names))
+    pooled = model.last_pooled
+    for name, g in zip(names, grad.split([model.last_targets[k].shape[1] for k in names], 1)):
         fc = model.gates[gate_key(name)].fc
         fc.weight.grad = g.t() @ pooled[name]
         fc.bias.grad = g.sum(0)
-    return loss.to(lg.dtype)
+    return _mean_bce(lg, tg, len(names))
 
 
 def _gate_optimizer(model: GatedModel, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
