@@ -58,8 +58,11 @@ def meta(run: Path) -> dict:
 def time_epochs(run: Path, workers: Optional[int] = None, rounds: int = 3) -> tuple:
     """Seconds of one fit-gates epoch vs one dense evaluation epoch over the same (augmented) images: the two
     alternate for ``rounds`` rounds and each keeps its fastest (this VM's timings drift by ±20% minute to minute).
-    Both load with ``workers`` (default: ftwt's, ``default_workers()``)."""
+    Both load with ``workers`` (default: ftwt's, ``default_workers()``), in a process set up as the ``ftwt``
+    command sets up its own (``keep_freed_memory``)."""
     import ftwt_cli
+    from ftwt_cli.runtime import keep_freed_memory
+    keep_freed_memory()
     from ftwt_cli.config import FitGatesConfig
     from ftwt_cli.train import fit_gates
     data = open_data("fashion-mnist", CFG, num_classes=10)

@@ -35,7 +35,7 @@ from .config import FinetuneConfig, FitGatesConfig
 from .data import DataSplits, default_workers, make_loader, open_data
 from .errors import FtwtError
 from .evaluate import EvalResult, evaluate_loader
-from .gating import GatedModel, gate_key
+from .gating import GatedModel, bool_to, gate_key
 from .model_io import gated_from_meta
 from .run import WEIGHTS_FILE, atomic_write_bytes, read_meta, read_weights, update_run
 
@@ -104,21 +104,56 @@ def gate_loss(model: GatedModel) -> torch.Tensor:
     return _mean_bce(lg, tg, len(names))
 
 
+_Z_MIN = -80.0     # gate_grads: below this signed logit, −log σ(z) = −z to float32 precision
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_grad_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 for the gates' weight-gradient products on a CPU with native bf16 dot products (AVX512-BF16 or
+    AMX), where they run 3.5× faster (measured: 17 ResNet-18 gates at batch 128, 0.61 against 2.13 ms), else
+    float32. The products accumulate in float32 inside oneDNN; rounding the gradient to bf16's 8-bit mantissa
+    changes each Adam step by ~0.4% — the logits and the masks they give stay float32."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return torch.float32
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
 def gate_grads(model: GatedModel) -> torch.Tensor:
     """``gate_loss`` after a ``frozen_backbone`` forward, and its gradient for every gate, set in ``.grad``.
 
     fit-gates needs no autograd: with p = GAP(input) and logits l = W p + b, the loss's gradient is
     ∂L/∂l = (σ(l) − t) / (B·L) (the BCE-with-logits derivative), so ∂L/∂W = (∂L/∂l)ᵀ p and ∂L/∂b = Σ_batch ∂L/∂l.
     One sigmoid over all layers side by side, then one matrix product per gate: the graph bookkeeping that
-    autograd would add costs more than this arithmetic on a CPU at batch 128 (measured)."""
+    autograd would add costs more than this arithmetic on a CPU at batch 128 (measured).
+
+    Both the loss and the gradient come from one sigmoid of the signed logit z = s·l, s = 2t − 1 = ±1:
+    BCE = −log σ(z) and σ(l) − t = s·(σ(z) − 1), 4× cheaper on CPU than the float64 BCE kernel. Below
+    z = −80 (a gate confidently wrong) σ(z) would underflow, so z is clamped there and the loss adds back the
+    difference: −log σ(z) = −z + log(1 + e^z), and e^z < 2e−35 is nothing in float32. The gradient is −s
+    either way."""
     names, lg, tg = _side_by_side(model)
-    grad = (torch.sigmoid(lg) - tg.to(lg.dtype)) / (lg.shape[0] * len(names))
-    pooled = model.last_pooled
-    for name, g in zip(names, grad.split([model.last_targets[k].shape[1] for k in names], 1)):
+    scale = 1.0 / (lg.shape[0] * len(names))
+    sign = bool_to(tg, lg.dtype).mul_(2).sub_(1)
+    z = lg * sign
+    beyond = torch.zeros((), dtype=lg.dtype, device=lg.device)
+    if float(z.amin()) < _Z_MIN:
+        beyond = (_Z_MIN - z).clamp_min_(0).sum()
+        z.clamp_min_(_Z_MIN)
+    p = z.sigmoid_()
+    loss = (beyond - p.log().sum()).mul_(scale)
+    grad = p.sub_(1).mul_(sign).mul_(scale)
+    pooled, wdt = model.last_pooled, _weight_grad_dtype(lg.device)
+    gw = grad.to(wdt)
+    for name, g, gl in zip(names, grad.split(widths := [model.last_targets[k].shape[1] for k in names], 1), gw.split(widths, 1)):
         fc = model.gates[gate_key(name)].fc
-        fc.weight.grad = g.t() @ pooled[name]
+        fc.weight.grad = (gl.t() @ pooled[name].to(wdt)).to(fc.weight.dtype)
         fc.bias.grad = g.sum(0)
-    return _mean_bce(lg, tg, len(names))
+    return loss
 
 
 def _gate_optimizer(model: GatedModel, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
@@ -140,8 +175,8 @@ def _batch_metrics(model: GatedModel) -> Dict[str, float]:
     if names:
         masks = torch.cat([s.masks[n] for n in names], 1)
         w = _layer_weights(tuple(t[n].shape[1] for n in names))
-        out["agreement"] = float((masks == torch.cat([t[n] for n in names], 1)).float().mean(0) @ w)
-        out["keep"] = float(masks.float().mean(0) @ w)
+        out["agreement"] = float(bool_to(masks == torch.cat([t[n] for n in names], 1), w.dtype).mean(0) @ w)
+        out["keep"] = float(bool_to(masks, w.dtype).mean(0) @ w)
     return out
 
 

@@ -1,9 +1,11 @@
 """Surgery on tiny hand-built nets whose dataflow we know by heart."""
+import pytest
 import torch
 import torch.nn as nn
 
 from ftwt_cli.dataflow import trace_plan
-from ftwt_cli.gating import GatedModel
+from ftwt_cli.gating import GatedModel, gate_key
+from ftwt_cli import train
 from ftwt_cli.train import gate_grads, gate_loss
 
 
@@ -131,30 +133,35 @@ class _ActNet(nn.Module):
         return self.head(x + self.res(x))
 
 
-def test_ground_truth_scores_equal_spatial_max_abs_activation():
+@pytest.mark.parametrize("size", [8, 1])         # 1: every map is 1×1, which takes a copy, not a reduction
+def test_ground_truth_scores_equal_spatial_max_abs_activation(size):
     torch.manual_seed(0)
     net = _ActNet().eval()
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):          # push maps to both signs and past ReLU6's 6
             nn.init.normal_(m.bias, std=3.0)
             nn.init.normal_(m.weight, std=3.0)
-    g = GatedModel(net, trace_plan(net, (4, 8, 8))).eval()
+    g = GatedModel(net, trace_plan(net, (4, size, size))).eval()
     seen = {}
     hooks = {h.unit.name: h for m in net.modules() for h in m._forward_hooks.values() if hasattr(h, "_scores")}
     for name, hook in hooks.items():
         end = net.get_submodule(hook.unit.end)
         end.register_forward_hook(lambda mod, a, out, n=name: seen.__setitem__(n, out.detach().clone()))
     with torch.no_grad():
-        g(torch.randn(3, 4, 8, 8))
+        g(torch.randn(3, 4, size, size))
     assert len(seen) == 7
     for name, out in seen.items():
         act = hooks[name].unit.act
         f = net.get_submodule(act) if act not in (None, "relu") else (lambda t: t)
         want = f(out.clone()).abs().amax(dim=(2, 3))
+        before = out.clone()
         assert torch.allclose(hooks[name]._scores(out), want, atol=1e-6), (name, act)
+        assert torch.equal(out, before), name               # in-place activations ran on a copy
+    pooled = g.gates[gate_key(g.units[1].name)].pool(before)
+    assert torch.allclose(pooled, before.mean((2, 3)), atol=1e-6) and pooled.data_ptr() != before.data_ptr()
 
 
-def test_in_place_masking_and_frozen_backbone_match_the_autograd_path():
+def test_in_place_masking_matches_the_autograd_path():
     torch.manual_seed(0)
     net, plan = _plan()
     g = GatedModel(net, plan).eval()
@@ -167,10 +174,26 @@ def test_in_place_masking_and_frozen_backbone_match_the_autograd_path():
         with torch.no_grad():
             fast = g(x)                              # nothing records: masks multiply in place
         assert torch.equal(ref.detach(), fast)
-    # fit-gates: with a frozen backbone nothing records, and gate_grads gives the gradients autograd would
+
+
+@pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("logit_scale", [1.0, 400.0])     # 400: logits far beyond ±80, where σ(z) underflows
+def test_frozen_backbone_gate_grads_equal_autograd(logit_scale, wdt, monkeypatch):
+    """fit-gates: with a frozen backbone nothing records, and gate_grads gives the loss and gradients that
+    autograd gives through the float64 BCE (gate_loss), confidently wrong gates included; weight gradients
+    computed in bfloat16 (CPUs with native bf16) agree to bf16's precision."""
+    monkeypatch.setattr(train, "_weight_grad_dtype", lambda device: wdt)
+    torch.manual_seed(0)
+    net, plan = _plan()
+    g = GatedModel(net, plan).eval()
+    for p in g.gates.parameters():
+        torch.nn.init.normal_(p, std=0.5 * logit_scale)
+    x = torch.randn(4, 3, 16, 16)
     g.set_gates("predict", r=0.7)
     g.collect_targets = True
     g(x)
+    lg, tg = torch.cat(list(g.last_logits.values()), 1), torch.cat(list(g.last_targets.values()), 1)
+    assert bool((lg * (2 * tg.float() - 1)).amin() < -80) == (logit_scale > 1)     # gates sure of the wrong answer
     want_loss = gate_loss(g)
     want_loss.backward()
     want = {n: p.grad.clone() for n, p in g.gates.named_parameters()}
@@ -180,7 +203,11 @@ def test_in_place_masking_and_frozen_backbone_match_the_autograd_path():
     assert not out.requires_grad and not any(v.requires_grad for v in g.last_logits.values())
     assert torch.allclose(gate_grads(g), want_loss.detach(), rtol=1e-6)
     for n, p in g.gates.named_parameters():
-        assert torch.allclose(p.grad, want[n], rtol=1e-5, atol=1e-8), n
+        assert p.grad.dtype == torch.float32
+        if wdt == torch.float32 or n.endswith("bias"):
+            assert torch.allclose(p.grad, want[n], rtol=1e-5, atol=1e-8), n
+        else:                                        # 8-bit mantissa: ~0.4% of the largest entry
+            assert (p.grad - want[n]).abs().max() <= 1e-2 * want[n].abs().max(), n
     assert all(p.grad is None for p in g.backbone.parameters())
 
 

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from ..errors import FtwtError
+from ..runtime import keep_freed_memory
 
 __all__ = ["app", "console", "err_console", "command", "EXIT_USER_ERROR"]
 
@@ -52,3 +53,4 @@ def command(name: str, **kw) -> Callable[[F], F]:
 @app.callback()
 def _root() -> None:
     """ftwt: make a CNN checkpoint cheaper to run by gating its filters per input (FTWT, CVPR'22)."""
+    keep_freed_memory()       # the command owns the process: reuse freed activations instead of re-faulting them
