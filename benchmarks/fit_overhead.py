@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 from ftwt_cli.dataflow import trace_plan
+from ftwt_cli.runtime import keep_freed_memory
 from ftwt_cli.gating import GatedModel
 from ftwt_cli.train import _batch_metrics, _gate_optimizer, gate_grads
 
@@ -55,6 +56,7 @@ def measure(size: int, batch: int, rounds: int):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()                   # as the ftwt command does
     print("| input | batch | dense forward ms | gated forward ms (ratio) | fit-gates step ms (ratio) |")
     print("|---|---|---|---|---|")
     for size, batch, rounds in ((32, 128, 12), (224, 32, 4)):

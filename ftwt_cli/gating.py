@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .dataflow import Plan, Unit
 from .errors import FtwtError
-from .groundtruth import GT_RULES, check_r, ground_truth
+from .groundtruth import GT_RULES, check_r, ground_truth, ground_truth_many
 from .macs import MacsBreakdown, count_macs
 
 __all__ = ["Gate", "GatedModel", "ForwardStats", "GATE_MODES", "gate_key", "bool_to"]
@@ -40,10 +40,18 @@ def bool_to(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _over_maps(x: torch.Tensor, reduce: str) -> torch.Tensor:
-    """(B, C) mean/amax/amin of each (H, W) map, always a new tensor. A 1×1 map (ResNet's last stage at 32 px)
-    is copied instead: torch's reduction over one element still costs 3-5× a copy (measured)."""
-    if x.shape[2] * x.shape[3] == 1:
-        return x.reshape(x.shape[0], x.shape[1]).clone()
+    """(B, C) mean/amax/amin of each (H, W) map, always a new tensor. Two small maps take a detour, measured on
+    CPU for ResNet-18's maps at 32 px (batch 128): a 1×1 map is copied (a reduction over one element costs
+    3-5× a copy), and a 4×4 map's max/min first halves it twice elementwise (a row reduction over exactly 16
+    floats takes 2× as long as one over 4: 122 against 58 µs for (128, 128, 4, 4))."""
+    b, c, hw = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
+    if hw == 1:
+        return x.reshape(b, c).clone()
+    if hw == 16 and reduce in ("amax", "amin"):
+        pick = torch.maximum if reduce == "amax" else torch.minimum
+        v = x.reshape(b * c, 16)
+        v = pick(v[:, :8], v[:, 8:])
+        return getattr(pick(v[:, :4], v[:, 4:]), reduce)(1).view(b, c)
     return getattr(x, reduce)(dim=(2, 3))
 
 
@@ -250,7 +258,7 @@ class GatedModel(nn.Module):
         st = self._state
         if st.scores:
             r, gt = st.rule
-            st.targets.update({n: ground_truth(s, r, gt) for n, s in st.scores.items()})
+            st.targets.update(ground_truth_many(st.scores, r, gt))
             st.scores = {}
         return st.targets
 

@@ -133,7 +133,7 @@ class _ActNet(nn.Module):
         return self.head(x + self.res(x))
 
 
-@pytest.mark.parametrize("size", [8, 1])         # 1: every map is 1×1, which takes a copy, not a reduction
+@pytest.mark.parametrize("size", [8, 4, 1])      # 4 and 1: the maps that _over_maps special-cases
 def test_ground_truth_scores_equal_spatial_max_abs_activation(size):
     torch.manual_seed(0)
     net = _ActNet().eval()
@@ -227,3 +227,13 @@ def test_collected_targets_are_ranked_after_the_forward_with_its_own_r():
         got = g.last_targets
     assert set(got) == {u.name for u in g.units}
     assert torch.equal(got[first], want) and not want.all()
+
+
+@pytest.mark.parametrize("hw", [1, 2, 3, 4, 8])
+def test_over_maps_matches_torch_reductions(hw):
+    from ftwt_cli.gating import _over_maps
+    x = torch.randn(3, 5, hw, hw)
+    for reduce in ("amax", "amin", "mean"):
+        got = _over_maps(x, reduce)
+        assert torch.allclose(got, getattr(x, reduce)(dim=(2, 3)), atol=1e-6), reduce
+        assert got.data_ptr() != x.data_ptr()
