@@ -116,7 +116,7 @@ class CompactConv(nn.Module):
         if self.compact_in is not None:        # x holds only the producer's active channels
             in_idx = sh.idx[self.compact_in]
             pooled = x.new_zeros(B, self.in_channels)
-            pooled.index_copy_(1, in_idx, x.mean(dim=(2, 3)))
+            pooled.index_copy_(1, in_idx, self.gate.pool(x))
             logits = self.gate.fc(pooled)      # = gate(dense x): the missing channels are all zero
         else:
             logits = self.gate(x)

@@ -11,9 +11,10 @@ Hooks are callable objects, not closures, so ``copy.deepcopy(model)`` yields an 
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -40,13 +41,16 @@ def bool_to(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _over_maps(x: torch.Tensor, reduce: str) -> torch.Tensor:
-    """(B, C) mean/amax/amin of each (H, W) map, always a new tensor. Two small maps take a detour, measured on
-    CPU for ResNet-18's maps at 32 px (batch 128): a 1×1 map is copied (a reduction over one element costs
-    3-5× a copy), and a 4×4 map's max/min first halves it twice elementwise (a row reduction over exactly 16
-    floats takes 2× as long as one over 4: 122 against 58 µs for (128, 128, 4, 4))."""
+    """(B, C) mean/amax/amin of each (H, W) map, always a new tensor. Small maps take a detour, measured on CPU
+    for ResNet-18's maps at 32 px (batch 128): a 1×1 map is copied (a reduction over one element costs 3-5× a
+    copy); a 2×2 map's mean is a matrix-vector product with 1/4s (33 against 58 µs for (128, 256, 2, 2)); a
+    4×4 map's max/min first halves it twice elementwise (a row reduction over exactly 16 floats takes 2× as
+    long as one over 4: 122 against 58 µs for (128, 128, 4, 4))."""
     b, c, hw = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
     if hw == 1:
         return x.reshape(b, c).clone()
+    if hw == 4 and reduce == "mean":
+        return (x.reshape(b * c, 4) @ x.new_full((4,), 0.25)).view(b, c)
     if hw == 16 and reduce in ("amax", "amin"):
         pick = torch.maximum if reduce == "amax" else torch.minimum
         v = x.reshape(b * c, 16)
@@ -96,6 +100,7 @@ class _ForwardState:
     scores: Dict[str, torch.Tensor] = field(default_factory=dict)    # ranked into targets when first asked
     rule: tuple = (0.95, "mass")                                       # (r, gt) the forward ran with
     positions: Dict[str, int] = field(default_factory=dict)
+    side: Optional[tuple] = None                                       # side_by_side(), once per forward
 
 
 class _GateHook:
@@ -162,8 +167,9 @@ class _PositionHook:
         self.owner, self.name, self.kind, self.out_features = owner, name, kind, out_features
 
     def __call__(self, module: nn.Module, args, out: torch.Tensor) -> None:
-        # conv: H_out·W_out; linear: tokens per sample (1 for a (B, F) input)
-        n = out[0, 0].numel() if self.kind == "conv" else out[0].numel() // self.out_features
+        # conv: H_out·W_out; linear: tokens per sample (1 for a (B, F) input). From the shape: indexing the
+        # tensor would create views on every forward.
+        n = math.prod(out.shape[2:]) if self.kind == "conv" else math.prod(out.shape[1:]) // self.out_features
         pos = self.owner._state.positions
         pos[self.name] = pos.get(self.name, 0) + int(n)
 
@@ -261,6 +267,16 @@ class GatedModel(nn.Module):
             st.targets.update(ground_truth_many(st.scores, r, gt))
             st.scores = {}
         return st.targets
+
+    def side_by_side(self) -> Tuple[List[str], torch.Tensor, torch.Tensor]:
+        """The layers with ground truth, and their gate logits and ground truth side by side: (B, Σ C_l) each,
+        layer after layer. Computed once per forward: the loss and the progress metrics share it."""
+        st = self._state
+        if st.side is None:
+            targets = self.last_targets
+            names = list(targets)
+            st.side = (names, torch.cat([st.logits[n] for n in names], 1), torch.cat([targets[n] for n in names], 1))
+        return st.side
 
     def _stats(self, st: _ForwardState, batch: int, size: tuple, gates_run: bool) -> ForwardStats:
         masks = {k: v.detach() for k, v in st.masks.items()}

@@ -81,13 +81,6 @@ class TrainReport:
     config: Dict[str, Any]
 
 
-def _side_by_side(model: GatedModel) -> Tuple[List[str], torch.Tensor, torch.Tensor]:
-    """Gated layers' names, and their (B, Σ C_l) logits and ground truth, layer after layer."""
-    logits, targets = model.last_logits, model.last_targets
-    names = list(targets)
-    return names, torch.cat([logits[n] for n in names], 1), torch.cat([targets[n] for n in names], 1)
-
-
 def _mean_bce(lg: torch.Tensor, tg: torch.Tensor, layers: int) -> torch.Tensor:
     # float64 on CPU: more exact and ~2× faster there, since float32's log1p is not vectorised (measured).
     dt = torch.float64 if lg.device.type == "cpu" else lg.dtype
@@ -100,7 +93,7 @@ def gate_loss(model: GatedModel) -> torch.Tensor:
 
     Every (sample, filter) term carries the same weight 1/(B·L), so one BCE over all layers' logits side by
     side equals the per-layer sums averaged, in one kernel instead of one per layer."""
-    names, lg, tg = _side_by_side(model)
+    names, lg, tg = model.side_by_side()
     return _mean_bce(lg, tg, len(names))
 
 
@@ -136,7 +129,7 @@ def gate_grads(model: GatedModel) -> torch.Tensor:
     z = −80 (a gate confidently wrong) σ(z) would underflow, so z is clamped there and the loss adds back the
     difference: −log σ(z) = −z + log(1 + e^z), and e^z < 2e−35 is nothing in float32. The gradient is −s
     either way."""
-    names, lg, tg = _side_by_side(model)
+    names, lg, tg = model.side_by_side()
     scale = 1.0 / (lg.shape[0] * len(names))
     sign = bool_to(tg, lg.dtype).mul_(2).sub_(1)
     z = lg * sign
@@ -149,10 +142,11 @@ def gate_grads(model: GatedModel) -> torch.Tensor:
     grad = p.sub_(1).mul_(sign).mul_(scale)
     pooled, wdt = model.last_pooled, _weight_grad_dtype(lg.device)
     gw = grad.to(wdt)
-    for name, g, gl in zip(names, grad.split(widths := [model.last_targets[k].shape[1] for k in names], 1), gw.split(widths, 1)):
+    widths = [model.last_targets[k].shape[1] for k in names]
+    for name, gb, gl in zip(names, grad.sum(0).split(widths), gw.split(widths, 1)):
         fc = model.gates[gate_key(name)].fc
         fc.weight.grad = (gl.t() @ pooled[name].to(wdt)).to(fc.weight.dtype)
-        fc.bias.grad = g.sum(0)
+        fc.bias.grad = gb
     return loss
 
 
@@ -170,12 +164,12 @@ def _layer_weights(widths: Tuple[int, ...]) -> torch.Tensor:
 def _batch_metrics(model: GatedModel) -> Dict[str, float]:
     """Gate agreement with the ground truth and keep ratio (each a mean over layers), and the MACs cut."""
     s, t = model.last_stats, model.last_targets
-    names = list(t)
     out = {"agreement": 1.0, "keep": 1.0, "macs_cut": 1.0 - float(s.macs.mean()) / s.dense_macs}
-    if names:
+    if t:
+        names, _, targets = model.side_by_side()
         masks = torch.cat([s.masks[n] for n in names], 1)
         w = _layer_weights(tuple(t[n].shape[1] for n in names))
-        out["agreement"] = float(bool_to(masks == torch.cat([t[n] for n in names], 1), w.dtype).mean(0) @ w)
+        out["agreement"] = float(bool_to(masks == targets, w.dtype).mean(0) @ w)
         out["keep"] = float(bool_to(masks, w.dtype).mean(0) @ w)
     return out
 
