@@ -55,6 +55,10 @@ def meta(run: Path) -> dict:
     return json.loads((run / "ftwt.json").read_text())
 
 
+# RESULTS.md: what follows this line (hand-written analyses of other runs) survives a rerun of the script
+KEEP_MARKER = "<!-- generated above by benchmarks/fashion_mnist.py; the sections below are kept when it reruns -->"
+
+
 def time_epochs(run: Path, workers: Optional[int] = None, rounds: int = 3) -> tuple:
     """Seconds of one fit-gates epoch vs one dense evaluation epoch over the same (augmented) images: the two
     alternate for ``rounds`` rounds and each keeps its fastest (this VM's timings drift by ±20% minute to minute).
@@ -199,14 +203,17 @@ def main() -> int:
            else "**not met** in this run; best within 0.3 pt: " + (f"{max(best, key=lambda x: x['ft_cut'])['ft_cut']:.1%} cut" if best else "none")),
         "",
         f"Timing: one fit-gates epoch took {fit_s:.1f} s against {dense_s:.1f} s for one dense evaluation epoch over the same "
-        f"60k augmented images, both loading them with ftwt's default of {default_workers()} DataLoader workers "
+        f"60k augmented images, both loading them with ftwt's default of {default_workers()} DataLoader workers, in a "
+        "process set up as the `ftwt` command sets up its own "
         f"(fastest of 3 alternating rounds each; **{fit_s / dense_s:.2f}×**, target ≤ 1.2×). Baseline training: {base_s:.0f} s"
         + (f"; dense control finetune: {t_ctrl:.0f} s." if t_ctrl else ".")
         + " Wall times are single measurements on a 2-core VM whose speed drifts by about ±20%; the epoch timing ran "
           "with the machine otherwise idle.",
         "",
     ]
-    Path(args.out).write_text("\n".join(lines))
+    out = Path(args.out)
+    kept = out.read_text().split(KEEP_MARKER, 1)[1] if out.exists() and KEEP_MARKER in out.read_text() else "\n"
+    out.write_text("\n".join(lines) + KEEP_MARKER + kept)
     print("\n".join(lines))
     return 0
 
