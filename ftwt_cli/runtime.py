@@ -12,7 +12,6 @@ This is what glibc's ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` var
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 __all__ = ["keep_freed_memory"]
@@ -39,10 +38,9 @@ def keep_freed_memory() -> bool:
         return True
     if not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):          # musl and others have no mallopt
+    try:        # glibc's soname; not found under musl, whose malloc has no such knobs
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _done = any(mallopt(_M_MMAP_THRESHOLD, t) for t in _MMAP_THRESHOLDS) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
