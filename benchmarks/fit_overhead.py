@@ -12,8 +12,8 @@ import torch
 import torchvision
 
 from ftwt_cli.dataflow import trace_plan
-from ftwt_cli.runtime import keep_freed_memory
 from ftwt_cli.gating import GatedModel
+from ftwt_cli.runtime import keep_freed_memory
 from ftwt_cli.train import _batch_metrics, _gate_optimizer, gate_grads
 
 
