@@ -113,7 +113,7 @@ class _GateHook:
             x, gate, st = args[0], g.gates[self.key], g._state
             if g.frozen_backbone:       # no autograd at all: fit-gates computes the gates' gradients in closed form
                 st.pooled[self.unit.name] = p = gate.pool(x)
-                st.logits[self.unit.name] = gate.fc(p)
+                st.logits[self.unit.name] = F.linear(p, gate.fc.weight, gate.fc.bias)   # gate.fc, minus module overhead
             else:
                 st.logits[self.unit.name] = gate(x.detach() if g.decoupled else x)
 
@@ -121,6 +121,7 @@ class _GateHook:
 class _MaskHook:
     def __init__(self, owner: "GatedModel", unit: Unit) -> None:
         self.owner, self.unit = owner, unit
+        self._act: Optional[nn.Module] = None    # the activation module, looked up on first use (see _scores)
 
     def _scores(self, out: torch.Tensor) -> torch.Tensor:
         """(B, C) spatial max of |activation(unit output)|: what the ground truth ranks channels by.
@@ -130,8 +131,12 @@ class _MaskHook:
         non-negative one (ReLU) the max alone suffices. (Separate amax/amin passes: ``aminmax`` over the
         flattened maps measured 15× slower on CPU.) Other activations (SiLU, GELU, ...) run on a copy."""
         act = self.unit.act
-        module = self.owner.backbone.get_submodule(act) if act not in (None, "relu") else None
+        if act not in (None, "relu") and self._act is None:     # resolved once: hooks run on every forward
+            self._act = self.owner.backbone.get_submodule(act)
+        module = self._act
         if act is None:                                      # max |y| = max(max y, -min y)
+            if out.shape[2] * out.shape[3] == 1:
+                return out.reshape(out.shape[0], out.shape[1]).abs()
             return torch.maximum(_over_maps(out, "amax"), _over_maps(out, "amin").neg_())
         if act == "relu" or isinstance(module, (nn.ReLU, nn.ReLU6)):
             return (F.relu if act == "relu" else module)(_over_maps(out, "amax"))
@@ -156,7 +161,7 @@ class _MaskHook:
         else:
             mask = target
         g._state.masks[name] = mask
-        m = bool_to(mask, out.dtype)[:, :, None, None]
+        m = bool_to(mask, out.dtype).view(mask.shape[0], mask.shape[1], 1, 1)
         if not out.requires_grad and out.data_ptr() != args[0].data_ptr():
             return out.mul_(m)     # nothing differentiates through it and no one else holds it: save a copy
         return out * m

@@ -8,7 +8,7 @@ highest-scoring channels.
 
 Both rules only need k per sample, which depends on the sorted *values* alone; the kept set is then
 "score above the k-th value, plus the lowest-index ties at it". So no argsort is needed: on CPU the values
-come from NumPy's SIMD sort, ~30× faster than ``torch.sort`` for (128, 512) rows — this ranking runs once per
+come from NumPy's SIMD sort (kept ascending), ~30× faster than ``torch.sort`` for (128, 512) rows — this ranking runs once per
 gated layer and batch while fitting, and was the largest single cost of a fit-gates step.
 """
 from __future__ import annotations
@@ -34,21 +34,22 @@ def check_r(r: float) -> float:
     return float(r)
 
 
-def _sorted_desc(s: torch.Tensor) -> torch.Tensor:
-    """(B, C) float32 → each row's values in descending order."""
+def _sorted_asc(s: torch.Tensor) -> torch.Tensor:
+    """(B, C) float32 → each row's values in ascending order (NumPy's order: reversing it would cost a copy)."""
     if s.device.type == "cpu":
-        return torch.from_numpy(np.ascontiguousarray(np.sort(s.numpy(), axis=1)[:, ::-1]))
-    return s.sort(dim=1, descending=True).values
+        return torch.from_numpy(np.sort(s.numpy(), axis=1))
+    return s.sort(dim=1).values
 
 
-def _top_k(s: torch.Tensor, desc: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def _top_k(s: torch.Tensor, asc: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """(B, C) bool: the k[b] highest scores of row b, ties at the k-th value going to the lowest indices."""
-    kth = desc.gather(1, (k - 1).clamp_min(0)[:, None])                 # (B, 1) the k-th largest value
+    n = s.shape[1]
+    kth = asc.gather(1, (n - k).clamp_max(n - 1)[:, None])              # (B, 1) the k-th largest value
     kth.masked_fill_((k == 0)[:, None], math.inf)                        # k = 0: keep nothing
     keep = s >= kth
     # More than k pass only if the (k+1)-th largest value ties the k-th: a (B, 1) check, not a count.
-    nxt = desc.gather(1, k.clamp_max(s.shape[1] - 1)[:, None])
-    if bool(((nxt == kth) & (k < s.shape[1])[:, None]).any()):          # rare: keep the lowest-index ties only
+    nxt = asc.gather(1, (n - 1 - k).clamp_min(0)[:, None])
+    if bool(((nxt == kth) & (k < n)[:, None]).any()):                   # rare: keep the lowest-index ties only
         extra = keep.sum(1) - k                                          # ties at the k-th value past the top-k
         tie = s == kth
         keep &= ~tie | (tie.cumsum(1) <= (tie.sum(1) - extra)[:, None])
@@ -60,21 +61,23 @@ def heatmap_mass(scores: torch.Tensor, r: float) -> torch.Tensor:
     s = scores.detach().float().contiguous()
     if r >= 1.0:
         return s > 0
-    desc = _sorted_desc(s)                                               # rank in float32 (fast) ...
-    c = desc.double().cumsum(1)                                          # ... accumulate mass in float64
-    total = c[:, -1:]
-    # Channel j (in sorted order) is kept while the mass before it, c[j-1]/total, is below r: the first
-    # always (if any mass), then one per c[i] < r·total, counted by a binary search since c is sorted.
-    # Zero-score channels never count: the mass before them is already the total.
-    k = torch.searchsorted(c, total * (r - _EPS)).squeeze(1) + (total[:, 0] > 0)
-    return _top_k(s, desc, k)
+    asc = _sorted_asc(s)                                                 # rank in float32 (fast) ...
+    a = asc.double().cumsum(1)                                           # ... accumulate mass in float64
+    total = a[:, -1:]
+    # In descending order, channel j is kept while the mass before it is below r·total: the first always (if
+    # any mass), then one more per descending prefix sum below r·total. A descending prefix sum is the total
+    # minus an ascending one, so k counts the ascending sums above (1 − r)·total (the last, the total itself,
+    # for the first channel), by a binary search since they are sorted. An all-zero row counts none; zero-score
+    # channels never count, as the mass before them is already the total.
+    k = a.shape[1] - torch.searchsorted(a, total * (1.0 - r + _EPS), right=True).squeeze(1)
+    return _top_k(s, asc, k)
 
 
 def uniform(scores: torch.Tensor, r: float) -> torch.Tensor:
     """Keep a fixed fraction r of the channels (the ceil(r·C) highest scores) in every row."""
     s = scores.detach().float().contiguous()
     k = max(1, math.ceil(r * s.shape[1] - _EPS))
-    return _top_k(s, _sorted_desc(s), torch.full((s.shape[0],), k, dtype=torch.long))
+    return _top_k(s, _sorted_asc(s), torch.full((s.shape[0],), k, dtype=torch.long))
 
 
 GT_RULES: Dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {"mass": heatmap_mass, "uniform": uniform}

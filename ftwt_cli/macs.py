@@ -13,7 +13,7 @@ This module only does arithmetic on masks and shapes; it never runs a model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -101,24 +101,61 @@ class MacsBreakdown:
 def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, torch.Tensor],
                positions: Mapping[str, int], batch: int, *, gates_run: bool) -> MacsBreakdown:
     """Per-sample MACs of one forward. ``masks`` holds the masks of gated units only (missing = dense);
-    ``positions`` the output positions each op saw in this forward (summed over calls)."""
-    per_op = {}
+    ``positions`` the output positions each op saw in this forward (summed over calls).
+
+    Most ops (groups = 1, called once) cost coef · a_in · a_out with a_in, a_out (B,) active-channel counts,
+    and a gate costs C_out · a_in: the counts go side by side into one (B, M) matrix (column 0 all ones, for
+    dense tensors) and every such op is one column product, computed together. This runs once per training
+    step for the progress metrics, where ~5 small operations per op cost more than the arithmetic (measured:
+    383 µs a step for ResNet-18, before). Grouped convs and layers called more than once go op by op."""
     memo: dict = {}
+    cols: List[torch.Tensor] = [torch.ones(batch, dtype=torch.float64)]
+    where: Dict[int, int] = {}               # id(count tensor) -> its column
+
+    def column(active: Optional[torch.Tensor], width: int) -> Tuple[int, int]:
+        """(column, factor): the counts of ``active`` are column·factor (dense: the ones column times width)."""
+        if active is None:
+            return 0, width
+        n = _per_group(active, width, 1, batch, memo)
+        if id(n) not in where:
+            where[id(n)] = len(cols)
+            cols.append(n.squeeze(1))
+        return where[id(n)], 1
+
+    per_op: Dict[str, Optional[torch.Tensor]] = {}      # in the ops' order; the column products fill in below
+    pairs: List[Tuple[str, int, int, float]] = []       # (op, in column, out column, coefficient)
+    one_by_one: List[torch.Tensor] = []
     for op in ops:
         if op.name not in positions:
             continue
         if op.calls != 1:
             per_op[op.name] = op_macs(op, None, None, positions[op.name], batch)
+            one_by_one.append(per_op[op.name])
             continue
         a_in = active_channels(op.in_expr, masks, batch)
-        per_op[op.name] = op_macs(op, a_in, masks.get(op.name), positions[op.name], batch, memo)
-    gates = torch.zeros(batch, dtype=torch.float64)
+        if op.groups != 1:
+            per_op[op.name] = op_macs(op, a_in, masks.get(op.name), positions[op.name], batch, memo)
+            one_by_one.append(per_op[op.name])
+            continue
+        (i, fi), (j, fj) = column(a_in, op.in_channels), column(masks.get(op.name), op.out_channels)
+        pairs.append((op.name, i, j, float(fi * fj * op.kernel_area * positions[op.name])))
+        per_op[op.name] = None
+    gate_terms: List[Tuple[int, float]] = []
     if gates_run:
         for u in units:
             if u.name in masks:
-                n_in = _per_group(active_channels(u.in_expr, masks, batch), u.in_channels, 1, batch, memo)
-                gates += n_in.squeeze(1) * u.out_channels
+                i, f = column(active_channels(u.in_expr, masks, batch), u.in_channels)
+                gate_terms.append((i, float(f * u.out_channels)))
+    counts = torch.stack(cols, 1)
+    gates = torch.zeros(batch, dtype=torch.float64)
+    if gate_terms:
+        gates = counts[:, [i for i, _ in gate_terms]] @ torch.tensor([f for _, f in gate_terms], dtype=torch.float64)
     total = gates.clone()
-    for v in per_op.values():
+    if pairs:
+        coef = torch.tensor([c for *_, c in pairs], dtype=torch.float64)
+        macs = counts[:, [i for _, i, _, _ in pairs]] * counts[:, [j for _, _, j, _ in pairs]] * coef
+        total += macs.sum(1)
+        per_op.update(zip((name for name, *_ in pairs), macs.unbind(1)))
+    for v in one_by_one:
         total += v
     return MacsBreakdown(total, gates, per_op)

@@ -97,7 +97,20 @@ def gate_loss(model: GatedModel) -> torch.Tensor:
     return _mean_bce(lg, tg, len(names))
 
 
-_Z_MIN = -80.0     # gate_grads: below this signed logit, −log σ(z) = −z to float32 precision
+_Z_MIN = -20.0     # gate_grads: below this signed logit, −log σ(z) = −z to float32 precision (e^z < 3e−9)
+
+
+def _sum_log(p: torch.Tensor) -> torch.Tensor:
+    """Σ log p over p in [σ(_Z_MIN), 1], as the log of products of four: a quarter of the logs, the costliest
+    step of the loss on a CPU (measured: 257 against 138 µs for 128 × 3,904 gate decisions). Each product
+    stays ≥ σ(−20)⁴ ≈ 2e−35, a normal float32, and rounds once per multiplication (~1e−7 relative), as the
+    logs would."""
+    v = p.reshape(-1)
+    if v.numel() % 4:
+        return v.log().sum()
+    h = v.numel() // 2
+    v = v[:h] * v[h:]
+    return v[:h // 2].mul_(v[h // 2:]).log_().sum()
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,9 +139,9 @@ def gate_grads(model: GatedModel) -> torch.Tensor:
 
     Both the loss and the gradient come from one sigmoid of the signed logit z = s·l, s = 2t − 1 = ±1:
     BCE = −log σ(z) and σ(l) − t = s·(σ(z) − 1), 4× cheaper on CPU than the float64 BCE kernel. Below
-    z = −80 (a gate confidently wrong) σ(z) would underflow, so z is clamped there and the loss adds back the
-    difference: −log σ(z) = −z + log(1 + e^z), and e^z < 2e−35 is nothing in float32. The gradient is −s
-    either way."""
+    z = −20 (a gate confidently wrong) σ(z) would underflow in ``_sum_log``'s products, so z is clamped there
+    and the loss adds back the difference: −log σ(z) = −z + log(1 + e^z), and e^z < 3e−9 is nothing next to
+    |z| in float32. The gradient is −s either way, to the same precision."""
     names, lg, tg = model.side_by_side()
     scale = 1.0 / (lg.shape[0] * len(names))
     sign = bool_to(tg, lg.dtype).mul_(2).sub_(1)
@@ -138,7 +151,7 @@ def gate_grads(model: GatedModel) -> torch.Tensor:
         beyond = (_Z_MIN - z).clamp_min_(0).sum()
         z.clamp_min_(_Z_MIN)
     p = z.sigmoid_()
-    loss = (beyond - p.log().sum()).mul_(scale)
+    loss = (beyond - _sum_log(p)).mul_(scale)
     grad = p.sub_(1).mul_(sign).mul_(scale)
     pooled, wdt = model.last_pooled, _weight_grad_dtype(lg.device)
     gw = grad.to(wdt)

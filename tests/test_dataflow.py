@@ -211,6 +211,15 @@ def test_frozen_backbone_gate_grads_equal_autograd(logit_scale, wdt, monkeypatch
     assert all(p.grad is None for p in g.backbone.parameters())
 
 
+@pytest.mark.parametrize("n", [4096, 4097, 4098, 4099])
+def test_sum_log_of_products_matches_float64_logs(n):
+    """gate_grads' loss sums logs of products of four sigmoids; down to σ(−20) nothing underflows."""
+    torch.manual_seed(n)
+    p = torch.sigmoid(torch.randn(n) * 10).clamp_min(float(torch.sigmoid(torch.tensor(train._Z_MIN))))
+    want = p.double().log().sum()
+    assert abs(float(train._sum_log(p)) - float(want)) <= 1e-6 * abs(float(want))
+
+
 def test_collected_targets_are_ranked_after_the_forward_with_its_own_r():
     torch.manual_seed(0)
     net, plan = _plan()

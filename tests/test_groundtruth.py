@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -78,3 +80,19 @@ def test_uniform_breaks_ties_by_index():
     s = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]])
     assert uniform(s, 0.6).tolist() == [[True, True, True, False, False]]
 
+
+
+@pytest.mark.parametrize("rule", [heatmap_mass, uniform])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 1), (1, 7)])
+def test_single_channel_or_single_sample(rule, shape):
+    """A layer with one output channel, a batch of one: the ranking used to fail on (B, 1) scores."""
+    torch.manual_seed(2)
+    s = torch.rand(*shape)
+    s[0, 0] = 0.0 if shape[1] > 1 else s[0, 0]
+    if rule is heatmap_mass:
+        want = _reference_mass(s, 0.8)
+    else:                                  # the ceil(0.8·C) highest, by a stable argsort
+        order = s.sort(dim=1, descending=True, stable=True).indices
+        keep = torch.arange(shape[1]).expand(shape) < math.ceil(0.8 * shape[1])
+        want = torch.zeros_like(keep).scatter(1, order, keep)
+    assert torch.equal(rule(s, 0.8), want)
