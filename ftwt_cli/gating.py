@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,7 @@ from .dataflow import Plan, Unit
 from .errors import FtwtError
 from .groundtruth import GT_RULES, check_r, ground_truth, ground_truth_many
 from .macs import MacsBreakdown, count_macs
+from .sidebyside import FlatBuffers, Layout, SideBySide
 
 __all__ = ["Gate", "GatedModel", "ForwardStats", "GATE_MODES", "gate_key", "bool_to"]
 
@@ -40,23 +41,23 @@ def bool_to(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).to(dtype)
 
 
-def _over_maps(x: torch.Tensor, reduce: str) -> torch.Tensor:
-    """(B, C) mean/amax/amin of each (H, W) map, always a new tensor. Small maps take a detour, measured on CPU
+def _over_maps(x: torch.Tensor, reduce: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, C) mean/amax/amin of each (H, W) map, a new tensor or ``out``. Small maps take a detour, measured on CPU
     for ResNet-18's maps at 32 px (batch 128): a 1×1 map is copied (a reduction over one element costs 3-5× a
     copy); a 2×2 map's mean is a matrix-vector product with 1/4s (33 against 58 µs for (128, 256, 2, 2)); a
     4×4 map's max/min first halves it twice elementwise (a row reduction over exactly 16 floats takes 2× as
     long as one over 4: 122 against 58 µs for (128, 128, 4, 4))."""
     b, c, hw = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
     if hw == 1:
-        return x.reshape(b, c).clone()
+        return x.reshape(b, c).clone() if out is None else out.copy_(x.reshape(b, c))
     if hw == 4 and reduce == "mean":
-        return (x.reshape(b * c, 4) @ x.new_full((4,), 0.25)).view(b, c)
+        return torch.mv(x.reshape(b * c, 4), x.new_full((4,), 0.25), out=None if out is None else out.view(-1)).view(b, c)
     if hw == 16 and reduce in ("amax", "amin"):
         pick = torch.maximum if reduce == "amax" else torch.minimum
         v = x.reshape(b * c, 16)
         v = pick(v[:, :8], v[:, 8:])
-        return getattr(pick(v[:, :4], v[:, 4:]), reduce)(1).view(b, c)
-    return getattr(x, reduce)(dim=(2, 3))
+        return getattr(torch, reduce)(pick(v[:, :4], v[:, 4:]), 1, out=None if out is None else out.view(-1)).view(b, c)
+    return getattr(torch, reduce)(x, dim=(2, 3), out=out) if out is not None else getattr(x, reduce)(dim=(2, 3))
 
 
 def gate_key(unit_name: str) -> str:
@@ -100,7 +101,8 @@ class _ForwardState:
     scores: Dict[str, torch.Tensor] = field(default_factory=dict)    # ranked into targets when first asked
     rule: tuple = (0.95, "mass")                                       # (r, gt) the forward ran with
     positions: Dict[str, int] = field(default_factory=dict)
-    side: Optional[tuple] = None                                       # side_by_side(), once per forward
+    side: Optional[SideBySide] = None                                  # side_by_side(), once per forward
+    flat: Optional[FlatBuffers] = None                                 # predict mode: hooks write here directly
 
 
 class _GateHook:
@@ -112,8 +114,12 @@ class _GateHook:
         if g.mode == "predict" or g.collect_targets:
             x, gate, st = args[0], g.gates[self.key], g._state
             if g.frozen_backbone:       # no autograd at all: fit-gates computes the gates' gradients in closed form
-                st.pooled[self.unit.name] = p = gate.pool(x)
-                st.logits[self.unit.name] = F.linear(p, gate.fc.weight, gate.fc.bias)   # gate.fc, minus module overhead
+                name, w = self.unit.name, gate.fc.weight
+                st.pooled[name] = p = gate.pool(x)
+                dest = st.flat.slot("logits", name, p, w.dtype) if st.flat is not None else None
+                # gate.fc without the module call; F.linear is this addmm, written straight into the flat buffer
+                st.logits[name] = (torch.addmm(gate.fc.bias, p, w.t(), out=dest) if dest is not None
+                                   else F.linear(p, w, gate.fc.bias))
             else:
                 st.logits[self.unit.name] = gate(x.detach() if g.decoupled else x)
 
@@ -123,8 +129,8 @@ class _MaskHook:
         self.owner, self.unit = owner, unit
         self._act: Optional[nn.Module] = None    # the activation module, looked up on first use (see _scores)
 
-    def _scores(self, out: torch.Tensor) -> torch.Tensor:
-        """(B, C) spatial max of |activation(unit output)|: what the ground truth ranks channels by.
+    def _scores(self, out: torch.Tensor, dest: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, C) spatial max of |activation(unit output)|: what the ground truth ranks channels by (into ``dest``).
 
         For a monotone activation f the maximum of |f(y)| over a map is reached where y is largest or smallest,
         so f on the (B, C) spatial max and min gives it exactly, without touching the full tensor again; for a
@@ -136,13 +142,17 @@ class _MaskHook:
         module = self._act
         if act is None:                                      # max |y| = max(max y, -min y)
             if out.shape[2] * out.shape[3] == 1:
-                return out.reshape(out.shape[0], out.shape[1]).abs()
-            return torch.maximum(_over_maps(out, "amax"), _over_maps(out, "amin").neg_())
-        if act == "relu" or isinstance(module, (nn.ReLU, nn.ReLU6)):
-            return (F.relu if act == "relu" else module)(_over_maps(out, "amax"))
-        if isinstance(module, _MONOTONE):
-            return torch.maximum(module(_over_maps(out, "amax")).abs(), module(_over_maps(out, "amin")).abs())
-        return module(out.clone()).abs().amax(dim=(2, 3))
+                return torch.abs(out.reshape(out.shape[0], out.shape[1]), out=dest)
+            return torch.maximum(_over_maps(out, "amax"), _over_maps(out, "amin").neg_(), out=dest)
+        if act == "relu" or isinstance(module, nn.ReLU):
+            return _over_maps(out, "amax", dest).relu_()
+        if isinstance(module, nn.ReLU6):
+            s = module(_over_maps(out, "amax"))
+        elif isinstance(module, _MONOTONE):
+            s = torch.maximum(module(_over_maps(out, "amax")).abs(), module(_over_maps(out, "amin")).abs())
+        else:
+            s = module(out.clone()).abs().amax(dim=(2, 3))
+        return s if dest is None else dest.copy_(s)
 
     def __call__(self, module: nn.Module, args, out: torch.Tensor):
         g, name = self.owner, self.unit.name
@@ -152,12 +162,20 @@ class _MaskHook:
                 target = ground_truth(self._scores(out.detach()), g.r, g.gt)
             g._state.targets[name] = target
         elif g.collect_targets:                  # only the loss needs it: rank after the forward (see last_targets)
+            st = g._state
             with torch.no_grad():
-                g._state.scores[name] = self._scores(out.detach())
+                dest = st.flat.slot("scores", name, out) if st.flat is not None else None
+                st.scores[name] = self._scores(out.detach(), dest)
         if g.mode == "open":
             return None
         if g.mode == "predict":
-            mask = g.forced_masks[name] if g.forced_masks is not None else g._state.logits[name] > 0
+            st = g._state
+            if g.forced_masks is not None:
+                mask = g.forced_masks[name]
+            else:
+                logits = st.logits[name]
+                dest = st.flat.slot("masks", name, logits, torch.bool) if st.flat is not None else None
+                mask = torch.gt(logits.detach(), 0, out=dest) if dest is not None else logits > 0
         else:
             mask = target
         g._state.masks[name] = mask
@@ -193,6 +211,7 @@ class GatedModel(nn.Module):
             raise FtwtError(f"not gateable: {', '.join(unknown[:3])}", "choose layers from the attach table")
         self.units: List[Unit] = [by_name[n] for n in names]
         self.gates = nn.ModuleDict({gate_key(u.name): Gate(u.in_channels, u.out_channels) for u in self.units})
+        self._layout = Layout.of([u.name for u in self.units], [u.out_channels for u in self.units])
         self.mode, self.r, self.gt = "open", 0.95, "mass"
         self.decoupled = True          # the gate reads a detached input: the task loss never reaches it
         self.collect_targets = False   # also compute ground-truth masks (for the BCE loss) while predicting
@@ -238,6 +257,8 @@ class GatedModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor):
         self._state = _ForwardState(rule=(self.r, self.gt))
+        if self.mode == "predict":
+            self._state.flat = FlatBuffers.new(self._layout, x.shape[0])
         with torch.no_grad() if self.frozen_backbone else nullcontext():
             out = self.backbone(x)
         # MACs are counted when someone asks (last_stats), not on every forward: inference pays nothing for them.
@@ -269,23 +290,48 @@ class GatedModel(nn.Module):
         st = self._state
         if st.scores:
             r, gt = st.rule
-            st.targets.update(ground_truth_many(st.scores, r, gt))
+            flat = st.flat.complete("scores") if st.flat is not None else None
+            if flat is not None:                 # every layer's scores in one buffer: rank each width's rows at once
+                lay, b = st.flat.layout, st.flat.batch
+                keep = [ground_truth(lay.group(flat, i, b), r, gt).view(-1) for i in range(len(lay.groups))]
+                t = keep[0] if len(keep) == 1 else torch.cat(keep)
+                st.flat.put("targets", t)
+                st.targets.update((n, lay.block(t, i, b)) for i, n in enumerate(lay.names))
+            else:
+                st.targets.update(ground_truth_many(st.scores, r, gt))
             st.scores = {}
         return st.targets
 
-    def side_by_side(self) -> Tuple[List[str], torch.Tensor, torch.Tensor]:
-        """The layers with ground truth, and their gate logits and ground truth side by side: (B, Σ C_l) each,
-        layer after layer. Computed once per forward: the loss and the progress metrics share it."""
+    def side_by_side(self) -> SideBySide:
+        """The layers with ground truth, with their gate logits, ground truth and masks side by side (flat, layer
+        blocks in ``sidebyside.Layout`` order). Straight from the hooks' buffers when every layer wrote its
+        block, else concatenated. Computed once per forward: the loss and the progress metrics share it."""
         st = self._state
         if st.side is None:
             targets = self.last_targets
-            names = list(targets)
-            st.side = (names, torch.cat([st.logits[n] for n in names], 1), torch.cat([targets[n] for n in names], 1))
+            names = [n for n in self._layout.names if n in targets]
+            fl = st.flat
+
+            def flat(kind: str, parts: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+                whole = fl.complete(kind) if fl is not None and len(names) == len(self._layout.names) else None
+                if whole is not None:
+                    return whole
+                if not all(n in parts for n in names):
+                    return None
+                return torch.cat([parts[n].reshape(-1) for n in names])
+
+            b = targets[names[0]].shape[0] if names else 0
+            st.side = SideBySide(tuple(names), tuple(targets[n].shape[1] for n in names), b, flat("logits", st.logits),
+                                 flat("targets", targets), flat("masks", st.masks))
         return st.side
 
     def _stats(self, st: _ForwardState, batch: int, size: tuple, gates_run: bool) -> ForwardStats:
         masks = {k: v.detach() for k, v in st.masks.items()}
-        b = count_macs(self.plan.ops, self.units, masks, st.positions, batch, gates_run=gates_run)
+        whole, counts = st.flat.complete("masks") if st.flat is not None else None, None
+        if whole is not None:                    # every mask in one buffer: count them per width, not per layer
+            lay = st.flat.layout
+            counts = dict(zip(lay.names, lay.sample_counts(whole, batch).unbind(0)))
+        b = count_macs(self.plan.ops, self.units, masks, st.positions, batch, gates_run=gates_run, counts=counts)
         if size not in self._dense_cache:
             self._dense_cache[size] = float(count_macs(self.plan.ops, self.units, {}, st.positions, 1, gates_run=False).total[0])
         return ForwardStats(b.total, b.gates, self._dense_cache[size], masks, b.per_op)

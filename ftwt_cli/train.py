@@ -81,11 +81,11 @@ class TrainReport:
     config: Dict[str, Any]
 
 
-def _mean_bce(lg: torch.Tensor, tg: torch.Tensor, layers: int) -> torch.Tensor:
+def _mean_bce(lg: torch.Tensor, tg: torch.Tensor, batch: int, layers: int) -> torch.Tensor:
     # float64 on CPU: more exact and ~2× faster there, since float32's log1p is not vectorised (measured).
     dt = torch.float64 if lg.device.type == "cpu" else lg.dtype
     bce = F.binary_cross_entropy_with_logits(lg.to(dt), tg.to(dt), reduction="sum")
-    return (bce / (lg.shape[0] * layers)).to(lg.dtype)
+    return (bce / (batch * layers)).to(lg.dtype)
 
 
 def gate_loss(model: GatedModel) -> torch.Tensor:
@@ -93,8 +93,8 @@ def gate_loss(model: GatedModel) -> torch.Tensor:
 
     Every (sample, filter) term carries the same weight 1/(B·L), so one BCE over all layers' logits side by
     side equals the per-layer sums averaged, in one kernel instead of one per layer."""
-    names, lg, tg = model.side_by_side()
-    return _mean_bce(lg, tg, len(names))
+    sb = model.side_by_side()
+    return _mean_bce(sb.logits, sb.targets, sb.batch, len(sb.names))
 
 
 _Z_MIN = -20.0     # gate_grads: below this signed logit, −log σ(z) = −z to float32 precision (e^z < 3e−9)
@@ -142,9 +142,10 @@ def gate_grads(model: GatedModel) -> torch.Tensor:
     z = −20 (a gate confidently wrong) σ(z) would underflow in ``_sum_log``'s products, so z is clamped there
     and the loss adds back the difference: −log σ(z) = −z + log(1 + e^z), and e^z < 3e−9 is nothing next to
     |z| in float32. The gradient is −s either way, to the same precision."""
-    names, lg, tg = model.side_by_side()
-    scale = 1.0 / (lg.shape[0] * len(names))
-    sign = bool_to(tg, lg.dtype).mul_(2).sub_(1)
+    sb = model.side_by_side()
+    lg = sb.logits
+    scale = 1.0 / (sb.batch * len(sb.names))
+    sign = bool_to(sb.targets, lg.dtype).mul_(2).sub_(1)
     z = lg * sign
     beyond = torch.zeros((), dtype=lg.dtype, device=lg.device)
     if float(z.amin()) < _Z_MIN:
@@ -154,9 +155,7 @@ def gate_grads(model: GatedModel) -> torch.Tensor:
     loss = (beyond - _sum_log(p)).mul_(scale)
     grad = p.sub_(1).mul_(sign).mul_(scale)
     pooled, wdt = model.last_pooled, _weight_grad_dtype(lg.device)
-    gw = grad.to(wdt)
-    widths = [model.last_targets[k].shape[1] for k in names]
-    for name, gb, gl in zip(names, grad.sum(0).split(widths), gw.split(widths, 1)):
+    for name, gb, gl in zip(sb.names, sb.batch_sums(grad), sb.blocks(grad.to(wdt))):
         fc = model.gates[gate_key(name)].fc
         fc.weight.grad = (gl.t() @ pooled[name].to(wdt)).to(fc.weight.dtype)
         fc.bias.grad = gb
@@ -169,9 +168,9 @@ def _gate_optimizer(model: GatedModel, lr: float, weight_decay: float = 0.0) -> 
 
 
 @functools.lru_cache(maxsize=16)
-def _layer_weights(widths: Tuple[int, ...]) -> torch.Tensor:
-    """(Σ C_l,) weights 1/(L·C_l): a dot product with per-channel means gives the mean over layers of per-layer means."""
-    return torch.cat([torch.full((c,), 1.0 / (len(widths) * c)) for c in widths])
+def _block_sizes(widths: Tuple[int, ...], batch: int) -> torch.Tensor:
+    """(L,) float64 B·C_l: a layer's count of set entries over this is its mean."""
+    return torch.tensor([batch * c for c in widths], dtype=torch.float64)
 
 
 def _batch_metrics(model: GatedModel) -> Dict[str, float]:
@@ -179,11 +178,11 @@ def _batch_metrics(model: GatedModel) -> Dict[str, float]:
     s, t = model.last_stats, model.last_targets
     out = {"agreement": 1.0, "keep": 1.0, "macs_cut": 1.0 - float(s.macs.mean()) / s.dense_macs}
     if t:
-        names, _, targets = model.side_by_side()
-        masks = torch.cat([s.masks[n] for n in names], 1)
-        w = _layer_weights(tuple(t[n].shape[1] for n in names))
-        out["agreement"] = float(bool_to(masks == targets, w.dtype).mean(0) @ w)
-        out["keep"] = float(bool_to(masks, w.dtype).mean(0) @ w)
+        sb = model.side_by_side()
+        masks = sb.masks if sb.masks is not None else torch.cat([s.masks[n].reshape(-1) for n in sb.names])
+        size = _block_sizes(sb.widths, sb.batch)
+        out["agreement"] = float((sb.layer_counts(masks == sb.targets).cpu() / size).mean())
+        out["keep"] = float((sb.layer_counts(masks).cpu() / size).mean())
     return out
 
 
