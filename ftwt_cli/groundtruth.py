@@ -8,8 +8,9 @@ highest-scoring channels.
 
 Both rules only need k per sample, which depends on the sorted *values* alone; the kept set is then
 "score above the k-th value, plus the lowest-index ties at it". So no argsort is needed: on CPU the values
-come from NumPy's SIMD sort (kept ascending), ~30× faster than ``torch.sort`` for (128, 512) rows — this ranking runs once per
-gated layer and batch while fitting, and was the largest single cost of a fit-gates step.
+come from NumPy's SIMD sort (kept in its ascending order), ~30× faster than ``torch.sort`` for (128, 512) rows —
+this ranking runs once per gated layer and batch while fitting, and was the largest single cost of a fit-gates
+step.
 """
 from __future__ import annotations
 

@@ -150,14 +150,14 @@ def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, 
             if u.name in masks:
                 i, f = column(active_channels(u.in_expr, masks, batch), u.in_channels)
                 gate_terms.append((i, float(f * u.out_channels)))
-    counts = torch.stack(cols, 1)
+    side = torch.stack(cols, 1)              # (B, M) count columns
     gates = torch.zeros(batch, dtype=torch.float64)
     if gate_terms:
-        gates = counts[:, [i for i, _ in gate_terms]] @ torch.tensor([f for _, f in gate_terms], dtype=torch.float64)
+        gates = side[:, [i for i, _ in gate_terms]] @ torch.tensor([f for _, f in gate_terms], dtype=torch.float64)
     total = gates.clone()
     if pairs:
         coef = torch.tensor([c for *_, c in pairs], dtype=torch.float64)
-        macs = counts[:, [i for _, i, _, _ in pairs]] * counts[:, [j for _, _, j, _ in pairs]] * coef
+        macs = side[:, [i for _, i, _, _ in pairs]] * side[:, [j for _, _, j, _ in pairs]] * coef
         total += macs.sum(1)
         per_op.update(zip((name for name, *_ in pairs), macs.unbind(1)))
     for v in one_by_one:

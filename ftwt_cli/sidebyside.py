@@ -99,7 +99,7 @@ class FlatBuffers:
 
     def complete(self, kind: str) -> Optional[torch.Tensor]:
         """The flat buffer of ``kind`` if every layer wrote its block exactly once, else None."""
-        if kind in self.broken or len(self.seen.get(kind, ())) != len(self.layout.names):
+        if kind in self.broken or not self.layout.names or len(self.seen.get(kind, ())) != len(self.layout.names):
             return None
         return self.bufs[kind]
 

@@ -68,3 +68,13 @@ def test_flat_path_equals_concatenating_per_layer(frozen, monkeypatch):
         monkeypatch.setattr(sidebyside.FlatBuffers, "slot", lambda *args, **kw: None)
         g(x)
         assert torch.equal(train.gate_loss(g), loss) and train._batch_metrics(g) == m
+
+
+def test_no_gated_layer_in_predict_mode():
+    """A model with nothing gated still runs, reports and counts its MACs (no flat buffer to read)."""
+    net, plan = _plan()
+    g = GatedModel(net, plan, gated=[]).eval().set_gates("predict")
+    with torch.no_grad():
+        g(torch.randn(2, 3, 16, 16))
+    s = g.last_stats
+    assert s.masks == {} and torch.equal(s.macs, torch.full((2,), s.dense_macs, dtype=torch.float64))
