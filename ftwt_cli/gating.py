@@ -320,9 +320,11 @@ class GatedModel(nn.Module):
                     return None
                 return torch.cat([parts[n].reshape(-1) for n in names])
 
+            lay = self._layout                   # or the same order restricted to the layers that ran
+            if len(names) != len(lay.names):
+                lay = Layout.of(names, [targets[n].shape[1] for n in names])
             b = targets[names[0]].shape[0] if names else 0
-            st.side = SideBySide(tuple(names), tuple(targets[n].shape[1] for n in names), b, flat("logits", st.logits),
-                                 flat("targets", targets), flat("masks", st.masks))
+            st.side = SideBySide(lay, b, flat("logits", st.logits), flat("targets", targets), flat("masks", st.masks))
         return st.side
 
     def _stats(self, st: _ForwardState, batch: int, size: tuple, gates_run: bool) -> ForwardStats:

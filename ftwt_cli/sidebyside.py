@@ -106,41 +106,31 @@ class FlatBuffers:
 
 @dataclass(frozen=True)
 class SideBySide:
-    """The layers with ground truth and their flat logits, targets and (when predicted) masks, in ``layout`` order
-    (all layers) or, when some layer did not run, the layers that did in that order: (B·Σ C_l,) each."""
-    names: Tuple[str, ...]
-    widths: Tuple[int, ...]
+    """The layers with ground truth and their flat logits, targets and (when predicted) masks: (B·Σ C_l,) each, in
+    ``layout`` order (the model's, or the same order restricted to the layers that ran)."""
+    layout: Layout
     batch: int
     logits: Optional[torch.Tensor]      # None where the gates did not run
     targets: torch.Tensor
     masks: Optional[torch.Tensor]       # None unless predicted
 
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return self.layout.names
+
+    @property
+    def widths(self) -> Tuple[int, ...]:
+        return self.layout.widths
+
     def blocks(self, flat: torch.Tensor) -> List[torch.Tensor]:
         """The per-layer (B, C_l) views of a flat tensor in this layout."""
-        out, o = [], 0
-        for c in self.widths:
-            out.append(flat[o:o + self.batch * c].view(self.batch, c))
-            o += self.batch * c
-        return out
-
-    def _runs(self) -> List[Tuple[int, int, int]]:
-        """(flat offset, layers, width) of each run of consecutive layers of one width."""
-        out, o, i = [], 0, 0
-        while i < len(self.widths):
-            c, n = self.widths[i], 1
-            while i + n < len(self.widths) and self.widths[i + n] == c:
-                n += 1
-            out.append((o, n, c))
-            o, i = o + n * self.batch * c, i + n
-        return out
+        return [self.layout.block(flat, i, self.batch) for i in range(len(self.layout.names))]
 
     def batch_sums(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        """Per layer, the (C_l,) sum over the batch of its block: one reduction per run of equal widths."""
-        b = self.batch
-        return [t for o, n, c in self._runs() for t in flat[o:o + n * b * c].view(n, b, c).sum(1).unbind(0)]
+        """Per layer, the (C_l,) sum over the batch of its block: one reduction per width."""
+        b, lay = self.batch, self.layout
+        return [t for g, (_, n, c) in enumerate(lay.groups) for t in lay.group(flat, g, b).view(n, b, c).sum(1).unbind(0)]
 
     def layer_counts(self, flags: torch.Tensor) -> torch.Tensor:
-        """(L,) float64: how many entries of each layer's block are set, in a flat bool tensor (exact: int32 sums,
-        2× faster than float64 ones on a CPU)."""
-        u, b = flags.view(torch.uint8), self.batch
-        return torch.cat([u[o:o + n * b * c].view(n, b * c).sum(1, dtype=torch.int32) for o, n, c in self._runs()]).double()
+        """(L,) float64: how many entries of each layer's block are set, in a flat bool tensor (exact)."""
+        return self.layout.sample_counts(flags, self.batch).sum(1)
