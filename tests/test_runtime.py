@@ -32,7 +32,9 @@ def test_keep_freed_memory_stops_refaulting_activations():
     _, default = _faults("default")
     assert ok == "True"
     assert default > 20 * 12_288        # at least one buffer's pages faulted in again every step
-    assert kept < 3 * 12_288            # less than one step's worth, all told
+    # at most a one-off growth of the heap (seen: 0, 1 or 3 buffers' worth after warm-up, depending on where
+    # glibc places the blocks), never a refault per step: that would be 60 buffers' worth, as by default
+    assert kept <= 2 * 3 * 12_288
 
 
 def test_keep_freed_memory_is_idempotent_and_the_cli_calls_it():
