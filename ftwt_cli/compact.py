@@ -117,7 +117,7 @@ class CompactConv(nn.Module):
             in_idx = sh.idx[self.compact_in]
             pooled = x.new_zeros(B, self.in_channels)
             pooled.index_copy_(1, in_idx, self.gate.pool(x))
-            logits = self.gate.fc(pooled)      # = gate(dense x): the missing channels are all zero
+            logits = self.gate.logits(pooled)  # = gate(dense x): the missing channels are all zero
         else:
             logits = self.gate(x)
         mask = sh.forced[self.name] if sh.forced is not None else logits > 0

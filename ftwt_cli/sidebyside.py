@@ -73,6 +73,7 @@ class FlatBuffers:
     bufs: Dict[str, torch.Tensor] = field(default_factory=dict)
     seen: Dict[str, Set[int]] = field(default_factory=dict)
     broken: Set[str] = field(default_factory=set)
+    counts: Dict[str, torch.Tensor] = field(default_factory=dict)     # kind -> its (L, B) sample_counts, once
 
     @classmethod
     def new(cls, layout: Layout, batch: int) -> "FlatBuffers":
@@ -103,6 +104,16 @@ class FlatBuffers:
             return None
         return self.bufs[kind]
 
+    def sample_counts(self, kind: str) -> Optional[torch.Tensor]:
+        """``Layout.sample_counts`` of the complete bool buffer of ``kind`` (else None), counted once: the MACs
+        count and the progress metrics both need the masks' counts."""
+        if kind not in self.counts:
+            whole = self.complete(kind)
+            if whole is None:
+                return None
+            self.counts[kind] = self.layout.sample_counts(whole, self.batch)
+        return self.counts[kind]
+
 
 @dataclass(frozen=True)
 class SideBySide:
@@ -113,6 +124,7 @@ class SideBySide:
     logits: Optional[torch.Tensor]      # None where the gates did not run
     targets: torch.Tensor
     masks: Optional[torch.Tensor]       # None unless predicted
+    flat: Optional[FlatBuffers] = None  # the hooks' buffers, where the tensors above are theirs
 
     @property
     def names(self) -> Tuple[str, ...]:
@@ -132,5 +144,11 @@ class SideBySide:
         return [t for g, (_, n, c) in enumerate(lay.groups) for t in lay.group(flat, g, b).view(n, b, c).sum(1).unbind(0)]
 
     def layer_counts(self, flags: torch.Tensor) -> torch.Tensor:
-        """(L,) float64: how many entries of each layer's block are set, in a flat bool tensor (exact)."""
+        """(L,) float64: how many entries of each layer's block are set, in a flat bool tensor (exact); a hooks'
+        buffer is counted only once."""
+        fl = self.flat
+        if fl is not None and fl.layout == self.layout:
+            for kind, buf in fl.bufs.items():
+                if buf is flags and (n := fl.sample_counts(kind)) is not None:
+                    return n.sum(1)
         return self.layout.sample_counts(flags, self.batch).sum(1)

@@ -133,7 +133,7 @@ class _ActNet(nn.Module):
         return self.head(x + self.res(x))
 
 
-@pytest.mark.parametrize("size", [8, 4, 1])      # 4 and 1: the maps that _over_maps special-cases
+@pytest.mark.parametrize("size", [16, 8, 4, 1])  # 16: max |y| from a max and a min pass; 4, 1: _over_maps' special cases
 def test_ground_truth_scores_equal_spatial_max_abs_activation(size):
     torch.manual_seed(0)
     net = _ActNet().eval()
@@ -182,7 +182,7 @@ def test_frozen_backbone_gate_grads_equal_autograd(logit_scale, wdt, monkeypatch
     """fit-gates: with a frozen backbone nothing records, and gate_grads gives the loss and gradients that
     autograd gives through the float64 BCE (gate_loss), confidently wrong gates included; weight gradients
     computed in bfloat16 (CPUs with native bf16) agree to bf16's precision."""
-    monkeypatch.setattr(train, "_weight_grad_dtype", lambda device: wdt)
+    monkeypatch.setattr(train, "_weight_grad_dtype", lambda device, weights: wdt)
     torch.manual_seed(0)
     net, plan = _plan()
     g = GatedModel(net, plan).eval()
@@ -246,3 +246,41 @@ def test_over_maps_matches_torch_reductions(hw):
         got = _over_maps(x, reduce)
         assert torch.allclose(got, getattr(x, reduce)(dim=(2, 3)), atol=1e-6), reduce
         assert got.data_ptr() != x.data_ptr()
+
+
+@pytest.mark.parametrize("batch,c_in,c_out", [(128, 512, 512), (2, 64, 32)])    # above / below _DNNL_MIN_MACS
+def test_gate_linear_equals_f_linear(batch, c_in, c_out, monkeypatch):
+    from ftwt_cli import gating
+    torch.manual_seed(0)
+    p, w, b = torch.rand(batch, c_in), torch.randn(c_out, c_in) * 0.05, torch.randn(c_out)
+    want = torch.nn.functional.linear(p, w, b)
+    got = gating.gate_linear(p, w, b)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    out = torch.empty(batch, c_out)
+    assert gating.gate_linear(p, w, b, out=out) is out and torch.equal(out, got)
+    monkeypatch.setattr(gating, "_DNNL_LINEAR", None)            # a torch build without it: addmm
+    assert torch.equal(gating.gate_linear(p, w, b), want)
+
+
+def test_gate_linear_takes_onednn_only_where_nothing_needs_a_gradient(monkeypatch):
+    from ftwt_cli import gating
+    real = gating._DNNL_LINEAR
+    if real is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    calls = []
+    monkeypatch.setattr(gating, "_DNNL_LINEAR", lambda *a: calls.append(a[0].shape) or real(*a))
+    p = torch.rand(128, 256)
+    w, b = torch.randn(512, 256, requires_grad=True), torch.zeros(512, requires_grad=True)
+    gating.gate_linear(p, w, b).sum().backward()                 # finetune: autograd's addmm
+    assert calls == [] and w.grad is not None
+    with torch.no_grad():
+        gating.gate_linear(p, w, b)                              # evaluation, fit-gates
+        gating.gate_linear(p[:2], w, b)                          # too small a product: addmm
+    assert calls == [(128, 256)]
+
+
+def test_weight_gradients_run_in_bf16_only_for_large_gates():
+    cpu = torch.device("cpu")
+    assert train._weight_grad_dtype(cpu, 64 * 64) == torch.float32
+    big = train._weight_grad_dtype(cpu, 512 * 512)
+    assert big == (torch.bfloat16 if train._native_bf16(cpu) else torch.float32)

@@ -97,8 +97,37 @@ def test_dynamic_macs_match_independent_measurement(build, mode):
     m = build().eval()
     g = GatedModel(m, trace_plan(m, (3, 64, 64)), None).eval()
     g.set_gates(mode, r=0.85)
-    x = torch.randn(3, 3, 64, 64)
-    measured = _Measure(g).run(x)
-    assert torch.allclose(g.last_stats.macs, measured, rtol=1e-12), (g.last_stats.macs, measured)
+    meter, seen = _Measure(g), []
+    for _ in range(2):                    # the second forward reuses the MACs plan with other masks
+        measured = meter.run(torch.randn(3, 3, 64, 64))
+        assert torch.allclose(g.last_stats.macs, measured, rtol=1e-12), (g.last_stats.macs, measured)
+        seen.append(measured)
+        if mode == "oracle":
+            assert (g.last_stats.macs < g.last_stats.dense_macs).all()
+    assert len(g._macs_plans) == 1
     if mode == "oracle":
-        assert (g.last_stats.macs < g.last_stats.dense_macs).all()
+        assert not torch.equal(seen[0], seen[1])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_macs_plan_matches_a_fresh_count_per_op(name):
+    """A plan built on one forward's masks, run on another's, gives what a count from scratch gives, op by op.
+    ResNet-18 reads the OR of two masks after its first residual sum (new flags every forward); MobileNetV2's
+    depthwise convs go op by op."""
+    from ftwt_cli.macs import MacsPlan, count_macs
+    torch.manual_seed(0)
+    m = torchvision.models.get_model(name, num_classes=10).eval()
+    g = GatedModel(m, trace_plan(m, (3, 32, 32))).eval().set_gates("oracle", r=0.7)
+    with torch.no_grad():
+        g(torch.randn(2, 3, 32, 32))
+    st = g._last[0]
+    plan = MacsPlan.build(g.plan.ops, g.units, dict(st.masks), st.positions, 2, gates_run=True)
+    assert any(kind == "expr" for kind, *_ in plan.sources) if name == "resnet18" else plan.grouped
+    with torch.no_grad():
+        g(torch.randn(2, 3, 32, 32))
+    st = g._last[0]
+    got, want = plan.run(st.masks), count_macs(g.plan.ops, g.units, st.masks, st.positions, 2, gates_run=True)
+    assert torch.equal(got.total, want.total) and torch.equal(got.gates, want.gates)
+    assert list(got.per_op) == list(want.per_op)
+    assert all(torch.equal(got.per_op[k], want.per_op[k]) for k in want.per_op)
+    assert torch.equal(got.total, g.last_stats.macs)

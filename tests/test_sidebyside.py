@@ -55,6 +55,7 @@ def test_flat_path_equals_concatenating_per_layer(frozen, monkeypatch):
     if frozen:
         a = _fit_step(g, x)
         assert all(g._state.flat.complete(k) is not None for k in ("logits", "scores", "masks", "targets"))
+        assert set(g._state.flat.counts) == {"masks"}      # counted once, for the MACs and the keep ratio
         monkeypatch.setattr(sidebyside.FlatBuffers, "slot", lambda *args, **kw: None)
         b = _fit_step(g, x)
         assert g._state.flat.complete("scores") is None
