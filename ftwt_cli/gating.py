@@ -54,9 +54,12 @@ def gate_linear(p: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: Optional
     On x86 CPUs torch hands float32 products to MKL, whose sgemm runs AVX2 code on AMD CPUs; oneDNN's inner
     product uses AVX-512 there and takes half the time for the gates' larger shapes (measured at batch 128 on a
     2-core EPYC: 512 × 512 in 176 against 332 µs, 256 × 256 in 51 against 83 µs). Only where nothing needs a
-    gradient (the op has no autograd formula) and the product is big enough; both give the same float32 logits
-    to rounding (~1e−6), and every gradient-free caller (fit-gates, evaluation, export) goes through here."""
-    if (_DNNL_LINEAR is not None and p.device.type == "cpu" and p.dtype == w.dtype == torch.float32
+    gradient (the op has no autograd formula), the product is big enough, and no tracer or compiler records the
+    call; both give the same float32 logits to rounding (~1e−6), and every gradient-free caller (fit-gates,
+    evaluation, the compact runtime) goes through here."""
+    if (_DNNL_LINEAR is not None
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()      # traced graphs stay portable
+            and p.device.type == "cpu" and p.dtype == w.dtype == torch.float32
             and p.dim() == 2 and p.shape[0] * w.shape[0] * w.shape[1] >= _DNNL_MIN_MACS
             and torch._C._get_mkldnn_enabled()
             and not (torch.is_grad_enabled() and (p.requires_grad or w.requires_grad or b.requires_grad))):

@@ -276,7 +276,10 @@ def test_gate_linear_takes_onednn_only_where_nothing_needs_a_gradient(monkeypatc
     with torch.no_grad():
         gating.gate_linear(p, w, b)                              # evaluation, fit-gates
         gating.gate_linear(p[:2], w, b)                          # too small a product: addmm
-    assert calls == [(128, 256)]
+        wd, bd = w.detach(), b.detach()
+        traced = torch.jit.trace(lambda q: gating.gate_linear(q, wd, bd), (p,), check_trace=False)
+    assert calls == [(128, 256)]                                 # a traced graph holds addmm, not the private op
+    assert "mkldnn" not in str(traced.graph)
 
 
 def test_weight_gradients_run_in_bf16_only_for_large_gates():
