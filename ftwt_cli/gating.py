@@ -171,7 +171,8 @@ class _MaskHook:
         For a monotone activation f the maximum of |f(y)| over a map is reached where y is largest or smallest,
         so f on the (B, C) spatial max and min gives it exactly, without touching the full tensor again; for a
         non-negative one (ReLU) the max alone suffices. (Separate amax/amin passes: ``aminmax`` over the
-        flattened maps measured 15× slower on CPU.) Other activations (SiLU, GELU, ...) run on a copy."""
+        flattened maps measured 15× slower on CPU; without an activation, small maps take max |y| over a copy,
+        see ``_ABS_FIRST_MAX_HW``.) Other activations (SiLU, GELU, ...) run on a copy."""
         act = self.unit.act
         if act not in (None, "relu") and self._act is None:     # resolved once: hooks run on every forward
             self._act = self.owner.backbone.get_submodule(act)
