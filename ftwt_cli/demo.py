@@ -99,6 +99,7 @@ def run_demo(folder: Path | str = "ftwt-demo", *, data: Optional[str] = None, fo
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     log(f"1/6 training a ResNet-18 baseline on {splits.source} ({len(splits.train)} images, 32 px)")
+    torch.manual_seed(0)                 # the baseline's initial weights too: every demo run trains the same one
     model = train_classifier(torchvision.models.resnet18(num_classes=10), splits, s.baseline_epochs,
                              batch_size=s.batch_size, workers=workers, log=log)
     ckpt = folder / "baseline-resnet18.pth"

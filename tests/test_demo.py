@@ -1,4 +1,6 @@
 """ftwt demo: the main job on its built-in default (digits here, so the test is quick and always possible)."""
+import pytest
+import torch
 from typer.testing import CliRunner
 
 import ftwt_cli
@@ -18,3 +20,21 @@ def test_demo_on_digits(tmp_path):
     assert e["top1"] > 0.9 and e["reduction"] > 0.05      # a real, trained model that really got cheaper
     res = CliRunner().invoke(app, ["demo", "--data", "digits", "--dir", str(d)])
     assert res.exit_code == 2 and "already exists" in res.stderr
+
+
+def test_demo_baseline_starts_from_the_same_weights_every_run(tmp_path, monkeypatch):
+    from ftwt_cli import demo
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(model, *args, **kwargs):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        raise Stop
+    monkeypatch.setattr(demo, "train_classifier", capture)
+    for i in range(2):
+        torch.manual_seed(i)             # whatever ran before in the process must not matter
+        with pytest.raises(Stop):
+            demo.run_demo(tmp_path / f"d{i}", data="digits", workers=0, log=lambda line: None)
+    assert all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])
