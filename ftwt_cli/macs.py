@@ -130,6 +130,7 @@ class MacsPlan:
               positions: Mapping[str, int], batch: int, *, gates_run: bool) -> "MacsPlan":
         """The plan for masks with these names (their values only serve to tell the sparsity expressions that
         pass a unit's mask through unchanged from those that make new flags)."""
+        masks = {n: m.detach() for n, m in masks.items()}     # one object per name, even where the caller's alias
         by_id = {id(m): n for n, m in masks.items()}
         sources: List[_Source] = []
         where: Dict[tuple, int] = {}

@@ -97,6 +97,7 @@ class FlatBuffers:
     def put(self, kind: str, flat: torch.Tensor) -> None:
         """A whole flat buffer made at once (the targets, ranked after the forward)."""
         self.bufs[kind], self.seen[kind] = flat, set(range(len(self.layout.names)))
+        self.counts.pop(kind, None)
 
     def complete(self, kind: str) -> Optional[torch.Tensor]:
         """The flat buffer of ``kind`` if every layer wrote its block exactly once, else None."""

@@ -131,3 +131,20 @@ def test_macs_plan_matches_a_fresh_count_per_op(name):
     assert list(got.per_op) == list(want.per_op)
     assert all(torch.equal(got.per_op[k], want.per_op[k]) for k in want.per_op)
     assert torch.equal(got.total, g.last_stats.macs)
+
+
+def test_macs_plan_built_on_aliased_masks_counts_each_layer_later():
+    """Layers whose masks were one shared tensor when the plan was built (replayed all-ones masks, say) still get
+    their own counts once their masks differ."""
+    from ftwt_cli.macs import MacsPlan, count_macs
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=10).eval()
+    g = GatedModel(m, trace_plan(m, (3, 32, 32))).eval().set_gates("oracle", r=0.7)
+    with torch.no_grad():
+        g(torch.randn(2, 3, 32, 32))
+    st = g._last[0]
+    shared = torch.ones(2, 64, dtype=torch.bool)
+    aliased = {n: (shared if v.shape[1] == 64 else v) for n, v in st.masks.items()}
+    plan = MacsPlan.build(g.plan.ops, g.units, aliased, st.positions, 2, gates_run=True)
+    want = count_macs(g.plan.ops, g.units, st.masks, st.positions, 2, gates_run=True)
+    assert torch.equal(plan.run(st.masks).total, want.total)

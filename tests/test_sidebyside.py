@@ -34,6 +34,17 @@ def test_flat_buffers_refuse_a_second_write_or_another_batch():
     assert fb.slot("u", "zzz", x) is None
 
 
+def test_flat_buffers_count_a_kind_once_and_again_after_put():
+    lay = Layout.of(["a", "b"], [3, 2])
+    fb = FlatBuffers.new(lay, 2)
+    assert fb.sample_counts("m") is None                                      # nothing written yet
+    fb.put("m", torch.tensor([1, 1, 0, 0, 1, 0, 1, 1, 1, 0], dtype=torch.bool))
+    want = torch.tensor([[2.0, 1.0], [2.0, 1.0]], dtype=torch.float64)          # (layer, sample)
+    assert torch.equal(fb.sample_counts("m"), want) and fb.sample_counts("m") is fb.sample_counts("m")
+    fb.put("m", torch.ones(10, dtype=torch.bool))
+    assert torch.equal(fb.sample_counts("m"), torch.tensor([[3.0, 3.0], [2.0, 2.0]], dtype=torch.float64))
+
+
 def _fit_step(g, x):
     g(x)
     loss = train.gate_grads(g)
