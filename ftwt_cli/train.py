@@ -170,7 +170,8 @@ def gate_grads(model: GatedModel) -> torch.Tensor:
         if wdt == gl.dtype:
             fc.weight.grad = gl.t() @ pooled[name]
         else:
-            fc.weight.grad = (low[i].t() @ pooled[name].to(wdt)).to(fc.weight.dtype)
+            src = low[i] if wdt == torch.bfloat16 else gl.to(wdt)
+            fc.weight.grad = (src.t() @ pooled[name].to(wdt)).to(fc.weight.dtype)
         fc.bias.grad = gb
     return loss
 
