@@ -287,3 +287,23 @@ def test_weight_gradients_run_in_bf16_only_for_large_gates():
     assert train._weight_grad_dtype(cpu, 64 * 64) == torch.float32
     big = train._weight_grad_dtype(cpu, 512 * 512)
     assert big == (torch.bfloat16 if train._native_bf16(cpu) else torch.float32)
+
+
+def test_gate_grads_of_a_float64_model():
+    """Gradient products in a dtype other than the logits' (float32 for these small gates) convert per gate."""
+    torch.manual_seed(0)
+    net, plan = _plan()
+    g = GatedModel(net, plan).eval().double().set_gates("predict", r=0.7)
+    for p in g.gates.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    g.collect_targets = True
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    g(x)
+    gate_loss(g).backward()
+    want = {n: p.grad.clone() for n, p in g.gates.named_parameters()}
+    g.zero_grad(set_to_none=True)
+    g.frozen_backbone = True
+    g(x)
+    gate_grads(g)
+    for n, p in g.gates.named_parameters():
+        assert p.grad.dtype == torch.float64 and torch.allclose(p.grad, want[n], rtol=1e-5, atol=1e-7), n
