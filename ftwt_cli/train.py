@@ -162,11 +162,11 @@ def gate_grads(model: GatedModel) -> torch.Tensor:
     p = z.sigmoid_()
     loss = (beyond - _sum_log(p)).mul_(scale)
     grad = p.sub_(1).mul_(sign).mul_(scale)
-    pooled, dev = model.last_pooled, lg.device
-    wdts = [_weight_grad_dtype(dev, model.gates[gate_key(n)].fc.weight.numel()) for n in sb.names]
+    pooled = model.last_pooled
+    fcs = [model.gates[gate_key(n)].fc for n in sb.names]
+    wdts = [_weight_grad_dtype(lg.device, fc.weight.numel()) for fc in fcs]
     low = sb.blocks(grad.to(torch.bfloat16)) if torch.bfloat16 in wdts else None
-    for i, (name, gb, gl) in enumerate(zip(sb.names, sb.batch_sums(grad), sb.blocks(grad))):
-        fc, wdt = model.gates[gate_key(name)].fc, wdts[i]
+    for i, (name, fc, wdt, gb, gl) in enumerate(zip(sb.names, fcs, wdts, sb.batch_sums(grad), sb.blocks(grad))):
         if wdt == gl.dtype:
             fc.weight.grad = gl.t() @ pooled[name]
         else:
