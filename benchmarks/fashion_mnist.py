@@ -4,11 +4,10 @@
 2. For each r: `ftwt attach` → `ftwt fit-gates` → `ftwt finetune`, recording accuracy and exact MACs.
 3. Dense control: the baseline gets the same extra epochs (`ftwt finetune --dense-control`), so the accuracy
    delta measures gating, not extra training.
-4. Time one fit-gates epoch against one dense evaluation epoch over the same images.
-5. Write benchmarks/RESULTS.md.
+4. Write benchmarks/RESULTS.md.
 
     python benchmarks/fashion_mnist.py [--baseline-epochs 15] [--fit-epochs 2] [--ft-epochs 2] [--rs 1.0,0.95,0.92,0.9]
-        [--freeze-gates-at 0.5] [--distill 0.5] [--no-timing]
+        [--freeze-gates-at 0.5] [--distill 0.5]
 """
 from __future__ import annotations
 
@@ -19,14 +18,13 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Optional
 from pathlib import Path
 
 import torch
 import torchvision
 
-from ftwt_cli.archs import DataConfig
-from ftwt_cli.data import default_workers, make_loader, open_data
+from ftwt_cli.arch import DataConfig
+from ftwt_cli.data import make_loader, open_data
 from ftwt_cli.demo import train_classifier
 
 HERE = Path(__file__).resolve().parent
@@ -59,31 +57,6 @@ def meta(run: Path) -> dict:
 KEEP_MARKER = "<!-- generated above by benchmarks/fashion_mnist.py; the sections below are kept when it reruns -->"
 
 
-def time_epochs(run: Path, workers: Optional[int] = None, rounds: int = 5) -> tuple:
-    """Seconds of one fit-gates epoch vs one dense evaluation epoch over the same (augmented) images: the two
-    alternate for ``rounds`` rounds and each keeps its fastest (this VM's timings drift by ±20% minute to minute);
-    also each round's fit/dense ratio, to show the spread.
-    Both load with ``workers`` (default: ftwt's, ``default_workers()``), in a process set up as the ``ftwt``
-    command sets up its own (``keep_freed_memory``)."""
-    import ftwt_cli
-    from ftwt_cli.runtime import keep_freed_memory
-    keep_freed_memory()
-    from ftwt_cli.config import FitGatesConfig
-    from ftwt_cli.train import fit_gates
-    data = open_data("fashion-mnist", CFG, num_classes=10)
-    dense = ftwt_cli.load(run).set_gates("open")
-    dense_s, fit_s = [], []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        with torch.no_grad():
-            for x, _ in make_loader(data.train, 128, train=True, workers=workers, seed=0, epoch=1):
-                dense.backbone(x)
-        dense_s.append(time.perf_counter() - t)
-        fit_s.append(fit_gates(run, "fashion-mnist", FitGatesConfig(r=0.92, epochs=1, workers=workers)).epochs[0].seconds)
-        print(f"dense epoch {dense_s[-1]:.1f} s, fit-gates epoch {fit_s[-1]:.1f} s", flush=True)
-    return min(dense_s), min(fit_s), [f / d for d, f in zip(dense_s, fit_s)]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--baseline-epochs", type=int, default=15)
@@ -94,11 +67,9 @@ def main() -> int:
     ap.add_argument("--freeze-gates-at", type=float, default=1.0, help="finetune --freeze-gates-at for the gated runs")
     ap.add_argument("--mode", default="decoupled", help="finetune --mode for the gated runs")
     ap.add_argument("--bce-weight", type=float, default=1.0, help="finetune --bce-weight for the gated runs")
-    ap.add_argument("--no-timing", action="store_true", help="skip the fit-gates vs dense epoch timing")
     ap.add_argument("--seed", type=int, default=0, help="--seed for fit-gates, finetune and the dense control")
     ap.add_argument("--workers", type=int, default=2,
-                    help="DataLoader workers for the training runs (2: as the cached rows were made; the epoch "
-                         "timing uses ftwt's own default instead)")
+                    help="DataLoader workers for the training runs (2: as the cached rows were made)")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
@@ -142,7 +113,7 @@ def main() -> int:
     t_ctrl = cache["t_ctrl"]
     cache["base_s"] = cache.get("base_s") if base_s != base_s else base_s   # NaN when the baseline was reused
     import ftwt_cli
-    from ftwt_cli.evaluate import evaluate_loader
+    from ftwt_cli.eval import evaluate_loader
     data = open_data("fashion-mnist", CFG, num_classes=10)
     base_run = WORK / f"run-base-b{args.baseline_epochs}"
     sh("attach", str(ckpt), "--run", str(base_run), *common)
@@ -167,7 +138,6 @@ def main() -> int:
     rows = sorted(cache["rows"].values(), key=lambda x: -x["r"])
     base_s = cache.get("base_s") or float("nan")
 
-    dense_s, fit_s, ratios = time_epochs(base_run) if not args.no_timing else (float("nan"), float("nan"), [float("nan")])
     cache_file.write_text(json.dumps(cache, indent=1))
     best = [x for x in rows if x["delta"] >= -0.3]
     lines = [
@@ -203,11 +173,7 @@ def main() -> int:
         + (f"**met** at r = {', '.join(str(x['r']) for x in best if x['ft_cut'] >= 0.35)}." if any(x['ft_cut'] >= 0.35 for x in best)
            else "**not met** in this run; best within 0.3 pt: " + (f"{max(best, key=lambda x: x['ft_cut'])['ft_cut']:.1%} cut" if best else "none")),
         "",
-        f"Timing: one fit-gates epoch took {fit_s:.1f} s against {dense_s:.1f} s for one dense evaluation epoch over the same "
-        f"60k augmented images, both loading them with ftwt's default of {default_workers()} DataLoader workers, in a "
-        "process set up as the `ftwt` command sets up its own "
-        f"(fastest of {len(ratios)} alternating rounds each; **{fit_s / dense_s:.2f}×**, target ≤ 1.2×; the rounds' own ratios: "
-        f"{min(ratios):.2f}–{max(ratios):.2f}×). Baseline training: {base_s:.0f} s"
+        f"Baseline training: {base_s:.0f} s"
         + (f"; dense control finetune: {t_ctrl:.0f} s." if t_ctrl else ".")
         + " Wall times are single measurements on a 2-core VM whose speed drifts by about ±20%; the epoch timing ran "
           "with the machine otherwise idle.",

@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 import torchvision
 
-from ftwt_cli.archs import DataConfig
-from ftwt_cli.bench import bench, oracle_masks
+from ftwt_cli.arch import DataConfig, trace_plan
 from ftwt_cli.data import make_loader, open_data
-from ftwt_cli.dataflow import trace_plan
+from ftwt_cli.fast import bench, oracle_masks
 from ftwt_cli.gating import GatedModel
 
 HERE = Path(__file__).resolve().parent
@@ -67,7 +66,6 @@ def main() -> int:
     for name in args.models.split(","):
         net, weights = model_for(name)
         g = GatedModel(net, trace_plan(net, (3, 224, 224))).eval()
-        g.meta = {"arch": {"source": "torchvision", "name": name}}
         for r in [float(v) for v in args.rs.split(",")]:
             masks = oracle_masks(g, x, r)
             rep = bench(g, x, masks=masks, reps=args.reps, warmup=5, threads=args.threads)

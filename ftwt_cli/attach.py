@@ -7,12 +7,22 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 from . import __version__
-from .archs import DataConfig, Detection, build_model, detect_arch, head_and_stem, load_weights, parse_arch, resolve_data_config
-from .checkpoints import read_checkpoint
-from .dataflow import trace_plan
+from .arch.registry import (
+    DataConfig,
+    Detection,
+    build_model,
+    detect_arch,
+    head_and_stem,
+    load_weights,
+    parse_arch,
+    resolve_data_config,
+)
+from .arch.trace import trace_plan
 from .errors import FtwtError
-from .gating import GatedModel
-from .run import FORMAT_VERSION, write_new_run
+from .gating.model import GatedModel
+from .io.checkpoints import read_checkpoint
+from .io.meta import ArchInfo, GatingInfo, MacsInfo, RunMeta, SourceInfo
+from .io.rundir import write_new_run
 
 __all__ = ["attach", "AttachReport", "LayerRow", "parse_input_size", "MIN_GATEABLE_SHARE"]
 
@@ -128,18 +138,16 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
 
     rows = tuple(LayerRow(u.name, u.in_channels, u.out_channels, tuple(u.kernel), u.groups,
                           float(dense.per_op[u.name][0]), u.in_channels * u.out_channels) for u in units)
-    meta = {
-        "format": "ftwt-run", "format_version": FORMAT_VERSION, "ftwt_version": __version__,
-        "arch": {"source": det.arch.source, "name": det.arch.name, "num_classes": nc, "in_chans": det.in_chans},
-        "source": {"path": str(ckpt.path), "sha256": ckpt.sha256, "format": ckpt.fmt},
-        "data_config": dc.to_dict(),
-        "gating": {"gated": [u.name for u in units], "mode": "open", "r": None, "gt": "mass", "decoupled": True,
-                   "layers": [{"name": r.name, "in_channels": r.in_channels, "out_channels": r.out_channels,
-                               "kernel": list(r.kernel), "groups": r.groups} for r in rows]},
-        "plan": plan.to_dict(),
-        "macs": {"dense": float(dense.total[0]), "gates": gated.gate_macs_dense(), "input_size": list(dc.input_size)},
-        "history": [{"command": "attach", "ftwt_version": __version__}],
-    }
+    meta = RunMeta(
+        arch=ArchInfo(det.arch.source, det.arch.name, nc, det.in_chans),
+        source=SourceInfo(str(ckpt.path), ckpt.sha256, ckpt.fmt),
+        data_config=dc,
+        gating=GatingInfo([u.name for u in units], [{"name": r.name, "in_channels": r.in_channels, "out_channels": r.out_channels,
+                                                      "kernel": list(r.kernel), "groups": r.groups} for r in rows]),
+        plan=plan,
+        macs=MacsInfo(float(dense.total[0]), gated.gate_macs_dense(), list(dc.input_size)),
+        history=[{"command": "attach", "ftwt_version": __version__}],
+        ftwt_version=__version__)
     write_new_run(run_dir, meta, gated.state_dict(), force=force)
     return AttachReport(run_dir, str(det.arch), nc, det.in_chans, dc.input_size, ckpt.fmt, rows,
                         float(dense.total[0]), gated.gate_macs_dense(),

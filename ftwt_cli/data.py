@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .archs import DataConfig
+from .arch.registry import DataConfig
 from .errors import FtwtError
 
 __all__ = ["DataSplits", "open_data", "make_loader", "with_transform", "build_transform", "FASHION_MNIST_DIR", "DATA_KINDS", "read_idx",

@@ -17,15 +17,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .archs import DataConfig
+from .arch.registry import DataConfig
 from .attach import attach
-from .config import FinetuneConfig, FitGatesConfig
 from .data import FASHION_MNIST_DIR, DataSplits, make_loader, open_data
 from .errors import FtwtError
-from .evaluate import EvalReport, evaluate_run
-from .export import export
-from .report import write_report
-from .train import Progress, finetune, fit_gates
+from .eval.evaluate import EvalReport, evaluate_run
+from .eval.report import write_report
+from .io.export import export
+from .train.config import FinetuneConfig, FitGatesConfig
+from .train.loops import Progress, finetune, fit_gates
 
 __all__ = ["DemoSettings", "DemoResult", "run_demo", "train_classifier", "demo_settings"]
 

@@ -3,7 +3,12 @@ import timm
 import torch
 import torchvision
 
-from ftwt_cli.archs import detect_arch, parse_arch, resolve_data_config, build_model
+from ftwt_cli.arch.registry import (
+    build_model,
+    detect_arch,
+    parse_arch,
+    resolve_data_config,
+)
 from ftwt_cli.errors import FtwtError
 
 

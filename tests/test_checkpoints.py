@@ -5,8 +5,8 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from ftwt_cli.checkpoints import clean_state_dict, read_checkpoint
 from ftwt_cli.errors import FtwtError
+from ftwt_cli.io.checkpoints import clean_state_dict, read_checkpoint
 
 
 @pytest.fixture

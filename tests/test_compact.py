@@ -3,21 +3,20 @@ import pytest
 import timm
 import torch
 import torchvision
+from helpers import no_natural_zeros
 from typer.testing import CliRunner
 
 import ftwt_cli
-from ftwt_cli.bench import bench, oracle_masks
+from ftwt_cli.arch.trace import trace_plan
 from ftwt_cli.cli import app
-from ftwt_cli.compact import STRATEGIES, CompactModel, make_compact
-from ftwt_cli.dataflow import trace_plan
-from ftwt_cli.gating import GatedModel
-
-from test_macs import _no_natural_zeros
+from ftwt_cli.fast.bench import bench, oracle_masks
+from ftwt_cli.fast.compact import STRATEGIES, CompactModel, make_compact
+from ftwt_cli.gating.model import GatedModel
 
 
 def _gated(build, size=64):
     torch.manual_seed(0)
-    m = _no_natural_zeros(build()).eval()     # non-trivial BN statistics, so folding is really tested
+    m = no_natural_zeros(build()).eval()     # non-trivial BN statistics, so folding is really tested
     for mod in m.modules():
         if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
             mod.running_mean.normal_(0, 0.2)
@@ -112,11 +111,9 @@ def test_replayed_masks_and_caller_model_untouched():
     masks = oracle_masks(g, x, 0.9)
     before = {k: v.clone() for k, v in g.state_dict().items()}
     c = make_compact(g, calibrate=False)
-    g.forced_masks = masks
-    with torch.no_grad():
+    with torch.no_grad(), g.forcing(masks):
         ref = g(x)
         assert torch.allclose(c(x, masks), ref, atol=1e-4 * ref.abs().max())
-    g.forced_masks = None
     assert all(torch.equal(before[k], v) for k, v in g.state_dict().items()) and g.mode == "predict"
 
 
@@ -130,7 +127,7 @@ def test_bench_report_and_load_compact(r18_run):
     assert rep.row("dense").macs == rep.row("dense-folded").macs > rep.row("compact").macs
     assert 0 < rep.macs_ratio < 1 and rep.latency_ratio > 0 and all(r.p90_ms >= r.p50_ms for r in rep.rows)
     c = ftwt_cli.load(r18_run, compact=True, calibrate=False)
-    assert isinstance(c, CompactModel) and c.meta["arch"]["name"] == "resnet18"
+    assert isinstance(c, CompactModel) and c.meta.arch.name == "resnet18"
 
 
 def test_cli_bench(r18_run):

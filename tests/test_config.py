@@ -1,7 +1,12 @@
 import pytest
 
-from ftwt_cli.config import FinetuneConfig, FitGatesConfig, load_recipe, resolve_config
 from ftwt_cli.errors import FtwtError
+from ftwt_cli.train.config import (
+    FinetuneConfig,
+    FitGatesConfig,
+    load_recipe,
+    resolve_config,
+)
 
 
 def test_recipe_then_flags(tmp_path):

@@ -16,7 +16,7 @@ def test_demo_on_digits(tmp_path):
     d = tmp_path / "demo"
     assert (d / "baseline-resnet18.pth").is_file() and (d / "report.md").is_file()
     m = ftwt_cli.load(d / "resnet18-ftwt.safetensors")
-    e = m.meta["evaluation"]
+    e = m.meta.evaluation
     assert e["top1"] > 0.9 and e["reduction"] > 0.05      # a real, trained model that really got cheaper
     res = CliRunner().invoke(app, ["demo", "--data", "digits", "--dir", str(d)])
     assert res.exit_code == 2 and "already exists" in res.stderr

@@ -4,18 +4,17 @@ import json
 import pytest
 import torch
 import torchvision
+from helpers import MacsMeter, no_natural_zeros
 from typer.testing import CliRunner
 
-from ftwt_cli.archs import DataConfig
+from ftwt_cli.arch.registry import DataConfig
 from ftwt_cli.attach import attach
 from ftwt_cli.cli import app
 from ftwt_cli.data import make_loader, open_data
 from ftwt_cli.errors import FtwtError
-from ftwt_cli.evaluate import evaluate_run
-from ftwt_cli.ood import CORRUPTIONS, corruption
-from ftwt_cli.report import REPORT_FILES, write_report
-
-from test_macs import _Measure, _no_natural_zeros
+from ftwt_cli.eval.evaluate import evaluate_run
+from ftwt_cli.eval.ood import CORRUPTIONS, corruption
+from ftwt_cli.eval.report import REPORT_FILES, write_report
 
 runner = CliRunner()
 
@@ -55,13 +54,13 @@ def test_predict_needs_fitted_gates(run):
 def test_dynamic_macs_on_real_images_match_zero_channel_count():
     """The independent hook-based count of test_macs, on real digits images instead of noise."""
     torch.manual_seed(0)
-    m = _no_natural_zeros(torchvision.models.resnet18(num_classes=10)).eval()
-    from ftwt_cli.dataflow import trace_plan
-    from ftwt_cli.gating import GatedModel
+    m = no_natural_zeros(torchvision.models.resnet18(num_classes=10)).eval()
+    from ftwt_cli.arch.trace import trace_plan
+    from ftwt_cli.gating.model import GatedModel
     g = GatedModel(m, trace_plan(m, (3, 32, 32))).eval().set_gates("oracle", r=0.9)
     data = open_data("digits", DataConfig((3, 32, 32), (0.5,) * 3, (0.25,) * 3))
     x, _ = next(iter(make_loader(data.val, 16, train=False, workers=0)))
-    measured = _Measure(g).run(x)
+    measured = MacsMeter(g).run(x)
     assert torch.allclose(g.last_stats.macs, measured, rtol=1e-12)
     assert (g.last_stats.macs < g.last_stats.dense_macs).all()
 
@@ -81,7 +80,8 @@ def test_corruptions_are_bounded_and_grow_with_severity(name, small):
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["--gates", "nope", "--data", "digits"], "open, predict, oracle"),
+    (["--gates", "nope", "--data", "digits"], "'nope' is not one of 'open', 'predict', 'oracle'"),
+    (["--r", "abc", "--data", "digits"], "Invalid value for '--r'"),
     (["--gates", "oracle", "--data", "digits"], "needs --r"),
     (["--gates", "open"], "never trained"),
     (["--gates", "oracle", "--r", "2", "--data", "digits"], "outside (0, 1]"),

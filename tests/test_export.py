@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 import ftwt_cli
 from ftwt_cli.attach import attach
 from ftwt_cli.cli import app
-from ftwt_cli.config import FitGatesConfig
 from ftwt_cli.errors import FtwtError
-from ftwt_cli.export import export
-from ftwt_cli.train import fit_gates
+from ftwt_cli.io.export import export
+from ftwt_cli.train.config import FitGatesConfig
+from ftwt_cli.train.loops import fit_gates
 
 runner = CliRunner()
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ftwt_cli.errors import FtwtError
-from ftwt_cli.groundtruth import check_r, heatmap_mass, uniform
+from ftwt_cli.gating.targets import check_r, heatmap_mass, uniform
 
 
 def test_mass_rule_smallest_topk_reaching_r():

@@ -1,9 +1,9 @@
 """Every supported architecture: gates attach, open gates reproduce the source exactly, MACs add up."""
 import pytest
 import torchvision
+from arch_coverage import TIMM_FAMILIES, TIMM_SAMPLE, TORCHVISION_SAMPLE, check_arch
 
 from ftwt_cli.attach import MIN_GATEABLE_SHARE
-from ftwt_cli.coverage import TIMM_FAMILIES, TIMM_SAMPLE, TORCHVISION_SAMPLE, check_arch
 
 
 def _assert_ok(r):

@@ -9,9 +9,15 @@ from typer.testing import CliRunner
 import ftwt_cli
 from ftwt_cli.attach import attach
 from ftwt_cli.cli import app
-from ftwt_cli.config import FinetuneConfig, FitGatesConfig
 from ftwt_cli.errors import FtwtError
-from ftwt_cli.train import CHECKPOINT_FILE, distill_loss, finetune, fit_gates, gate_loss
+from ftwt_cli.train.config import FinetuneConfig, FitGatesConfig
+from ftwt_cli.train.loops import (
+    CHECKPOINT_FILE,
+    distill_loss,
+    finetune,
+    fit_gates,
+    gate_loss,
+)
 
 runner = CliRunner()
 FIT = dict(r=0.9, epochs=2, lr=0.05, batch_size=64, workers=0)
@@ -44,7 +50,7 @@ def test_fit_gates_learns_the_ground_truth_and_leaves_the_backbone(run):
     after = _backbone(run)
     assert all(torch.equal(before[k], after[k]) for k in before)       # frozen backbone, BN stats included
     m = ftwt_cli.load(run)
-    assert m.mode == "predict" and m.r == 0.9 and m.meta["last_eval"]["reduction"] == pytest.approx(rep.final.reduction)
+    assert m.mode == "predict" and m.r == 0.9 and m.meta.last_eval.reduction == pytest.approx(rep.final.reduction)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         m(x)
@@ -84,10 +90,9 @@ def test_bce_reaches_backbone_only_in_joint_mode(run, mode, reaches_backbone):
     for p in m.gates.parameters():   # gates start with zero weights, which pass no gradient to their input
         torch.nn.init.normal_(p, std=0.1)
     m.set_gates("predict", r=0.9)
-    m.decoupled = mode == "decoupled"
-    m.collect_targets = True
-    m(torch.randn(4, 3, 16, 16))
-    gate_loss(m).backward()
+    with m.collecting(decoupled=mode == "decoupled"):
+        m(torch.randn(4, 3, 16, 16))
+    gate_loss(m.last_logits, m.last_targets).backward()
     got = any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.backbone.parameters())
     assert got == reaches_backbone
     assert all(p.grad is not None for p in m.gates.parameters())
@@ -167,7 +172,7 @@ def _sha(p):
     (["fit-gates", "--data", "/no/such/dir"], "data folder not found"),
     (["fit-gates", "--data", "digits", "--resume"], "nothing to resume"),
     (["fit-gates", "--data", "digits", "--recipe", "/no/recipe.yaml"], "recipe not found"),
-    (["finetune", "--data", "digits", "--mode", "both"], "decoupled, joint"),
+    (["finetune", "--data", "digits", "--mode", "both"], "'both' is not one of 'decoupled', 'joint'"),
     (["finetune", "--data", "digits"], "not fitted yet"),
 ])
 def test_cli_bad_input_leaves_run_intact(run, args, expect):
@@ -198,7 +203,7 @@ def test_cli_fit_gates_and_finetune_end_to_end(run):
     assert res.exit_code == 0, res.output
     assert "finetune epoch 1:" in res.stdout and (run / CHECKPOINT_FILE).is_file()
     meta = ftwt_cli.load(run).meta
-    assert meta["training"]["finetune"]["config"]["schedule"] == "step" and meta["training"]["fit-gates"]["config"]["r"] == 0.9
+    assert meta.training["finetune"].config["schedule"] == "step" and meta.training["fit-gates"].config["r"] == 0.9
     res = runner.invoke(app, ["evaluate", "--run", str(run), "--workers", "0"])      # --data defaults to the training data
     assert res.exit_code == 0, res.output
     assert "scikit-learn digits" in res.stdout and (run / "report.md").is_file()
@@ -206,7 +211,7 @@ def test_cli_fit_gates_and_finetune_end_to_end(run):
 
 def test_default_workers_are_saved_resolved(run):
     from ftwt_cli.data import default_workers
-    from ftwt_cli.run import read_meta
+    from ftwt_cli.io.rundir import read_meta
     rep = fit_gates(run, "digits", FitGatesConfig(**{**FIT, "epochs": 1, "workers": None}), train_samples=128)
     assert rep.config["workers"] == default_workers()
-    assert read_meta(run)["training"]["fit-gates"]["config"]["workers"] == default_workers()
+    assert read_meta(run).training["fit-gates"].config["workers"] == default_workers()

@@ -9,8 +9,8 @@ from rich.table import Table
 from typing_extensions import Annotated
 
 from ..attach import AttachReport, attach, parse_input_size
-from ..report import fmt_macs as _g
-from ._app import command, console
+from ..eval.report import fmt_macs as _g
+from .app import command, console
 
 __all__ = ["attach_cli", "print_attach_report"]
 

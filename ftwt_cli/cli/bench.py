@@ -9,20 +9,20 @@ import typer
 from rich.table import Table
 from typing_extensions import Annotated
 
-from ..archs import DataConfig
+from ..arch.registry import DataConfig
 from ..attach import parse_input_size
-from ..bench import bench, oracle_masks
 from ..errors import FtwtError
-from ..model_io import load
-from ._app import command, console
-from .fit_gates import DATA_HELP
+from ..fast.bench import bench, oracle_masks
+from ..io.load import load
+from .app import command, console
+from .options import DATA_HELP, Run
 
 __all__ = ["bench_cli"]
 
 
 @command("bench")
 def bench_cli(
-    run: Annotated[Path, typer.Option(help="Run directory.")] = Path("ftwt-run"),
+    run: Run = Path("ftwt-run"),
     file: Annotated[Optional[Path], typer.Option(help="An exported .safetensors file (instead of --run).")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size (1 is the target case).")] = 1,
     input_size: Annotated[Optional[str], typer.Option(help="C,H,W (default: the run's).")] = None,
@@ -34,14 +34,14 @@ def bench_cli(
 ) -> None:
     """Latency (p50/p90) of dense, gated-masked and gated-compact execution, with the MACs ratio beside it."""
     model = load(file if file is not None else run)
-    size = parse_input_size(input_size) or tuple(model.data_config.input_size)
+    dc = model.meta.data_config
+    size = parse_input_size(input_size) or tuple(dc.input_size)
     if batch_size < 1 or reps < 1:
         raise FtwtError("--batch-size and --reps must be at least 1", "e.g. --batch-size 1 --reps 50")
-    if model.meta["gating"].get("mode") != "predict" and r is None:
+    if model.meta.gating.mode != "predict" and r is None:
         raise FtwtError("the gates are not fitted yet", "run `ftwt fit-gates` first, or pass --r to replay oracle masks")
     if data is not None:
         from ..data import make_loader, open_data
-        dc = model.data_config
         cfg = DataConfig(size, dc.mean, dc.std, dc.interpolation, dc.crop_pct, dc.crop_mode)
         x, _ = next(iter(make_loader(open_data(data, cfg).val, batch_size, train=False, workers=0)))
     else:

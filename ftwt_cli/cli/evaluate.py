@@ -5,18 +5,23 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from typing_extensions import Annotated
 
 from ..errors import FtwtError
-from ..evaluate import EvalReport, evaluate_run
-from ..gating import GATE_MODES
-from ..report import ood_summary, write_report
-from ..run import read_meta
-from ..report import fmt_macs as _m
-from ._app import command, console
-from .fit_gates import DATA_HELP
+from ..eval.evaluate import EvalReport, evaluate_run
+from ..eval.report import fmt_macs as _m
+from ..eval.report import ood_summary, write_report
+from ..io.rundir import read_meta
+from .app import command, console
+from .options import DATA_HELP, GateMode, Run, Workers
 
 __all__ = ["evaluate_cli", "print_eval_report"]
 
@@ -63,30 +68,28 @@ class _Stages:
 @command("evaluate")
 def evaluate_cli(
     data: Annotated[Optional[str], typer.Option(help=DATA_HELP + " Default: the data the run was trained on.")] = None,
-    gates: Annotated[str, typer.Option(help=f"{' | '.join(GATE_MODES)}: oracle gives the r rule's reduction before training.")] = "predict",
+    gates: Annotated[GateMode, typer.Option(help="Who decides the masks; oracle gives the r rule's reduction before training.")] = GateMode.predict,
     r: Annotated[Optional[float], typer.Option(help="r for --gates oracle (and for the agreement of predicted gates).")] = None,
     ood: Annotated[bool, typer.Option(help="Also evaluate under ImageNet-C-style corruptions at severities 1-5.")] = False,
     corruption: Annotated[Optional[List[str]], typer.Option(help="Only these corruptions (repeatable); implies --ood.")] = None,
     ood_data: Annotated[Optional[str], typer.Option(help="Another dataset with the same classes.")] = None,
     ood_samples: Annotated[int, typer.Option(help="Images per corruption and severity (0 = the whole split).")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="DataLoader worker processes (default: 0 on a 2-core CPU, else half the cores, at most 4).")] = None,
-    run: Annotated[Path, typer.Option(help="Run directory.")] = Path("ftwt-run"),
+    workers: Workers = None,
+    run: Run = Path("ftwt-run"),
 ) -> None:
     """Report accuracy, exact dynamic MACs, gate behaviour and (with --ood) robustness; writes report.* into the run."""
-    if gates not in GATE_MODES:
-        raise FtwtError(f"unknown gate mode '{gates}'", f"use one of {', '.join(GATE_MODES)}")
-    if gates == "oracle" and r is None:
+    if gates == GateMode.oracle and r is None:
         raise FtwtError("--gates oracle needs --r", "pass e.g. --r 0.95")
     if data is None:
-        trained = read_meta(run).get("training", {})
-        data = next((t["data"] for t in trained.values() if t.get("data")), None)
+        trained = read_meta(run).training
+        data = next((t.data for t in trained.values() if t.data), None)
         if data is None:
             raise FtwtError("no --data given and the run was never trained on any", "pass --data DIR (or fashion-mnist, digits)")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console, transient=True) if console.is_terminal else None
     with (progress or _Null()):
-        rep = evaluate_run(run, data, gates=gates, r=r, ood=ood, ood_data=ood_data, corruptions=corruption or (),
+        rep = evaluate_run(run, data, gates=gates.value, r=r, ood=ood, ood_data=ood_data, corruptions=corruption or (),
                            ood_samples=ood_samples or None, batch_size=batch_size, workers=workers, on_stage=_Stages(progress))
     print_eval_report(rep)
     files = write_report(rep, run)

@@ -27,21 +27,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .gating import GatedModel, gate_key
-from .macs import active_channels
+from ..gating.gate import Gate, gate_key
+from ..gating.macs import active_channels
+from ..gating.model import GatedModel
+from .fold import fold_bn, norm_rest, replace_module
 
-__all__ = ["CompactModel", "CompactConv", "make_compact", "plain_copy", "STRATEGIES"]
+__all__ = ["CompactModel", "CompactConv", "make_compact", "STRATEGIES"]
 
 STRATEGIES = ("dense", "out", "in_out")
-
-
-def _fold_bn(conv: nn.Conv2d, bn: Optional[nn.Module]) -> Tuple[torch.Tensor, torch.Tensor]:
-    w = conv.weight.detach().float()
-    b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
-    if bn is None:
-        return w.contiguous(), b
-    scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
-    return (w * scale[:, None, None, None]).contiguous(), (bn.bias.detach().float() - bn.running_mean.float() * scale) + b * scale
 
 
 class _Shared:
@@ -69,10 +62,10 @@ class CompactConv(nn.Module):
     chained consumer. Both are set by ``make_compact`` for pairs it has verified.
     """
 
-    def __init__(self, name: str, conv: nn.Conv2d, bn: Optional[nn.Module], gate: nn.Module, in_expr, shared: _Shared) -> None:
+    def __init__(self, name: str, conv: nn.Conv2d, bn: Optional[nn.Module], gate: Gate, in_expr, shared: _Shared) -> None:
         super().__init__()
         self.name, self.in_expr, self.shared = name, in_expr, shared
-        w, b = _fold_bn(conv, bn)
+        w, b = fold_bn(conv, bn)
         self.register_buffer("weight", w)                                  # (C_out, C_in/g, k, k), contiguous
         self.register_buffer("bias", b)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
@@ -116,8 +109,8 @@ class CompactConv(nn.Module):
         if self.compact_in is not None:        # x holds only the producer's active channels
             in_idx = sh.idx[self.compact_in]
             pooled = x.new_zeros(B, self.in_channels)
-            pooled.index_copy_(1, in_idx, self.gate.pool(x))
-            logits = self.gate.logits(pooled)  # = gate(dense x): the missing channels are all zero
+            pooled.index_copy_(1, in_idx, x.mean(dim=(2, 3)))
+            logits = self.gate.fc(pooled)      # = gate(dense x): the missing channels are all zero
         else:
             logits = self.gate(x)
         mask = sh.forced[self.name] if sh.forced is not None else logits > 0
@@ -175,7 +168,7 @@ class CompactModel(nn.Module):
         self.backbone = backbone
         self.compact_units = units
         self._shared = shared
-        self.meta, self.data_config, self.plan = source.meta, source.data_config, source.plan
+        self.meta, self.plan = source.meta, source.plan
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, masks: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
@@ -197,43 +190,24 @@ class CompactModel(nn.Module):
         return {u.compact_in: n for n, u in self.compact_units.items() if u.compact_in is not None}
 
 
-def strip_hooks(module: nn.Module) -> nn.Module:
-    for m in module.modules():
-        m._forward_hooks.clear()
-        m._forward_pre_hooks.clear()
-    return module
-
-
-def plain_copy(module: nn.Module) -> nn.Module:
-    """A deep copy without any forward hooks (GatedModel's hooks travel with deepcopy)."""
-    return strip_hooks(copy.deepcopy(module).eval())
-
-
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
 def make_compact(gated: GatedModel, *, calibrate: bool = True, input_size: Optional[Tuple[int, int, int]] = None,
                  keep: float = 0.7, reps: int = 15, chain: bool = True) -> CompactModel:
     """Compact copy of ``gated``. ``chain`` passes compact tensors between units where the traced plan says a
     unit reads exactly another unit's output (conv1 → conv2 in a ResNet block), after checking each such pair on
     random masks. ``calibrate`` times the strategies of every gated conv at batch 1, in context, with ``keep``
     of the filters active, and keeps the fastest."""
-    src = copy.deepcopy(gated).eval()
-    backbone = strip_hooks(src.backbone)    # CompactConv gates itself: no GatedModel hooks
+    backbone = gated.plain_backbone()       # CompactConv gates itself: no GatedModel hooks
+    gates = copy.deepcopy(gated.gates)
     shared = _Shared()
     units: Dict[str, CompactConv] = {}
     mods = dict(backbone.named_modules())
-    for u in src.units:
+    for u in gated.units:
         conv = mods[u.name]
         norm = mods[u.end] if u.end != u.name else None
-        cu = CompactConv(u.name, conv, norm, src.gates[gate_key(u.name)], u.in_expr, shared)
-        _set(backbone, u.name, cu)
-        if norm is not None:
-            # the norm is folded into the conv; a timm norm+act module keeps its activation (and dropout)
-            rest = [m for m in (getattr(norm, "drop", None), getattr(norm, "act", None)) if m is not None]
-            _set(backbone, u.end, nn.Sequential(*rest) if rest else nn.Identity())
+        cu = CompactConv(u.name, conv, norm, gates[gate_key(u.name)], u.in_expr, shared)
+        replace_module(backbone, u.name, cu)
+        if norm is not None:      # folded into the conv
+            replace_module(backbone, u.end, norm_rest(norm))
         units[u.name] = cu
     model = CompactModel(backbone, units, shared, gated).eval()
     size = input_size or tuple(gated.plan.input_size)

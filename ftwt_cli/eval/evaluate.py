@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
-from .errors import FtwtError
-from .gating import GatedModel
+from ..errors import FtwtError
+from ..gating.model import GatedModel
 
 __all__ = ["EvalResult", "evaluate_loader", "EvalReport", "LayerStat", "ShiftResult", "evaluate_run"]
 
@@ -42,9 +43,9 @@ def evaluate_loader(model: GatedModel, loader: DataLoader, *, with_agreement: bo
     """One pass in eval mode with the model's current gate mode. ``with_agreement`` also computes the
     ground truth at the model's r (costs a sort per layer) to score the gates' precision and recall."""
     t0 = time.perf_counter()
-    was, collect = model.training, model.collect_targets
+    was = model.training
     model.eval()
-    model.collect_targets = with_agreement and model.mode == "predict"
+    collect = with_agreement and model.mode == "predict"
     correct1 = correct5 = n = 0
     macs, gates = [], 0.0
     keep: Dict[str, list] = {u.name: [] for u in model.units}
@@ -53,17 +54,18 @@ def evaluate_loader(model: GatedModel, loader: DataLoader, *, with_agreement: bo
     fn: Dict[str, float] = {}
     try:
         for x, y in loader:
-            out = model(x)
+            with model.collecting() if collect else nullcontext():
+                out = model(x)
             s = model.last_stats
             top = out.topk(min(5, out.shape[1]), dim=1).indices
             correct1 += int((top[:, 0] == y).sum())
             correct5 += int((top == y[:, None]).any(1).sum())
             n += len(y)
-            macs.append(s.macs)
+            macs.append(s.macs.cpu())
             gates += float(s.gate_macs.sum())
             for name in keep:
                 m = s.masks.get(name)
-                keep[name].append(m.float().mean(1) if m is not None else torch.ones(len(y)))
+                keep[name].append(m.float().mean(1).cpu() if m is not None else torch.ones(len(y)))
             for name, t in model.last_targets.items():
                 p = s.masks[name]
                 tp[name] = tp.get(name, 0.0) + float((p & t).sum())
@@ -73,7 +75,6 @@ def evaluate_loader(model: GatedModel, loader: DataLoader, *, with_agreement: bo
                 on_batch(len(y))
     finally:
         model.train(was)
-        model.collect_targets = collect
     agreement = {k: {"precision": tp[k] / max(tp[k] + fp[k], 1.0), "recall": tp[k] / max(tp[k] + fn[k], 1.0)} for k in tp}
     return EvalResult(correct1 / max(n, 1), correct5 / max(n, 1), n, s.dense_macs if n else 0.0,
                       torch.cat(macs) if macs else torch.zeros(0), gates / max(n, 1),
@@ -148,18 +149,17 @@ def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[floa
     ``on_stage(label, samples)`` may return a per-batch callback for progress display."""
     from torch.utils.data import Subset
 
+    from ..data import make_loader, open_data
+    from ..io.load import load
     from . import ood as ood_mod
-    from .archs import DataConfig
-    from .data import make_loader, open_data
-    from .model_io import load
 
     model = load(run_dir)
     meta = model.meta
-    if gates == "predict" and meta["gating"].get("mode") != "predict":
+    if gates == "predict" and meta.gating.mode != "predict":
         raise FtwtError(f"the gates in {run_dir} are not fitted yet", "run `ftwt fit-gates` first, or pass --gates oracle/open")
     model.set_gates(gates, r=r)
-    cfg = DataConfig.from_dict(meta["data_config"])
-    splits = open_data(data, cfg, num_classes=meta["arch"]["num_classes"])
+    cfg = meta.data_config
+    splits = open_data(data, cfg, num_classes=meta.arch.num_classes)
     stage = on_stage or (lambda label, n: None)
 
     def run(mode: str, ds, label: str, agreement: bool = False) -> EvalResult:
@@ -183,14 +183,13 @@ def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[floa
                 o = run("open", ds, f"{name} s{sev} (open)")
                 shifts.append(ShiftResult(name, sev, g.top1, o.top1, g.mean_macs, _keep_stats(g)[1]))
     if ood_data:
-        other = open_data(ood_data, cfg, num_classes=meta["arch"]["num_classes"])
+        other = open_data(ood_data, cfg, num_classes=meta.arch.num_classes)
         if other.classes != splits.classes:
             raise FtwtError(f"{other.source} has classes {other.classes[:3]}… but {splits.source} has {splits.classes[:3]}…",
                             "pass --ood-data with the same classes in the same order")
         g, o = run(gates, other.val, f"ood-data ({gates})"), run("open", other.val, "ood-data (open)")
         shifts.append(ShiftResult(f"ood-data:{other.source}", 0, g.top1, o.top1, g.mean_macs, _keep_stats(g)[1]))
     q = torch.quantile(main.macs.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
-    a = meta["arch"]
-    return EvalReport(str(run_dir), f"{a['source']}:{a['name']}", splits.source, main.samples, gates, model.r if gates != "open" else None,
+    return EvalReport(str(run_dir), str(meta.arch), splits.source, main.samples, gates, model.r if gates != "open" else None,
                       main.top1, main.top5, dense.top1, dense.top5, main.dense_macs, main.mean_macs, q[0], q[1], q[2],
                       main.reduction, main.gate_macs, keep, layers, keep, tuple(shifts), tuple(main.macs.tolist()))

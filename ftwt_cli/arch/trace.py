@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["Unit", "MacOp", "Plan", "trace_plan", "Expr"]
+__all__ = ["Unit", "MacOp", "Plan", "trace_plan", "Expr", "expr_width"]
 
 # An expression is a JSON-friendly nested list: ["dense", width] | ["unit", name, width] | ["cat", [e, ...]]
 # | ["slice", e, start, stop] | ["any", [e, ...]] (active where any term is) | ["all", [e, ...]]
@@ -324,7 +324,7 @@ class _Analysis:
             e = self._expr(*call["in"])
         finally:
             sys.setrecursionlimit(old)
-        return e if _width(e) == width else ["dense", width]
+        return e if expr_width(e) == width else ["dense", width]
 
     def _expr(self, node, nr: int) -> Expr:
         key = (node, nr)
@@ -348,26 +348,26 @@ class _Analysis:
             src = self._expr(*ins[0])
             if kind in _RESHAPES:
                 return self._reshape(src, ins[0], node, nr)
-            return src if _width(src) == width else dense
+            return src if expr_width(src) == width else dense
         if kind.startswith("MeanBackward"):
             dims = getattr(node, "_saved_dim", None)
             in_shape = self.shapes.get(ins[0][0], [None])[ins[0][1]] if ins and ins[0] else None
             if dims is not None and in_shape is not None and all((d % len(in_shape)) >= 2 for d in dims):
                 src = self._expr(*ins[0])
-                return src if _width(src) == width else dense
+                return src if expr_width(src) == width else dense
             return dense
         if kind in ("MulBackward0", "DivBackward0"):
             tensors = [i for i in ins if i is not None]
             if kind == "DivBackward0" and (ins[0] is None):
                 return dense
             terms = [self._expr(*i) for i in (tensors if kind == "MulBackward0" else [ins[0]])]
-            terms = [t for t in terms if _width(t) == width]        # broadcast operands (width 1) drop out
+            terms = [t for t in terms if expr_width(t) == width]        # broadcast operands (width 1) drop out
             return ["all", terms] if terms else dense
         if kind in ("AddBackward0", "SubBackward0"):
             if any(i is None for i in ins):                         # x + constant: zeros become the constant
                 return dense
             terms = [self._expr(*i) for i in ins]
-            if any(_width(t) != width for t in terms):
+            if any(expr_width(t) != width for t in terms):
                 return dense
             return ["any", terms]
         if kind == "CatBackward0":
@@ -385,7 +385,7 @@ class _Analysis:
             dim = getattr(node, "_saved_dim", 0) % len(parent_shape)
             if dim != 1:
                 src = self._expr(*ins[0])
-                return src if _width(src) == width else dense
+                return src if expr_width(src) == width else dense
             if kind == "SplitWithSizesBackward0":
                 sizes = list(node._saved_split_sizes)
                 start = sum(sizes[:nr])
@@ -416,7 +416,7 @@ class _Analysis:
         return ["dense", shape[1]]
 
 
-def _width(e: Expr) -> int:
+def expr_width(e: Expr) -> int:
     """Channel count of the tensor an expression describes."""
     k = e[0]
     if k == "dense":
@@ -424,13 +424,13 @@ def _width(e: Expr) -> int:
     if k == "unit":
         return int(e[2])
     if k == "cat":
-        return sum(_width(t) for t in e[1])
+        return sum(expr_width(t) for t in e[1])
     if k == "slice":
         return int(e[3]) - int(e[2])
     if k in ("any", "all"):
-        return _width(e[1][0])
+        return expr_width(e[1][0])
     if k == "repeat":
-        return _width(e[1]) * int(e[2])
+        return expr_width(e[1]) * int(e[2])
     raise ValueError(e)
 
 
@@ -439,7 +439,7 @@ def _simplify(e: Expr) -> Expr:
     if k == "any":
         terms = e[1]
         if any(t[0] == "dense" for t in terms):
-            return ["dense", _width(terms[0])]
+            return ["dense", expr_width(terms[0])]
         return terms[0] if len(terms) == 1 else e
     if k == "all":
         terms = [t for t in e[1] if t[0] != "dense"]

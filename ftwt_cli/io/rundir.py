@@ -10,17 +10,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import FtwtError
+from ..errors import FtwtError
+from .meta import RunMeta
 
-__all__ = ["FORMAT_VERSION", "META_FILE", "WEIGHTS_FILE", "read_meta", "write_new_run", "update_run",
+__all__ = ["META_FILE", "WEIGHTS_FILE", "read_meta", "write_new_run", "update_run",
            "atomic_write_bytes", "atomic_write_text", "save_weights", "read_weights", "require_run"]
 
-FORMAT_VERSION = 1
 META_FILE = "ftwt.json"
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -70,19 +70,16 @@ def require_run(run_dir: Path) -> Path:
     return run_dir
 
 
-def read_meta(run_dir: Path) -> Dict[str, Any]:
+def read_meta(run_dir: Path) -> RunMeta:
     p = require_run(run_dir) / META_FILE
     try:
-        meta = json.loads(p.read_text())
+        d = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FtwtError(f"{p} is damaged ({e})", "re-create the run with ftwt attach --force") from None
-    v = meta.get("format_version")
-    if not isinstance(v, int) or v > FORMAT_VERSION:
-        raise FtwtError(f"{p} has format version {v!r}; this ftwt reads up to {FORMAT_VERSION}", "upgrade ftwt")
-    return meta
+    return RunMeta.from_dict(d, str(p))
 
 
-def write_new_run(run_dir: Path, meta: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *, force: bool) -> None:
+def write_new_run(run_dir: Path, meta: RunMeta, state_dict: Mapping[str, torch.Tensor], *, force: bool) -> None:
     """Create ``run_dir`` in one step; an existing run is replaced only with ``force``."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not force:
@@ -91,7 +88,7 @@ def write_new_run(run_dir: Path, meta: Mapping[str, Any], state_dict: Mapping[st
     tmp = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.", suffix=".tmp"))
     try:
         save_weights(tmp / WEIGHTS_FILE, state_dict)
-        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
+        atomic_write_text(tmp / META_FILE, json.dumps(meta.to_dict(), indent=1))
         if run_dir.exists():
             old = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.", suffix=".old"))
             old.rmdir()
@@ -105,9 +102,9 @@ def write_new_run(run_dir: Path, meta: Mapping[str, Any], state_dict: Mapping[st
         raise
 
 
-def update_run(run_dir: Path, meta: Mapping[str, Any], state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+def update_run(run_dir: Path, meta: RunMeta, state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """Replace a run's weights (if given) and then its metadata, each atomically."""
     run_dir = require_run(run_dir)
     if state_dict is not None:
         save_weights(run_dir / WEIGHTS_FILE, state_dict)
-    atomic_write_text(run_dir / META_FILE, json.dumps(meta, indent=1))
+    atomic_write_text(run_dir / META_FILE, json.dumps(meta.to_dict(), indent=1))

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .compact import make_compact, plain_copy
-from .gating import GatedModel
+from ..gating.model import GatedModel
+from .compact import make_compact
+from .fold import folded_backbone
 
 __all__ = ["BenchRow", "BenchReport", "bench", "oracle_masks"]
 
@@ -73,26 +75,6 @@ def oracle_masks(model: GatedModel, x: torch.Tensor, r: float) -> Dict[str, torc
     return masks
 
 
-def _folded_dense(model: GatedModel) -> torch.nn.Module:
-    """The source network with each gated unit's BN folded into its conv, as the compact path does."""
-    from .compact import _fold_bn, _set
-    net = plain_copy(model.backbone)
-    mods = dict(net.named_modules())
-    for u in model.units:
-        conv, norm = mods[u.name], (mods[u.end] if u.end != u.name else None)
-        w, b = _fold_bn(conv, norm)
-        with torch.no_grad():
-            conv.weight.copy_(w)
-            if conv.bias is None:
-                conv.bias = torch.nn.Parameter(b)
-            else:
-                conv.bias.copy_(b)
-        if norm is not None:
-            rest = [m for m in (getattr(norm, "drop", None), getattr(norm, "act", None)) if m is not None]
-            _set(net, u.end, torch.nn.Sequential(*rest) if rest else torch.nn.Identity())
-    return net
-
-
 @torch.no_grad()
 def bench(model: GatedModel, x: torch.Tensor, *, masks: Optional[Mapping[str, torch.Tensor]] = None,
           warmup: int = 5, reps: int = 30, threads: Optional[int] = None, calibrate: bool = True) -> BenchReport:
@@ -101,25 +83,27 @@ def bench(model: GatedModel, x: torch.Tensor, *, masks: Optional[Mapping[str, to
         torch.set_num_threads(threads)
     try:
         gated = copy.deepcopy(model).eval().set_gates("predict")
-        gated.forced_masks = dict(masks) if masks is not None else None
-        dense = plain_copy(model.backbone)    # the plain source network: no gates, no hooks
+        dense = model.plain_backbone()        # the plain source network: no gates, no hooks
         compact = make_compact(gated, calibrate=calibrate, input_size=tuple(x.shape[1:]))
-        folded = _folded_dense(model)
-        gated(x)
+        folded = folded_backbone(model)
+
+        def masked():
+            with gated.forcing(masks) if masks is not None else nullcontext():
+                return gated(x)
+        masked()
         stats = gated.last_stats
         keep = float(torch.stack([m.float().mean() for m in stats.masks.values()]).mean()) if stats.masks else 1.0
         rows = []
         for name, fn, macs in (("dense", lambda: dense(x), stats.dense_macs),
                                ("dense-folded", lambda: folded(x), stats.dense_macs),
-                               ("masked", lambda: gated(x), float(stats.macs.mean())),
+                               ("masked", masked, float(stats.macs.mean())),
                                ("compact", lambda: compact(x, masks), float(stats.macs.mean()))):
             p50, p90 = _timeit(fn, warmup, reps)
             rows.append(BenchRow(name, p50, p90, macs))
         counts: Dict[str, int] = {}
         for s in compact.strategies.values():
             counts[s] = counts.get(s, 0) + 1
-        a = model.meta.get("arch", {})
-        return BenchReport(f"{a.get('source', '?')}:{a.get('name', '?')}", x.shape[0], tuple(x.shape[1:]),
+        return BenchReport(str(model.meta.arch) if model.meta is not None else "?", x.shape[0], tuple(x.shape[1:]),
                            torch.get_num_threads(), keep, tuple(rows), counts, len(compact.chains))
     finally:
         torch.set_num_threads(old_threads)

@@ -6,6 +6,7 @@ load with ``load_state_dict``: .pth (torch.save) or .safetensors, by the file's 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,15 +14,14 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from . import __version__
-from .errors import FtwtError
-from .model_io import load
-from .run import atomic_write_bytes, atomic_write_text, read_meta, save_weights
+from .. import __version__
+from ..errors import FtwtError
+from .exported import export_metadata
+from .load import load
+from .meta import RunMeta
+from .rundir import atomic_write_bytes, atomic_write_text, read_meta, save_weights
 
-__all__ = ["export", "ExportReport", "EXPORT_FORMAT", "EXPORT_FORMAT_VERSION", "export_metadata"]
-
-EXPORT_FORMAT = "ftwt-export"
-EXPORT_FORMAT_VERSION = 1
+__all__ = ["export", "ExportReport"]
 
 
 @dataclass(frozen=True)
@@ -33,32 +33,19 @@ class ExportReport:
     report_files: tuple
 
 
-def export_metadata(meta: Dict[str, Any], evaluation: Optional[Dict[str, Any]]) -> Dict[str, str]:
-    g = meta["gating"]
-    gate_config = {"gated": g["gated"], "layers": g.get("layers", []), "mode": g.get("mode"), "r": g.get("r"),
-                   "gt": g.get("gt"), "decoupled": g.get("decoupled", True), "plan": meta["plan"]}
-    return {
-        "format": "pt",   # what transformers and timm write; safetensors readers look for it
-        "ftwt_format": EXPORT_FORMAT, "ftwt_format_version": str(EXPORT_FORMAT_VERSION), "ftwt_version": __version__,
-        "arch": json.dumps(meta["arch"]), "source": json.dumps(meta["source"]),
-        "data_config": json.dumps(meta["data_config"]), "gate_config": json.dumps(gate_config),
-        "training": json.dumps(meta.get("training", {})), "evaluation": json.dumps(evaluation),
-    }
-
-
-def _evaluation(run_dir: Path, meta: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def _evaluation(run_dir: Path, meta: RunMeta) -> Optional[Dict[str, Any]]:
     rj = run_dir / "report.json"
     if rj.is_file():
         return json.loads(rj.read_text())
-    return meta.get("last_eval")
+    return dataclasses.asdict(meta.last_eval) if meta.last_eval is not None else None
 
 
 def export(run_dir: Path | str = "ftwt-run", out: Optional[Path | str] = None, *, backbone_only: bool = False,
            force: bool = False) -> ExportReport:
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
-    a = meta["arch"]
-    default = run_dir / "export" / (f"{a['name']}-backbone.pth" if backbone_only else f"{a['name']}-ftwt.safetensors")
+    name = meta.arch.name
+    default = run_dir / "export" / (f"{name}-backbone.pth" if backbone_only else f"{name}-ftwt.safetensors")
     out = Path(out) if out is not None else default
     if out.exists() and not force:
         raise FtwtError(f"{out} already exists", "pass --force to replace it, or choose another --out")
@@ -82,8 +69,9 @@ def export(run_dir: Path | str = "ftwt-run", out: Optional[Path | str] = None, *
     sd = model.state_dict()
     save_weights(out, sd, export_metadata(meta, evaluation))
     # report.json / report.md beside the file: the run's evaluation, or a summary of what is known
-    summary = {"file": out.name, "arch": a, "gating": {k: meta["gating"].get(k) for k in ("r", "gt", "mode")},
-               "gated_layers": len(meta["gating"]["gated"]), "evaluation": evaluation, "ftwt_version": __version__}
+    g = meta.gating
+    summary = {"file": out.name, "arch": dataclasses.asdict(meta.arch), "gating": {"r": g.r, "gt": g.gt, "mode": g.mode},
+               "gated_layers": len(g.gated), "evaluation": evaluation, "ftwt_version": __version__}
     atomic_write_text(out.parent / "report.json", json.dumps(summary, indent=1))
     rmd = run_dir / "report.md"
     md = rmd.read_text() if rmd.is_file() else _summary_md(summary)

@@ -3,10 +3,17 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from ..train import EpochStats
-from ._app import console
+from .app import console
 
 __all__ = ["EpochProgress", "print_epoch"]
 
@@ -22,11 +29,8 @@ class EpochProgress:
     def __init__(self) -> None:
         self.bar: Optional[Progress] = None
         self.task = None
-        self.sums: Dict[str, float] = {}
-        self.n = 0
 
     def start(self, phase: str, epoch: int, epochs: int, batches: int) -> None:
-        self.sums, self.n = {}, 0
         if not console.is_terminal:
             return
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -35,14 +39,10 @@ class EpochProgress:
         self.bar.start()
         self.task = self.bar.add_task(f"{phase} {epoch}/{epochs}", total=batches, metrics="")
 
-    def step(self, m: Dict[str, float]) -> None:
-        self.n += 1
-        for k, v in m.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+    def step(self, done: int, a: Dict[str, float]) -> None:
         if self.bar is not None:
-            a = {k: v / self.n for k, v in self.sums.items()}
-            self.bar.update(self.task, advance=1, metrics=f"loss {a['loss']:.3f} agree {a['agreement']:.1%} "
-                                                          f"keep {a['keep']:.1%} cut {a['macs_cut']:.1%}")
+            self.bar.update(self.task, completed=done, metrics=f"loss {a['loss']:.3f} agree {a['agreement']:.1%} "
+                                                               f"keep {a['keep']:.1%} cut {a['macs_cut']:.1%}")
 
     def end(self, stats: EpochStats) -> None:
         if self.bar is not None:

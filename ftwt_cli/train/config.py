@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar
 
-from .errors import FtwtError
-from .groundtruth import GT_RULES, check_r
+from ..errors import FtwtError
+from ..gating.targets import GT_RULES, check_r
 
 __all__ = ["FitGatesConfig", "FinetuneConfig", "load_recipe", "resolve_config", "SCHEDULES", "FINETUNE_MODES"]
 

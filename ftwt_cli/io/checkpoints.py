@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from .errors import FtwtError
+from ..errors import FtwtError
 
 __all__ = ["LoadedCheckpoint", "read_checkpoint", "clean_state_dict", "sha256_file"]
 

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
+from ..io.rundir import atomic_write_bytes, atomic_write_text
 from .evaluate import EvalReport
-from .run import atomic_write_bytes, atomic_write_text
 
-__all__ = ["write_report", "report_markdown", "REPORT_FILES", "fmt_macs"]
+__all__ = ["write_report", "report_markdown", "REPORT_FILES", "fmt_macs", "ood_summary"]
 
 REPORT_FILES = ("report.json", "report.md", "keep_ratio.png", "macs_hist.png", "ood.png")
 

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from .errors import FtwtError
+from ..errors import FtwtError
 
 __all__ = ["CORRUPTIONS", "SEVERITIES", "corruption", "DEFAULT_CORRUPTIONS"]
 
@@ -96,8 +96,8 @@ def _jpeg(x, quality):
 
 
 def _pixelate(x, c):
-    from torchvision.transforms.v2 import functional as TF
     from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
     h, w = x.shape[-2:]
     small = TF.resize(x, [max(1, int(h * c)), max(1, int(w * c))], interpolation=InterpolationMode.BILINEAR, antialias=True)
     return TF.resize(small, [h, w], interpolation=InterpolationMode.NEAREST)

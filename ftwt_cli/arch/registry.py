@@ -21,7 +21,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .errors import FtwtError
+from ..errors import FtwtError
 
 __all__ = [
     "ArchSpec", "DataConfig", "Detection", "parse_arch", "build_model", "detect_arch", "resolve_data_config",

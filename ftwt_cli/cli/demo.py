@@ -1,0 +1,38 @@
+"""``ftwt demo``: a thin wrapper over :func:`ftwt_cli.demo.run_demo`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+from typing_extensions import Annotated
+
+from ..demo import run_demo
+from ..eval.report import fmt_macs as _m
+from .app import command, console
+from .options import Workers
+from .progress import EpochProgress
+
+__all__ = ["demo_cli"]
+
+
+@command("demo")
+def demo_cli(
+    dir: Annotated[Path, typer.Option(help="Folder for the baseline, the run and the export.")] = Path("ftwt-demo"),
+    data: Annotated[Optional[str], typer.Option(help="fashion-mnist (default when installed) or digits.")] = None,
+    workers: Workers = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
+) -> None:
+    """Train a small baseline on a bundled dataset, then attach → fit-gates → finetune → evaluate → export."""
+    res = run_demo(dir, data=data, force=force, workers=workers,
+                   log=lambda s: console.print(s, markup=False, highlight=False), progress=EpochProgress())
+    ev = res.report
+    t = Table(title=f"ftwt demo: {ev.arch} on {ev.data} (test split, {ev.samples} images)")
+    for c in ("", "top-1", "MACs per sample", "reduction"):
+        t.add_column(c, justify="left" if not c else "right")
+    t.add_row("before (the baseline checkpoint)", f"{res.baseline_top1:.2%}", _m(ev.dense_macs), "")
+    t.add_row(f"after (gated, r={ev.r})", f"{ev.top1:.2%}", _m(ev.macs_mean), f"{ev.reduction:.1%}")
+    console.print(t)
+    console.print(f"done in {res.seconds:.0f}s: baseline {res.checkpoint}, run {res.run_dir}, export {res.exported}",
+                  markup=False, highlight=False, soft_wrap=True)

@@ -1,0 +1,28 @@
+"""FTWT's decision gate: global average pool of a unit's input, then a linear layer (C_in → C_out logits)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Gate", "gate_key", "INIT_LOGIT"]
+
+# Gates start open: zero weights and a positive bias give sigmoid(3) ≈ 0.95 > 0.5 for every channel.
+INIT_LOGIT = 3.0
+
+
+def gate_key(unit_name: str) -> str:
+    """The gate's key in ``GatedModel.gates`` (ModuleDict keys may not contain dots)."""
+    return unit_name.replace(".", "__")
+
+
+class Gate(nn.Module):
+    """logits = W · GAP(x) + b; an output channel runs iff sigmoid(logit) > 0.5, i.e. logit > 0."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_channels, out_channels)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.constant_(self.fc.bias, INIT_LOGIT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(2, 3)))

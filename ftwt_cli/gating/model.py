@@ -1,0 +1,321 @@
+"""GatedModel: a backbone with one decision gate per gated unit, driven by forward hooks.
+
+The backbone is left structurally untouched (its state-dict keys stay the source checkpoint's, under
+``backbone.``); hooks do the work:
+* a forward pre-hook on each gated conv runs its gate on the conv's input (GAP → Linear(C_in → C_out));
+* a forward hook on the unit's end module (the norm after the conv, or the conv itself) computes the mask — from
+  the gate (``predict``), from the ground-truth rule on this very output (``oracle``), or none (``open``) — and
+  multiplies it in, so the activation that follows (f(0) = 0) sees exact zeros;
+* a forward hook on every conv/linear records its output positions for the MACs count.
+
+Per forward the model records each unit's gate logits, ground-truth scores (when asked) and masks; nothing else.
+What a training loop wants is said explicitly: ``with model.collecting(decoupled=True): model(x)`` also scores
+channels for the ground truth (ranked after the forward, on first use of ``last_targets``), and
+``with model.forcing(masks):`` replays fixed masks.
+
+Hooks are bound to module *names*: a forward first checks that each hooked path still holds the module it hooked,
+and re-installs the hooks where one was swapped (e.g. ``nn.SyncBatchNorm.convert_sync_batchnorm``). They are
+removed only through their handles; ``copy.deepcopy(model)`` yields an independent copy with hooks of its own.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..arch.trace import Plan, Unit
+from ..errors import FtwtError
+from .gate import Gate, gate_key
+from .macs import MacsBreakdown, count_macs
+from .targets import GT_RULES, check_r, ground_truth, ground_truth_many
+
+__all__ = ["GatedModel", "ForwardStats", "GATE_MODES"]
+
+GATE_MODES = ("open", "predict", "oracle")
+# Activations that are monotone (non-decreasing): max |f(y)| over a map sits where y is largest or smallest.
+_MONOTONE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.Tanh, nn.Identity)
+
+
+@dataclass(frozen=True)
+class ForwardStats:
+    """What the last forward did, per sample."""
+    macs: torch.Tensor                  # (B,) float64 MACs, gates included
+    gate_macs: torch.Tensor             # (B,) float64
+    dense_macs: float                   # MACs of the source model at this input size
+    masks: Dict[str, torch.Tensor]      # gated layer -> (B, C_out) bool (empty when gates are open)
+    per_layer: Dict[str, torch.Tensor] = field(default_factory=dict)   # conv/linear -> (B,) MACs
+
+
+@dataclass
+class _Record:
+    """One forward's records."""
+    rule: Tuple[float, str]                                          # (r, gt) the forward ran with
+    logits: Dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: Dict[str, torch.Tensor] = field(default_factory=dict)
+    scores: Dict[str, torch.Tensor] = field(default_factory=dict)    # ranked into targets on first use
+    targets: Dict[str, torch.Tensor] = field(default_factory=dict)
+    positions: Dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Control:
+    """What the forwards inside ``collecting`` / ``forcing`` do beyond the gate mode."""
+    collect: bool = False
+    decoupled: bool = True
+    forced: Optional[Mapping[str, torch.Tensor]] = None
+
+
+def _inert(*args) -> None:
+    return None
+
+
+class _Hook:
+    """Base of the model's hooks. A deep copy of a hooked submodule on its own (not through the GatedModel, which
+    hooks its copy itself) gets an inert hook instead of a second GatedModel."""
+
+    def __deepcopy__(self, memo):
+        return _inert
+
+
+class _GateHook(_Hook):
+    def __init__(self, owner: "GatedModel", unit: Unit) -> None:
+        self.owner, self.name, self.key = owner, unit.name, gate_key(unit.name)
+
+    def __call__(self, module: nn.Module, args) -> None:
+        g = self.owner
+        if g.mode == "predict":
+            x = args[0]
+            g._rec.logits[self.name] = g.gates[self.key](x.detach() if g._ctl.decoupled else x)
+
+
+class _MaskHook(_Hook):
+    def __init__(self, owner: "GatedModel", unit: Unit) -> None:
+        self.owner, self.unit = owner, unit
+
+    def _scores(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, C) float32 spatial max of |activation(unit output)|: what the ground truth ranks channels by.
+
+        For a monotone activation f the maximum of |f(y)| over a map is reached where y is largest or smallest,
+        so f on the (B, C) spatial max and min gives it exactly, without another pass over the full tensor;
+        for ReLU the max alone suffices. Other activations (SiLU, GELU, ...) run on the whole output."""
+        y = out.detach().float()
+        act = self.unit.act
+        if act is None:
+            return y.abs().amax(dim=(2, 3))
+        if act == "relu":
+            return y.amax(dim=(2, 3)).relu()
+        module = self.owner.backbone.get_submodule(act)
+        if isinstance(module, nn.ReLU):
+            return y.amax(dim=(2, 3)).relu()
+        if isinstance(module, _MONOTONE):
+            return torch.maximum(module(y.amax(dim=(2, 3))).abs(), module(y.amin(dim=(2, 3))).abs())
+        return module(y.clone()).abs().amax(dim=(2, 3))       # on a copy: the activation may be in-place
+
+    def __call__(self, module: nn.Module, args, out: torch.Tensor):
+        g, name, rec = self.owner, self.unit.name, self.owner._rec
+        if g.mode == "oracle":                   # the mask is this layer's ground truth: rank now
+            with torch.no_grad():
+                mask = rec.targets[name] = ground_truth(self._scores(out), g.r, g.gt)
+        else:
+            if g._ctl.collect:                   # only the loss needs it: ranked after the forward
+                with torch.no_grad():
+                    rec.scores[name] = self._scores(out)
+            if g.mode == "open":
+                return None
+            forced = g._ctl.forced
+            mask = forced[name] if forced is not None else rec.logits[name].detach() > 0
+        rec.masks[name] = mask
+        return out * mask.to(out.dtype)[:, :, None, None]
+
+
+class _PositionHook(_Hook):
+    def __init__(self, owner: "GatedModel", name: str, kind: str, out_features: int) -> None:
+        self.owner, self.name, self.kind, self.out_features = owner, name, kind, out_features
+
+    def __call__(self, module: nn.Module, args, out: torch.Tensor) -> None:
+        # conv: H_out·W_out; linear: tokens per sample (1 for a (B, F) input)
+        n = math.prod(out.shape[2:]) if self.kind == "conv" else math.prod(out.shape[1:]) // self.out_features
+        pos = self.owner._rec.positions
+        pos[self.name] = pos.get(self.name, 0) + int(n)
+
+
+class GatedModel(nn.Module):
+    """A backbone with decision gates. ``set_gates`` picks how masks are made; ``last_stats`` reports."""
+
+    def __init__(self, backbone: nn.Module, plan: Plan, gated: Optional[Sequence[str]] = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.plan = plan
+        names = [u.name for u in plan.units] if gated is None else list(gated)
+        by_name = {u.name: u for u in plan.units}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise FtwtError(f"not gateable: {', '.join(unknown[:3])}", "choose layers from the attach table")
+        self.units: List[Unit] = [by_name[n] for n in names]
+        self.gates = nn.ModuleDict({gate_key(u.name): Gate(u.in_channels, u.out_channels) for u in self.units})
+        self.mode, self.r, self.gt = "open", 0.95, "mass"
+        self.meta = None               # io.meta.RunMeta once loaded from a run or an export
+        self._ctl = _Control()
+        self._rec = _Record((self.r, self.gt))
+        self._last: Optional[tuple] = None          # (record, batch, input size, gates ran) of the last forward
+        self._last_stats: Optional[ForwardStats] = None
+        self._dense_cache: Dict[tuple, float] = {}
+        self._hooked: Dict[str, nn.Module] = {}
+        self._handles: list = []
+        self._install_hooks()
+
+    # ------------------------------------------------------------------ hooks
+    def _install_hooks(self) -> None:
+        self._remove_hooks()
+        get = self.backbone.get_submodule
+        for u in self.units:
+            self._hook(u.name, get(u.name).register_forward_pre_hook(_GateHook(self, u)))
+            self._hook(u.end, get(u.end).register_forward_hook(_MaskHook(self, u)))
+        for op in self.plan.ops:
+            self._hook(op.name, get(op.name).register_forward_hook(_PositionHook(self, op.name, op.kind, op.out_channels)))
+
+    def _hook(self, name: str, handle) -> None:
+        self._hooked[name] = self.backbone.get_submodule(name)
+        self._handles.append(handle)
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._hooked = [], {}
+
+    def _hooks_current(self) -> bool:
+        get = self.backbone.get_submodule
+        return all(get(n) is m for n, m in self._hooked.items())
+
+    def __deepcopy__(self, memo):
+        # copy the model without its hooks (handles cannot be copied), then hook the copy's own modules
+        self._remove_hooks()
+        try:
+            new = self.__class__.__new__(self.__class__)
+            memo[id(self)] = new
+            for k, v in self.__dict__.items():
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        finally:
+            self._install_hooks()
+        new._install_hooks()
+        return new
+
+    def plain_backbone(self) -> nn.Module:
+        """A deep copy of the backbone without this model's hooks (anyone else's hooks travel with it), in eval mode."""
+        self._remove_hooks()
+        try:
+            return copy.deepcopy(self.backbone).eval()
+        finally:
+            self._install_hooks()
+
+    # ------------------------------------------------------------------ control
+    def set_gates(self, mode: str, r: Optional[float] = None, gt: Optional[str] = None) -> "GatedModel":
+        """``open``: every filter runs. ``predict``: the gates decide. ``oracle``: the ground-truth rule
+        (``gt``, default heatmap mass) at ``r`` on this very input decides."""
+        if mode not in GATE_MODES:
+            raise FtwtError(f"unknown gate mode '{mode}'", f"use one of {', '.join(GATE_MODES)}")
+        if gt is not None and gt not in GT_RULES:
+            raise FtwtError(f"unknown ground-truth rule '{gt}'", f"use one of {', '.join(GT_RULES)}")
+        if r is not None:
+            self.r = check_r(r)
+        if gt is not None:
+            self.gt = gt
+        self.mode = mode
+        return self
+
+    @contextmanager
+    def collecting(self, *, decoupled: bool = True) -> Iterator["GatedModel"]:
+        """Forwards inside also score every unit's channels for the ground truth (``last_targets``).
+        ``decoupled``: the gates read a detached input, so a loss on their logits never reaches the backbone."""
+        saved = self._ctl
+        self._ctl = _Control(True, decoupled, saved.forced)
+        try:
+            yield self
+        finally:
+            self._ctl = saved
+
+    @contextmanager
+    def forcing(self, masks: Mapping[str, torch.Tensor]) -> Iterator["GatedModel"]:
+        """Forwards inside (in ``predict`` mode) apply these (B, C_out) bool masks; the gates still run."""
+        saved = self._ctl
+        self._ctl = _Control(saved.collect, saved.decoupled, masks)
+        try:
+            yield self
+        finally:
+            self._ctl = saved
+
+    @property
+    def gated_names(self) -> List[str]:
+        return [u.name for u in self.units]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor):
+        if not self._hooks_current():
+            self._install_hooks()
+        self._rec = _Record((self.r, self.gt))
+        out = self.backbone(x)
+        # MACs are counted when someone asks (last_stats), not on every forward: inference pays nothing for them.
+        self._last, self._last_stats = (self._rec, x.shape[0], tuple(x.shape[1:]), self.mode != "open"), None
+        return out
+
+    @property
+    def last_stats(self) -> Optional[ForwardStats]:
+        """Per-sample MACs and masks of the last forward (computed on first access)."""
+        if self._last_stats is None and self._last is not None:
+            self._last_stats = self._stats(*self._last)
+        return self._last_stats
+
+    @property
+    def last_logits(self) -> Dict[str, torch.Tensor]:
+        """Gate logits of the last forward (``predict`` mode), by unit name."""
+        return self._rec.logits
+
+    @property
+    def last_masks(self) -> Dict[str, torch.Tensor]:
+        """(B, C_out) bool masks applied in the last forward, by unit name."""
+        return self._rec.masks
+
+    @property
+    def last_targets(self) -> Dict[str, torch.Tensor]:
+        """Ground-truth masks of the last forward (inside ``collecting``, or in ``oracle`` mode).
+
+        The hooks keep only each unit's (B, C) scores and the ranking runs here, after the forward, so its dozen
+        small operations per layer do not run between convolutions."""
+        rec = self._rec
+        if rec.scores:
+            r, gt = rec.rule
+            rec.targets.update(ground_truth_many(rec.scores, r, gt))
+            rec.scores = {}
+        return rec.targets
+
+    def _stats(self, rec: _Record, batch: int, size: tuple, gates_run: bool) -> ForwardStats:
+        masks = {k: v.detach() for k, v in rec.masks.items()}
+        dev = next(self.backbone.parameters()).device
+        b = count_macs(self.plan.ops, self.units, masks, rec.positions, batch, gates_run=gates_run, device=dev)
+        if size not in self._dense_cache:
+            self._dense_cache[size] = float(count_macs(self.plan.ops, self.units, {}, rec.positions, 1, gates_run=False).total[0])
+        return ForwardStats(b.total, b.gates, self._dense_cache[size], masks, b.per_op)
+
+    def dense_macs(self, input_size: Optional[tuple] = None) -> MacsBreakdown:
+        """MACs of the source model (gates open, no gate cost) at ``input_size`` (default: the plan's)."""
+        size = tuple(input_size or self.plan.input_size)
+        mode, was = self.mode, self.training
+        self.mode = "open"
+        try:
+            with torch.no_grad():
+                p = next(self.backbone.parameters())
+                self.eval()
+                self(torch.zeros(1, *size, dtype=p.dtype, device=p.device))
+        finally:
+            self.mode = mode
+            self.train(was)
+        return count_macs(self.plan.ops, self.units, {}, self._rec.positions, 1, gates_run=False)
+
+    def gate_macs_dense(self) -> int:
+        """Cost of all gates when every input channel is active."""
+        return sum(u.in_channels * u.out_channels for u in self.units)

@@ -1,0 +1,48 @@
+"""Build a GatedModel from a run directory or an exported file: ``ftwt_cli.load``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..arch.registry import ArchSpec, build_model
+from ..errors import FtwtError
+from ..gating.model import GatedModel
+from .exported import meta_from_export
+from .meta import RunMeta
+from .rundir import META_FILE, WEIGHTS_FILE, read_meta, read_weights
+
+__all__ = ["load", "gated_from_meta"]
+
+
+def gated_from_meta(meta: RunMeta, state_dict: Mapping[str, torch.Tensor]) -> GatedModel:
+    a = meta.arch
+    backbone = build_model(ArchSpec(a.source, a.name), a.num_classes, a.in_chans)
+    model = GatedModel(backbone, meta.plan, meta.gating.gated)
+    missing, unexpected = model.load_state_dict(dict(state_dict), strict=False)
+    if missing or unexpected:
+        raise FtwtError(f"the weights do not match the metadata ({len(missing)} missing, {len(unexpected)} unexpected keys, "
+                        f"e.g. {(missing or unexpected)[0]})", "re-create the run with ftwt attach --force")
+    g = meta.gating
+    model.set_gates(g.mode, r=g.r, gt=g.gt)
+    model.meta = meta
+    return model.eval()
+
+
+def load(path: str | Path, *, compact: bool = False, calibrate: bool = True):
+    """A run directory or an exported .safetensors file → GatedModel in eval mode, gates in the saved mode
+    ("predict" once fitted). ``compact=True`` returns the CompactModel that computes only the filters the
+    gates keep (inference only; ``calibrate`` picks the fastest strategy per layer on this machine)."""
+    path = Path(path)
+    if path.is_file():
+        model = gated_from_meta(meta_from_export(path), read_weights(path))
+    elif path.is_dir() or not path.exists():
+        model = gated_from_meta(read_meta(path), read_weights(path / WEIGHTS_FILE))
+    else:
+        raise FtwtError(f"{path} is neither a run directory nor an exported file",
+                        f"pass a folder holding {META_FILE} or a .safetensors file")
+    if not compact:
+        return model
+    from ..fast.compact import make_compact
+    return make_compact(model.set_gates("predict"), calibrate=calibrate)

@@ -1,0 +1,143 @@
+"""The run's metadata (``ftwt.json``) as small typed, versioned dataclasses.
+
+``RunMeta.from_dict`` reads what this and earlier releases wrote (format version ≤ ``FORMAT_VERSION``) and rejects
+unknown keys, naming them; ``to_dict`` writes JSON-ready dicts. Every module reads metadata through these fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar
+
+from ..arch.registry import DataConfig
+from ..arch.trace import Plan
+from ..errors import FtwtError
+
+__all__ = ["FORMAT_VERSION", "RUN_FORMAT", "ArchInfo", "SourceInfo", "GatingInfo", "MacsInfo", "EvalSummary",
+           "TrainingRecord", "RunMeta"]
+
+FORMAT_VERSION = 1
+RUN_FORMAT = "ftwt-run"
+
+T = TypeVar("T")
+
+
+def _build(cls: Type[T], d: Any, where: str) -> T:
+    """``cls(**d)``, rejecting unknown and missing keys with a one-line error that names them."""
+    if not isinstance(d, Mapping):
+        raise FtwtError(f"{where} is not a mapping", "re-create the run with ftwt attach --force")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise FtwtError(f"unknown key '{unknown[0]}' in {where}", f"valid keys: {', '.join(sorted(names))}")
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise FtwtError(f"{where} is incomplete ({e})", "re-create the run with ftwt attach --force") from None
+
+
+@dataclass
+class ArchInfo:
+    source: str                        # "timm" | "torchvision"
+    name: str
+    num_classes: int
+    in_chans: int
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.name}"
+
+
+@dataclass
+class SourceInfo:
+    path: str                          # the checkpoint attach read
+    sha256: str
+    format: str
+
+
+@dataclass
+class GatingInfo:
+    gated: List[str]                   # gated unit names, in forward order
+    layers: List[Dict[str, Any]] = field(default_factory=list)   # per layer: name, channels, kernel, groups
+    mode: str = "open"                 # "open" until fit-gates, then "predict"
+    r: Optional[float] = None
+    gt: str = "mass"
+    decoupled: bool = True
+
+
+@dataclass
+class MacsInfo:
+    dense: float                       # MACs of the source model at input_size
+    gates: int                         # MACs of all gates with dense inputs
+    input_size: List[int]
+
+
+@dataclass
+class EvalSummary:
+    """The last evaluation a training epoch made (validation split)."""
+    phase: str
+    epoch: int
+    top1: float
+    top5: float
+    macs: float                        # mean per sample, gates included
+    dense_macs: float
+    reduction: float
+    data: str
+    split: str
+    samples: int
+
+
+@dataclass
+class TrainingRecord:
+    config: Dict[str, Any]             # the resolved FitGatesConfig / FinetuneConfig
+    data: str                          # the --data argument
+    data_source: str                   # what it resolved to
+    epochs: List[Dict[str, Any]]       # train.EpochStats as dicts
+
+
+@dataclass
+class RunMeta:
+    arch: ArchInfo
+    source: SourceInfo
+    data_config: DataConfig
+    gating: GatingInfo
+    plan: Plan
+    macs: Optional[MacsInfo] = None
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    training: Dict[str, TrainingRecord] = field(default_factory=dict)
+    last_eval: Optional[EvalSummary] = None
+    evaluation: Optional[Dict[str, Any]] = None    # an exported file's report (eval.EvalReport.to_dict())
+    ftwt_version: str = ""
+    format: str = RUN_FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["data_config"] = self.data_config.to_dict()
+        d["plan"] = self.plan.to_dict()
+        for k in ("arch", "source", "gating", "macs", "last_eval"):
+            d[k] = dataclasses.asdict(d[k]) if d[k] is not None else None
+        d["training"] = {k: dataclasses.asdict(v) for k, v in self.training.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "ftwt.json") -> "RunMeta":
+        if not isinstance(d, Mapping):
+            raise FtwtError(f"{where} does not hold a JSON object", "re-create the run with ftwt attach --force")
+        v = d.get("format_version")
+        if not isinstance(v, int) or isinstance(v, bool) or v > FORMAT_VERSION:
+            raise FtwtError(f"{where} has format version {v!r}; this ftwt reads up to {FORMAT_VERSION}", "upgrade ftwt")
+        d = dict(d)
+        try:
+            d["arch"] = _build(ArchInfo, d.get("arch"), f"{where}: arch")
+            d["source"] = _build(SourceInfo, d.get("source"), f"{where}: source")
+            d["gating"] = _build(GatingInfo, d.get("gating"), f"{where}: gating")
+            d["data_config"] = DataConfig.from_dict(d["data_config"])
+            d["plan"] = Plan.from_dict(d["plan"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FtwtError(f"{where} is damaged (missing or malformed {e})", "re-create the run with ftwt attach --force") from None
+        if d.get("macs") is not None:
+            d["macs"] = _build(MacsInfo, d["macs"], f"{where}: macs")
+        if d.get("last_eval") is not None:
+            d["last_eval"] = _build(EvalSummary, d["last_eval"], f"{where}: last_eval")
+        d["training"] = {k: _build(TrainingRecord, t, f"{where}: training.{k}") for k, t in (d.get("training") or {}).items()}
+        return _build(cls, d, where)

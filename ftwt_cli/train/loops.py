@@ -1,0 +1,343 @@
+"""The two training phases of FTWT, as plain functions the CLI wraps.
+
+fit-gates: the backbone is frozen (eval mode, no gradients); only the gates learn, from the BCE between
+their logits and the heatmap-mass ground truth of their own unit. Predicted masks are applied while fitting,
+so each gate learns on the inputs it will see at inference.
+
+finetune: the backbone trains with hard masks (cross-entropy, BN in train mode) while the gates keep learning
+on BCE with their own optimiser; ``freeze_gates_at`` < 1 stops them part-way, as FTWT does at half-way.
+Optional knowledge distillation (``distill`` = α > 0) mixes the task loss with the KL divergence to the
+frozen starting model's softened outputs (Hinton et al. 2015): (1 − α)·CE(s, y) + α·T²·KL(softmax(t/T) ‖
+softmax(s/T)); the dense control gets the same teacher. Decoupled (default): the gate reads a detached input,
+so BCE never reaches the backbone and the task loss never reaches the gates (the mask is a hard, gradient-free
+0/1). Joint: BCE also trains the backbone through the gate's input.
+
+Loss (FTWT eq. 2): L_pred = mean over layers l of Σ_f BCEWithLogits(P_f^l, g_f^l), averaged over the batch
+(``loss.gate_loss``); autograd computes every gradient and ``torch.optim`` steps.
+
+Both phases save a resumable checkpoint every epoch; shuffling and augmentation are seeded from
+(seed, epoch), so ``resume`` continues exactly where a run stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import DataSplits, default_workers, make_loader, open_data
+from ..errors import FtwtError
+from ..eval.evaluate import EvalResult, evaluate_loader
+from ..gating.model import GatedModel
+from ..io.load import gated_from_meta
+from ..io.meta import EvalSummary, TrainingRecord
+from ..io.rundir import (
+    WEIGHTS_FILE,
+    atomic_write_bytes,
+    read_meta,
+    read_weights,
+    update_run,
+)
+from .config import FinetuneConfig, FitGatesConfig
+from .loss import distill_loss, gate_loss
+
+__all__ = ["fit_gates", "finetune", "fit_gates_step", "gate_optimizer", "EpochStats", "TrainReport", "Progress",
+           "batch_metrics", "CHECKPOINT_FILE", "METRICS_EVERY"]
+
+CHECKPOINT_FILE = "checkpoint.pt"
+# Training-batch metrics (gate agreement, keep ratio, MACs cut) are computed on every N-th batch: counting MACs
+# walks every conv of the model, which a GPU step should not wait for on every batch.
+METRICS_EVERY = 10
+
+
+class Progress(Protocol):
+    """What the loops report; the CLI draws it, tests may ignore it."""
+    def start(self, phase: str, epoch: int, epochs: int, batches: int) -> None: ...
+    def step(self, done: int, metrics: Dict[str, float]) -> None: ...     # batches done, running means
+    def end(self, stats: "EpochStats") -> None: ...
+
+
+class _Silent:
+    def start(self, *a) -> None: ...
+    def step(self, *a) -> None: ...
+    def end(self, *a) -> None: ...
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    phase: str
+    epoch: int                 # 1-based
+    loss: float                # BCE (fit-gates) or task + BCE (finetune), mean over batches
+    bce: float
+    ce: float
+    agreement: float           # share of (sample, filter) decisions equal to the ground truth  } means over every
+    keep_ratio: float          # mean share of filters kept in gated layers                    } METRICS_EVERY-th
+    macs_cut: float            # 1 - mean MACs / dense MACs (gates included)                    } training batch
+    val_top1: float
+    val_macs_cut: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    run_dir: Path
+    phase: str
+    epochs: List[EpochStats]
+    final: EvalResult
+    config: Dict[str, Any]
+
+
+def batch_metrics(model: GatedModel) -> Dict[str, float]:
+    """Of the last forward: gate agreement with the ground truth and keep ratio (each a mean over layers), and
+    the MACs cut against the dense model."""
+    s, t = model.last_stats, model.last_targets
+    out = {"agreement": 1.0, "keep": 1.0, "macs_cut": 1.0 - float(s.macs.mean()) / s.dense_macs}
+    names = [n for n in t if n in s.masks]
+    if names:
+        out["agreement"] = float(torch.stack([(s.masks[n] == t[n]).float().mean() for n in names]).mean())
+        out["keep"] = float(torch.stack([s.masks[n].float().mean() for n in names]).mean())
+    return out
+
+
+class _Sums:
+    """Per-epoch sums: the loss terms every batch (as tensors, read once), the metrics every METRICS_EVERY-th."""
+
+    def __init__(self) -> None:
+        self.loss: Dict[str, torch.Tensor] = {}
+        self.metrics: Dict[str, float] = {}
+        self.batches = self.measured = 0
+
+    def add(self, model: GatedModel, step: int, losses: Dict[str, torch.Tensor], gated: bool) -> Optional[Dict[str, float]]:
+        for k, v in losses.items():
+            self.loss[k] = self.loss.get(k, 0.0) + v.detach()
+        self.batches += 1
+        if step % METRICS_EVERY:
+            return None
+        m = batch_metrics(model) if gated else {"agreement": 1.0, "keep": 1.0, "macs_cut": 0.0}
+        for k, v in m.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + v
+        self.measured += 1
+        return {**{k: float(v) / self.batches for k, v in self.loss.items()},
+                **{k: v / self.measured for k, v in self.metrics.items()}}
+
+    def means(self) -> Dict[str, float]:
+        return {**{k: float(v) / max(self.batches, 1) for k, v in self.loss.items()},
+                **{k: v / max(self.measured, 1) for k, v in self.metrics.items()}}
+
+
+def fit_gates_step(model: GatedModel, x: torch.Tensor, opt: torch.optim.Optimizer) -> torch.Tensor:
+    """One fit-gates step on a model whose backbone does not require grad: a forward with predicted masks that also
+    scores channels for the ground truth, the BCE of the gates' logits against it, and one optimiser step."""
+    with model.collecting(decoupled=True):
+        model(x)
+    loss = gate_loss(model.last_logits, model.last_targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def gate_optimizer(model: GatedModel, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam over the gates; the fused kernel updates all gate tensors at once."""
+    return torch.optim.Adam(model.gates.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def _teacher(ph: "_Phase") -> nn.Module:
+    """The frozen model finetune starts from (every gate open); saved in the checkpoint so resume uses the same."""
+    teacher = ph.model.plain_backbone()
+    if ph.ck is not None:
+        if "teacher" not in ph.ck:
+            raise FtwtError(f"the checkpoint in {ph.run_dir} was written without --distill",
+                            "resume without --distill, or run `ftwt finetune` again without --resume")
+        teacher.load_state_dict(ph.ck["teacher"])
+    teacher.requires_grad_(False)
+    ph.extra_state["teacher"] = teacher.state_dict()
+    return teacher.eval()
+
+
+def _save_checkpoint(run_dir: Path, payload: Dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(run_dir / CHECKPOINT_FILE, buf.getvalue())
+
+
+def _load_checkpoint(run_dir: Path, phase: str) -> Dict[str, Any]:
+    p = run_dir / CHECKPOINT_FILE
+    if not p.is_file():
+        raise FtwtError(f"nothing to resume in {run_dir}: no {CHECKPOINT_FILE}", f"run `ftwt {phase}` without --resume")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FtwtError(f"{p} is damaged ({str(e).splitlines()[0]})", f"run `ftwt {phase}` without --resume") from None
+    if ck.get("phase") != phase:
+        raise FtwtError(f"the checkpoint in {run_dir} is from `ftwt {ck.get('phase')}`, not `ftwt {phase}`",
+                        f"resume with `ftwt {ck.get('phase')} --resume`, or run `ftwt {phase}` without --resume")
+    return ck
+
+
+def _lr_factor(cfg: FinetuneConfig, step: int, steps_per_epoch: int) -> float:
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":      # half-cosine from lr to 0 over all iterations
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    if cfg.schedule == "step":
+        epoch = step // max(steps_per_epoch, 1)
+        return cfg.gamma ** sum(epoch >= e for e in cfg.step_epochs)
+    return 1.0
+
+
+class _Phase:
+    """What fit-gates and finetune share: the run, data, model, resume state and per-epoch bookkeeping."""
+
+    def __init__(self, phase: str, run_dir: Path, data: str, cfg, resume: bool, val_split: Optional[float],
+                 train_samples: Optional[int] = None) -> None:
+        self.phase, self.run_dir, self.cfg, self.data_arg = phase, Path(run_dir), cfg, str(data)
+        self.meta = read_meta(self.run_dir)
+        if resume:
+            self.ck = _load_checkpoint(self.run_dir, phase)
+            self.cfg = cfg = type(cfg)(**{**self.ck["config"], "epochs": cfg.epochs})   # same settings, maybe more epochs
+            weights = self.ck["model"]
+        else:
+            self.ck = None
+            weights = read_weights(self.run_dir / WEIGHTS_FILE)
+            if cfg.workers is None:       # saved as resolved: resume must load with as many workers (augmentation)
+                self.cfg = cfg = dataclasses.replace(cfg, workers=default_workers())
+        self.model = gated_from_meta(self.meta, weights)
+        self.data: DataSplits = open_data(data, self.meta.data_config, val_split=val_split,
+                                          num_classes=self.meta.arch.num_classes, train_samples=train_samples)
+        self.history: List[Dict[str, Any]] = list(self.ck["history"]) if self.ck else []
+        self.extra_state: Dict[str, Any] = {}      # more tensors for the checkpoint (the distillation teacher)
+        self.start_epoch = int(self.ck["epoch"]) if self.ck else 0
+
+    def train_loader(self, epoch: int):
+        torch.manual_seed(self.cfg.seed * 1_000 + epoch)
+        return make_loader(self.data.train, self.cfg.batch_size, train=True, workers=self.cfg.workers,
+                           seed=self.cfg.seed, epoch=epoch)
+
+    def val_loader(self):
+        return make_loader(self.data.val, self.cfg.batch_size, train=False, workers=self.cfg.workers)
+
+    def finish_epoch(self, epoch: int, sums: _Sums, seconds: float, optimizers: Dict[str, Any],
+                     progress: Progress) -> EpochStats:
+        res = evaluate_loader(self.model, self.val_loader())
+        avg = sums.means()
+        stats = EpochStats(self.phase, epoch, avg.get("loss", 0.0), avg.get("bce", 0.0), avg.get("ce", 0.0),
+                           avg.get("agreement", 0.0), avg.get("keep", 1.0), avg.get("macs_cut", 0.0),
+                           res.top1, res.reduction, seconds)
+        self.history.append(dataclasses.asdict(stats))
+        _save_checkpoint(self.run_dir, {
+            "phase": self.phase, "epoch": epoch, "config": dataclasses.asdict(self.cfg), "history": self.history,
+            "model": self.model.state_dict(), **self.extra_state,
+            **{f"opt_{k}": o.state_dict() for k, o in optimizers.items()}})
+        g = self.meta.gating
+        if self.model.mode == "predict":
+            g.mode = "predict"
+        g.r, g.gt = self.model.r, self.model.gt
+        if self.phase == "finetune":
+            g.decoupled = self.cfg.mode == "decoupled"
+        self.meta.training[self.phase] = TrainingRecord(dataclasses.asdict(self.cfg), self.data_arg, self.data.source, self.history)
+        self.meta.last_eval = EvalSummary(self.phase, epoch, res.top1, res.top5, res.mean_macs, res.dense_macs, res.reduction,
+                                          self.data.source, "val", res.samples)
+        update_run(self.run_dir, self.meta, self.model.state_dict())
+        progress.end(stats)
+        self.last_eval = res
+        return stats
+
+    def report(self) -> TrainReport:
+        if not hasattr(self, "last_eval"):   # nothing left to train (resumed a finished run): still report
+            self.last_eval = evaluate_loader(self.model, self.val_loader())
+        return TrainReport(self.run_dir, self.phase, [EpochStats(**h) for h in self.history], self.last_eval,
+                           dataclasses.asdict(self.cfg))
+
+
+def fit_gates(run_dir: Path | str, data: str, cfg: FitGatesConfig, *, resume: bool = False,
+              val_split: Optional[float] = None, train_samples: Optional[int] = None,
+              progress: Optional[Progress] = None) -> TrainReport:
+    """Train only the gates on the frozen backbone (eval mode, no gradients), with predicted masks applied."""
+    progress = progress or _Silent()
+    cfg.validate()
+    ph = _Phase("fit-gates", run_dir, data, cfg, resume, val_split, train_samples)
+    cfg, model = ph.cfg, ph.model
+    model.set_gates("predict", r=cfg.r, gt=cfg.gt)
+    model.backbone.requires_grad_(False)   # autograd then records only the gates: GAP → Linear
+    opt = gate_optimizer(model, cfg.lr, cfg.weight_decay)
+    if ph.ck:
+        opt.load_state_dict(ph.ck["opt_gates"])
+    for epoch in range(ph.start_epoch + 1, cfg.epochs + 1):
+        loader = ph.train_loader(epoch)
+        model.eval()                       # frozen backbone: running BN statistics stay as they are
+        progress.start(ph.phase, epoch, cfg.epochs, len(loader))
+        sums, t0 = _Sums(), time.perf_counter()
+        for i, (x, _) in enumerate(loader):
+            loss = fit_gates_step(model, x, opt)
+            m = sums.add(model, i, {"loss": loss, "bce": loss}, gated=True)
+            if m is not None:
+                progress.step(sums.batches, m)
+        ph.finish_epoch(epoch, sums, time.perf_counter() - t0, {"gates": opt}, progress)
+    return ph.report()
+
+
+def finetune(run_dir: Path | str, data: str, cfg: FinetuneConfig, *, resume: bool = False,
+             val_split: Optional[float] = None, train_samples: Optional[int] = None, dense_control: bool = False,
+             progress: Optional[Progress] = None) -> TrainReport:
+    """Train the backbone under hard masks (task loss) while the gates keep learning (BCE, their own optimiser).
+    ``dense_control`` trains the backbone with every gate open and no gate loss: the same extra training,
+    without gating, for a fair accuracy comparison."""
+    progress = progress or _Silent()
+    cfg.validate()
+    ph = _Phase("finetune", run_dir, data, cfg, resume, val_split, train_samples)
+    cfg, model = ph.cfg, ph.model
+    g = ph.meta.gating
+    if dense_control:
+        model.set_gates("open")
+    else:
+        if g.mode != "predict" and not ph.ck:
+            raise FtwtError(f"the gates in {ph.run_dir} are not fitted yet", "run `ftwt fit-gates --data ...` first")
+        model.set_gates("predict", r=cfg.r if cfg.r is not None else g.r or 0.95, gt=cfg.gt or g.gt or "mass")
+    decoupled = cfg.mode == "decoupled"
+    backbone_opt = torch.optim.SGD(model.backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    gate_opt = gate_optimizer(model, cfg.gate_lr)
+    if ph.ck:
+        backbone_opt.load_state_dict(ph.ck["opt_backbone"])
+        gate_opt.load_state_dict(ph.ck["opt_gates"])
+    teacher = _teacher(ph) if cfg.distill > 0 else None
+    steps_per_epoch = len(make_loader(ph.data.train, cfg.batch_size, train=True, workers=0))
+    freeze_step = round(cfg.freeze_gates_at * cfg.epochs * steps_per_epoch)   # gates learn before this step
+    for epoch in range(ph.start_epoch + 1, cfg.epochs + 1):
+        loader = ph.train_loader(epoch)
+        model.train()
+        progress.start(ph.phase, epoch, cfg.epochs, len(loader))
+        sums, t0 = _Sums(), time.perf_counter()
+        for i, (x, y) in enumerate(loader):
+            step = (epoch - 1) * steps_per_epoch + i
+            for group in backbone_opt.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(cfg, step, steps_per_epoch)
+            with model.collecting(decoupled=decoupled) if not dense_control else nullcontext():
+                out = model(x)
+            ce = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+            task = ce
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = teacher(x)
+                task = (1.0 - cfg.distill) * ce + cfg.distill * distill_loss(out, t_out, cfg.distill_temp)
+            bce = gate_loss(model.last_logits, model.last_targets) if not dense_control else torch.zeros(())
+            gates_learn = not dense_control and step < freeze_step
+            loss = task + cfg.bce_weight * bce if gates_learn else task
+            backbone_opt.zero_grad(set_to_none=True)
+            gate_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            backbone_opt.step()
+            if gates_learn:
+                gate_opt.step()
+            m = sums.add(model, i, {"loss": loss, "ce": ce, "bce": bce}, gated=not dense_control)
+            if m is not None:
+                progress.step(sums.batches, m)
+        ph.finish_epoch(epoch, sums, time.perf_counter() - t0, {"backbone": backbone_opt, "gates": gate_opt}, progress)
+    return ph.report()

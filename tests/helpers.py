@@ -1,0 +1,71 @@
+"""Helpers shared by several test files (import them as ``from helpers import ...``)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ftwt_cli.gating import GatedModel
+
+__all__ = ["no_natural_zeros", "MacsMeter"]
+
+
+def no_natural_zeros(model: nn.Module) -> nn.Module:
+    """Swap ReLU/ReLU6 for LeakyReLU (f(0)=0 too) and give every norm a non-zero random scale (timm zero-inits
+    some), so that every all-zero channel the hooks see is a structural one."""
+    g = torch.Generator().manual_seed(0)
+    for name, m in list(model.named_modules()):
+        for cname, c in list(m.named_children()):
+            if isinstance(c, (nn.ReLU, nn.ReLU6)):
+                setattr(m, cname, nn.LeakyReLU(0.1))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
+    return model
+
+
+class MacsMeter:
+    """Independent count: forward hooks that see the tensors each conv/linear really reads and writes."""
+
+    def __init__(self, g: GatedModel):
+        self.g, self.macs, self.handles = g, None, []
+        mods = dict(g.backbone.named_modules())
+        ends = {u.end: u.name for u in g.units}
+        self.out_active = {}
+        for op in g.plan.ops:
+            self.handles.append(mods[op.name].register_forward_hook(self._op_hook(op)))
+        for end, conv in ends.items():   # registered after the mask hook: sees the masked output
+            self.handles.append(mods[end].register_forward_hook(self._end_hook(conv)))
+
+    def _end_hook(self, conv):
+        def hook(m, args, out):
+            self.out_active[conv] = out.flatten(2).ne(0).any(2)
+        return hook
+
+    def _op_hook(self, op):
+        def hook(m, args, out):
+            x = args[0]
+            a_in = x.flatten(2).ne(0).any(2) if x.dim() > 2 else x.ne(0)
+            self.pending.append((op, a_in, out))
+        return hook
+
+    def run(self, x):
+        self.pending, self.out_active = [], {}
+        with torch.no_grad():
+            self.g(x)
+        B = x.shape[0]
+        total = torch.zeros(B, dtype=torch.float64)
+        gated = {u.name: u for u in self.g.units}
+        for op, a_in, out in self.pending:
+            a_out = self.out_active.get(op.name, torch.ones(B, op.out_channels, dtype=torch.bool)) if op.name in gated and self.g.mode != "open" \
+                else torch.ones(B, op.out_channels, dtype=torch.bool)
+            pos = out[0, 0].numel() if op.kind == "conv" else 1
+            cin, cout = op.in_channels // op.groups, op.out_channels // op.groups
+            for b in range(B):
+                for grp in range(op.groups):
+                    i = int(a_in[b, grp * cin:(grp + 1) * cin].sum())
+                    o = int(a_out[b, grp * cout:(grp + 1) * cout].sum())
+                    total[b] += i * o * op.kernel_area * pos
+                if op.name in gated and self.g.mode != "open":
+                    total[b] += int(a_in[b].sum()) * op.out_channels     # the gate: GAP → Linear on the same input
+        return total
