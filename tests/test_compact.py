@@ -130,6 +130,7 @@ def test_bench_report_and_load_compact(r18_run):
     assert isinstance(c, CompactModel) and c.meta.arch.name == "resnet18"
 
 
+@pytest.mark.integration
 def test_cli_bench(r18_run):
     res = CliRunner().invoke(app, ["bench", "--run", str(r18_run), "--r", "0.9", "--reps", "2", "--warmup", "1", "--data", "digits"])
     assert res.exit_code == 0, res.output

@@ -7,6 +7,7 @@ import ftwt_cli
 from ftwt_cli.cli import app
 
 
+@pytest.mark.integration
 def test_demo_on_digits(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--data", "digits", "--dir", str(tmp_path / "demo"), "--workers", "0"])
     assert res.exit_code == 0, res.output

@@ -95,6 +95,7 @@ def test_cli_bad_input(run, args, expect):
     assert not (run / "report.json").exists()
 
 
+@pytest.mark.integration
 def test_cli_writes_report(run):
     res = runner.invoke(app, ["evaluate", "--run", str(run), "--data", "digits", "--gates", "oracle", "--r", "0.9",
                               "--workers", "0", "--corruption", "jpeg", "--ood-samples", "32"])

@@ -95,6 +95,7 @@ def test_refuses_newer_versions_and_foreign_files(fitted, tmp_path):
         ftwt_cli.load(broken)
 
 
+@pytest.mark.integration
 def test_cli_export_info_and_errors(fitted, tmp_path):
     out = tmp_path / "cli.safetensors"
     res = runner.invoke(app, ["export", "--run", str(fitted), "--out", str(out)])

@@ -193,6 +193,7 @@ def test_cli_missing_run_and_class_mismatch(tmp_path):
     assert res.exit_code == 2 and "10 classes but the model's head has 5" in res.stderr
 
 
+@pytest.mark.integration
 def test_cli_fit_gates_and_finetune_end_to_end(run):
     res = runner.invoke(app, ["fit-gates", "--data", "digits", "--run", str(run), "--epochs", "1", "--r", "0.9",
                               "--batch-size", "64", "--workers", "0"])
