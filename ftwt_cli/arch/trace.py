@@ -149,7 +149,8 @@ def trace_plan(model: nn.Module, input_size: Tuple[int, int, int], *, gate_short
             if name:
                 handles.append(m.register_forward_pre_hook(rec.pre(name)))
                 handles.append(m.register_forward_hook(rec.post(name)))
-        x = torch.randn(1, *input_size, requires_grad=True)
+        p = next(model.parameters(), None)
+        x = torch.randn(1, *input_size, device=p.device if p is not None else None, requires_grad=True)
         with torch.enable_grad():
             out = _first_tensor(model(x))
             nodes, consumers = _graph(out.grad_fn)

@@ -220,8 +220,12 @@ def make_compact(gated: GatedModel, *, calibrate: bool = True, input_size: Optio
     return model
 
 
+def _device(model: CompactModel) -> torch.device:
+    return next(iter(model.compact_units.values())).weight.device
+
+
 def _random_masks(model: CompactModel, batch: int, keep: float, g: torch.Generator) -> Dict[str, torch.Tensor]:
-    return {n: torch.rand(batch, u.out_channels, generator=g) < keep for n, u in model.compact_units.items()}
+    return {n: (torch.rand(batch, u.out_channels, generator=g) < keep).to(u.weight.device) for n, u in model.compact_units.items()}
 
 
 def _set_chain(model: CompactModel, pairs, on: bool) -> None:
@@ -245,7 +249,7 @@ def _chain(model: CompactModel, input_size: Tuple[int, ...]) -> None:
     if not pairs:
         return
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, *input_size, generator=g)
+    x = torch.randn(2, *input_size, generator=g).to(_device(model))
     masks = _random_masks(model, 2, 0.6, g)
     ref = model(x, masks)
     tol = 1e-5 * float(ref.abs().max()) + 1e-6
@@ -290,7 +294,7 @@ def _calibrate(model: CompactModel, input_size: Tuple[int, ...], keep: float, re
     handles = [u.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, (a[0].clone(), dict(model._shared.idx))))
                for n, u in model.compact_units.items()]
     try:
-        model(torch.randn(1, *input_size, generator=g), masks)
+        model(torch.randn(1, *input_size, generator=g).to(_device(model)), masks)
     finally:
         for h in handles:
             h.remove()
@@ -347,8 +351,8 @@ def _pad_tables(model: CompactModel, inputs: Dict[str, torch.Tensor], reps: int)
         k = u.kernel_size
 
         def t(n_in: int, n_out: int) -> float:
-            x = torch.randn(1, n_in, h, w, generator=g)
-            wt = torch.randn(n_out, n_in, *k, generator=g)
+            x = torch.randn(1, n_in, h, w, generator=g).to(u.weight.device)
+            wt = torch.randn(n_out, n_in, *k, generator=g).to(u.weight.device)
             return _time(lambda: u._conv(x, wt, None), reps)
         typical = max(1, round(0.75 * u.out_channels))
         u.pad_out = u.own_pad_out = _lookup({m: t(u.in_channels, m) for m in _grid(u.out_channels)}, u.out_channels)

@@ -327,7 +327,7 @@ def finetune(run_dir: Path | str, data: str, cfg: FinetuneConfig, *, resume: boo
                 with torch.no_grad():
                     t_out = teacher(x)
                 task = (1.0 - cfg.distill) * ce + cfg.distill * distill_loss(out, t_out, cfg.distill_temp)
-            bce = gate_loss(model.last_logits, model.last_targets) if not dense_control else torch.zeros(())
+            bce = gate_loss(model.last_logits, model.last_targets) if not dense_control else out.new_zeros(())
             gates_learn = not dense_control and step < freeze_step
             loss = task + cfg.bce_weight * bce if gates_learn else task
             backbone_opt.zero_grad(set_to_none=True)
