@@ -22,7 +22,7 @@ from .errors import FtwtError
 from .gating.model import GatedModel
 from .io.checkpoints import read_checkpoint
 from .io.meta import ArchInfo, GatingInfo, MacsInfo, RunMeta, SourceInfo
-from .io.rundir import write_new_run
+from .io.rundir import check_replaceable, write_new_run
 
 __all__ = ["attach", "AttachReport", "LayerRow", "parse_input_size", "MIN_GATEABLE_SHARE"]
 
@@ -91,8 +91,7 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
            run_dir: Path | str = "ftwt-run", force: bool = False, trust_pickle: bool = False, use_ema: bool = False,
            include: Sequence[str] = (), exclude: Sequence[str] = (), gate_shortcuts: bool = False) -> AttachReport:
     run_dir = Path(run_dir)
-    if run_dir.exists() and not force:   # fail before any slow work
-        raise FtwtError(f"{run_dir} already exists", "pass --force to replace it, or choose another --run")
+    check_replaceable(run_dir, force=force, inputs=[Path(checkpoint)])     # fail before any slow work
     ckpt = read_checkpoint(checkpoint, use_ema=use_ema, trust_pickle=trust_pickle)
     det = _arch_for(ckpt.state_dict, arch, ckpt.hub_config)
     if num_classes is not None and det.num_classes is not None and num_classes != det.num_classes:
@@ -148,7 +147,7 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
         macs=MacsInfo(float(dense.total[0]), gated.gate_macs_dense(), list(dc.input_size)),
         history=[{"command": "attach", "ftwt_version": __version__}],
         ftwt_version=__version__)
-    write_new_run(run_dir, meta, gated.state_dict(), force=force)
+    write_new_run(run_dir, meta, gated.state_dict(), force=force, inputs=[Path(checkpoint)])
     return AttachReport(run_dir, str(det.arch), nc, det.in_chans, dc.input_size, ckpt.fmt, rows,
                         float(dense.total[0]), gated.gate_macs_dense(),
                         {n: w for n, w in plan.rejected.items()} | {u.name: "excluded by --include/--exclude" for u in plan.units if u not in units},

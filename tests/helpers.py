@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from ftwt_cli.gating import GatedModel
 
-__all__ = ["no_natural_zeros", "MacsMeter"]
+__all__ = ["no_natural_zeros", "MacsMeter", "StopAfter"]
 
 
 def no_natural_zeros(model: nn.Module) -> nn.Module:
@@ -69,3 +69,18 @@ class MacsMeter:
                 if op.name in gated and self.g.mode != "open":
                     total[b] += int(a_in[b].sum()) * op.out_channels     # the gate: GAP → Linear on the same input
         return total
+
+
+class StopAfter:
+    """A training progress that interrupts the run (as Ctrl-C would) once epoch ``n`` is committed."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def start(self, *a) -> None: ...
+
+    def step(self, *a) -> None: ...
+
+    def end(self, stats) -> None:
+        if stats.epoch >= self.n:
+            raise KeyboardInterrupt

@@ -4,15 +4,16 @@ import hashlib
 import pytest
 import torch
 import torchvision
+from helpers import StopAfter
 from typer.testing import CliRunner
 
 import ftwt_cli
 from ftwt_cli.attach import attach
 from ftwt_cli.cli import app
 from ftwt_cli.errors import FtwtError
+from ftwt_cli.io import read_meta
 from ftwt_cli.train.config import FinetuneConfig, FitGatesConfig
 from ftwt_cli.train.loops import (
-    CHECKPOINT_FILE,
     distill_loss,
     finetune,
     fit_gates,
@@ -67,8 +68,9 @@ def test_fit_gates_is_deterministic_and_resume_is_exact(run, tmp_path):
     fit_gates(other, "digits", FitGatesConfig(**FIT))
     a, b = _gates(run), _gates(other)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    fit_gates(third, "digits", FitGatesConfig(**{**FIT, "epochs": 1}))          # "interrupted" after epoch 1
-    rep = fit_gates(third, "digits", FitGatesConfig(**FIT), resume=True)
+    with pytest.raises(KeyboardInterrupt):
+        fit_gates(third, "digits", FitGatesConfig(**FIT), progress=StopAfter(1))      # interrupted after epoch 1
+    rep = fit_gates(third, "digits", resume=True)                                   # the run's own settings
     c = _gates(third)
     assert all(torch.equal(a[k], c[k]) for k in a) and [e.epoch for e in rep.epochs] == [1, 2]
 
@@ -152,7 +154,8 @@ def test_finetune_with_distillation_resumes_exactly(run, tmp_path):
     cfg = dict(epochs=2, lr=0.05, batch_size=64, workers=0, distill=0.7, distill_temp=3.0,
                schedule="constant")   # a cosine over 1 epoch would differ from the first half of one over 2
     full = finetune(run, "digits", FinetuneConfig(**cfg))
-    finetune(other, "digits", FinetuneConfig(**{**cfg, "epochs": 1}))
+    with pytest.raises(KeyboardInterrupt):
+        finetune(other, "digits", FinetuneConfig(**cfg), progress=StopAfter(1))
     # the teacher is the model finetune started from, not the checkpoint it resumes from
     resumed = finetune(other, "digits", FinetuneConfig(**cfg), resume=True)
     a, b = _backbone(run), _backbone(other)
@@ -202,7 +205,7 @@ def test_cli_fit_gates_and_finetune_end_to_end(run):
     res = runner.invoke(app, ["finetune", "--data", "digits", "--run", str(run), "--epochs", "1", "--batch-size", "64",
                               "--workers", "0", "--schedule", "step"])
     assert res.exit_code == 0, res.output
-    assert "finetune epoch 1:" in res.stdout and (run / CHECKPOINT_FILE).is_file()
+    assert "finetune epoch 1:" in res.stdout and (run / read_meta(run).files.checkpoint).is_file()
     meta = ftwt_cli.load(run).meta
     assert meta.training["finetune"].config["schedule"] == "step" and meta.training["fit-gates"].config["r"] == 0.9
     res = runner.invoke(app, ["evaluate", "--run", str(run), "--workers", "0"])      # --data defaults to the training data
@@ -212,7 +215,6 @@ def test_cli_fit_gates_and_finetune_end_to_end(run):
 
 def test_default_workers_are_saved_resolved(run):
     from ftwt_cli.data import default_workers
-    from ftwt_cli.io.rundir import read_meta
     rep = fit_gates(run, "digits", FitGatesConfig(**{**FIT, "epochs": 1, "workers": None}), train_samples=128)
     assert rep.config["workers"] == default_workers()
     assert read_meta(run).training["fit-gates"].config["workers"] == default_workers()

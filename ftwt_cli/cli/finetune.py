@@ -56,7 +56,7 @@ def finetune_cli(
     cfg = resolve_config(FinetuneConfig, load_recipe(recipe) if recipe else None, "finetune",
                          dict(epochs=epochs, lr=lr, gate_lr=gate_lr, mode=value(mode), schedule=value(schedule), weight_decay=weight_decay,
                               batch_size=batch_size, workers=workers, seed=seed, r=r,
-                              bce_weight=bce_weight, freeze_gates_at=freeze_gates_at, distill=distill, distill_temp=distill_temp))
+                              bce_weight=bce_weight, freeze_gates_at=freeze_gates_at, distill=distill, distill_temp=distill_temp), partial=resume)
     rep = finetune(run, data, cfg, resume=resume, val_split=val_split, train_samples=train_samples, dense_control=dense_control, progress=EpochProgress())
     f = rep.final
     console.print(f"fine-tuned ({'dense control' if dense_control else cfg.mode}): val top-1 {f.top1:.2%}, MACs "

@@ -45,7 +45,7 @@ def fit_gates_cli(
 ) -> None:
     """Train the decision gates on the frozen backbone (BCE against self-supervised heatmap-mass masks)."""
     cfg = resolve_config(FitGatesConfig, load_recipe(recipe) if recipe else None, "fit_gates",
-                         dict(r=r, gt=value(gt), epochs=epochs, lr=lr, batch_size=batch_size, workers=workers, seed=seed))
+                         dict(r=r, gt=value(gt), epochs=epochs, lr=lr, batch_size=batch_size, workers=workers, seed=seed), partial=resume)
     rep = fit_gates(run, data, cfg, resume=resume, val_split=val_split, train_samples=train_samples, progress=EpochProgress())
     f = rep.final
     console.print(f"gates fitted at r={rep.config['r']}: val top-1 {f.top1:.2%}, MACs {f.mean_macs / 1e6:.2f} M of "

@@ -11,7 +11,7 @@ from ..errors import FtwtError
 from ..gating.model import GatedModel
 from .exported import meta_from_export
 from .meta import RunMeta
-from .rundir import META_FILE, WEIGHTS_FILE, read_meta, read_weights
+from .rundir import META_FILE, read_meta, read_weights
 
 __all__ = ["load", "gated_from_meta"]
 
@@ -38,7 +38,8 @@ def load(path: str | Path, *, compact: bool = False, calibrate: bool = True):
     if path.is_file():
         model = gated_from_meta(meta_from_export(path), read_weights(path))
     elif path.is_dir() or not path.exists():
-        model = gated_from_meta(read_meta(path), read_weights(path / WEIGHTS_FILE))
+        meta = read_meta(path)
+        model = gated_from_meta(meta, read_weights(path / meta.files.weights))
     else:
         raise FtwtError(f"{path} is neither a run directory nor an exported file",
                         f"pass a folder holding {META_FILE} or a .safetensors file")

@@ -13,7 +13,7 @@ from ..arch.registry import DataConfig
 from ..arch.trace import Plan
 from ..errors import FtwtError
 
-__all__ = ["FORMAT_VERSION", "RUN_FORMAT", "ArchInfo", "SourceInfo", "GatingInfo", "MacsInfo", "EvalSummary",
+__all__ = ["FORMAT_VERSION", "RUN_FORMAT", "RunFiles", "ArchInfo", "SourceInfo", "GatingInfo", "MacsInfo", "EvalSummary",
            "TrainingRecord", "RunMeta"]
 
 FORMAT_VERSION = 1
@@ -95,6 +95,13 @@ class TrainingRecord:
 
 
 @dataclass
+class RunFiles:
+    """The files of the run's current state, by name inside the run directory (the commit ``ftwt.json`` points at)."""
+    weights: str = "weights.safetensors"
+    checkpoint: Optional[str] = None   # the resumable training state, once a training epoch has run
+
+
+@dataclass
 class RunMeta:
     arch: ArchInfo
     source: SourceInfo
@@ -106,6 +113,7 @@ class RunMeta:
     training: Dict[str, TrainingRecord] = field(default_factory=dict)
     last_eval: Optional[EvalSummary] = None
     evaluation: Optional[Dict[str, Any]] = None    # an exported file's report (eval.EvalReport.to_dict())
+    files: RunFiles = field(default_factory=RunFiles)
     ftwt_version: str = ""
     format: str = RUN_FORMAT
     format_version: int = FORMAT_VERSION
@@ -114,7 +122,7 @@ class RunMeta:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["data_config"] = self.data_config.to_dict()
         d["plan"] = self.plan.to_dict()
-        for k in ("arch", "source", "gating", "macs", "last_eval"):
+        for k in ("arch", "source", "gating", "macs", "last_eval", "files"):
             d[k] = dataclasses.asdict(d[k]) if d[k] is not None else None
         d["training"] = {k: dataclasses.asdict(v) for k, v in self.training.items()}
         return d
@@ -140,4 +148,6 @@ class RunMeta:
         if d.get("last_eval") is not None:
             d["last_eval"] = _build(EvalSummary, d["last_eval"], f"{where}: last_eval")
         d["training"] = {k: _build(TrainingRecord, t, f"{where}: training.{k}") for k, t in (d.get("training") or {}).items()}
+        if "files" in d:
+            d["files"] = _build(RunFiles, d["files"], f"{where}: files")
         return _build(cls, d, where)

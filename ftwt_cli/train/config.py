@@ -37,6 +37,7 @@ class FitGatesConfig:
         if self.gt not in GT_RULES:
             raise FtwtError(f"unknown ground-truth rule '{self.gt}'", f"use one of {', '.join(GT_RULES)}")
         _positive(self, "epochs", "lr", "batch_size")
+        _non_negative(self, "weight_decay")
         _workers(self)
 
 
@@ -73,7 +74,12 @@ class FinetuneConfig:
             check_r(self.r)
         if self.gt is not None and self.gt not in GT_RULES:
             raise FtwtError(f"unknown ground-truth rule '{self.gt}'", f"use one of {', '.join(GT_RULES)}")
-        _positive(self, "epochs", "lr", "gate_lr", "batch_size", "distill_temp")
+        _positive(self, "epochs", "lr", "gate_lr", "batch_size", "distill_temp", "gamma")
+        _non_negative(self, "momentum", "weight_decay")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise FtwtError(f"label-smoothing={self.label_smoothing} is outside [0, 1)", "pass e.g. --label-smoothing 0.1")
+        if any(e < 1 for e in self.step_epochs):
+            raise FtwtError(f"step-epochs={self.step_epochs} must be epochs ≥ 1", "e.g. step_epochs: [30, 60]")
         _workers(self)
         if not self.bce_weight >= 0:
             raise FtwtError(f"bce-weight={self.bce_weight} is negative", "pass --bce-weight ≥ 0 (default 1)")
@@ -89,6 +95,13 @@ def _positive(cfg, *names: str) -> None:
         v = getattr(cfg, n)
         if not v > 0:
             raise FtwtError(f"{n.replace('_', '-')}={v} must be positive", f"pass --{n.replace('_', '-')} > 0")
+
+
+def _non_negative(cfg, *names: str) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if not v >= 0:
+            raise FtwtError(f"{n.replace('_', '-')}={v} is negative", f"pass --{n.replace('_', '-')} ≥ 0")
 
 
 def _workers(cfg) -> None:
@@ -117,11 +130,15 @@ def load_recipe(path: Path | str) -> Dict[str, Any]:
 T = TypeVar("T")
 
 
-def resolve_config(cls: Type[T], recipe: Optional[Mapping[str, Any]], section: str, overrides: Mapping[str, Any]) -> T:
-    """Defaults ← recipe section ← CLI flags that were given (not None). Unknown recipe keys are errors."""
+def resolve_config(cls: Type[T], recipe: Optional[Mapping[str, Any]], section: str, overrides: Mapping[str, Any],
+                   *, partial: bool = False) -> T:
+    """Defaults ← recipe section ← CLI flags that were given (not None). Unknown recipe keys and values of the wrong
+    type are errors. ``partial`` (for ``--resume``): fields given neither by the recipe nor by a flag stay None, and
+    the training command checks the given ones against the interrupted run's own settings."""
     names = {f.name: f for f in dataclasses.fields(cls)}
-    values: Dict[str, Any] = {}
-    if recipe and recipe.get(section):
+    values: Dict[str, Any] = {n: None for n in names} if partial else {}
+    where = f"the recipe {recipe['_path']}" if recipe else "the flags"
+    if recipe and recipe.get(section) is not None:
         sec = recipe[section]
         if not isinstance(sec, dict):
             raise FtwtError(f"section '{section}' in {recipe['_path']} must be a mapping", "see recipes/ for examples")
@@ -132,13 +149,35 @@ def resolve_config(cls: Type[T], recipe: Optional[Mapping[str, Any]], section: s
             values[k] = v
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = cls(**values)
-    for f in dataclasses.fields(cls):   # YAML gives ints where floats are meant, and strings for typos
+    for f in dataclasses.fields(cls):
         v = getattr(cfg, f.name)
-        if f.type in ("float", "Optional[float]") and isinstance(v, int) and not isinstance(v, bool):
-            setattr(cfg, f.name, float(v))
-        elif (f.type == "int" or (f.type == "Optional[int]" and v is not None)) and not (isinstance(v, int) and not isinstance(v, bool)):
-            raise FtwtError(f"{f.name}={v!r} must be an integer", f"fix '{f.name}' in the recipe or flag")
-        elif f.type in ("float", "Optional[float]") and v is not None and not isinstance(getattr(cfg, f.name), float):
-            raise FtwtError(f"{f.name}={v!r} must be a number", f"fix '{f.name}' in the recipe or flag")
-    cfg.validate()
+        if v is not None or not partial:
+            setattr(cfg, f.name, _typed(f.name, f.type, v, where))
+    if not partial:
+        cfg.validate()
     return cfg
+
+
+def _typed(name: str, type_: str, v: Any, where: str) -> Any:
+    """``v`` as the field's type: YAML gives ints where floats are meant, and strings for typos."""
+    def bad(what: str) -> FtwtError:
+        return FtwtError(f"{name}={v!r} must be {what}", f"fix '{name}' in {where}")
+    is_int = isinstance(v, int) and not isinstance(v, bool)
+    optional = type_.startswith("Optional[")
+    base = type_[len("Optional["):-1] if optional else type_
+    if v is None:
+        if optional:
+            return None
+        raise bad("given")
+    if base == "float":
+        if is_int:
+            return float(v)
+        if not isinstance(v, float):
+            raise bad("a number")
+    elif base == "int" and not is_int:
+        raise bad("an integer")
+    elif base == "str" and not isinstance(v, str):
+        raise bad("a string")
+    elif base == "List[int]" and not (isinstance(v, list) and all(isinstance(e, int) and not isinstance(e, bool) for e in v)):
+        raise bad("a list of integers, e.g. [30, 60]")
+    return v

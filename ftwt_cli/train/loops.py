@@ -39,20 +39,12 @@ from ..eval.evaluate import EvalResult, evaluate_loader
 from ..gating.model import GatedModel
 from ..io.load import gated_from_meta
 from ..io.meta import EvalSummary, TrainingRecord
-from ..io.rundir import (
-    WEIGHTS_FILE,
-    atomic_write_bytes,
-    read_meta,
-    read_weights,
-    update_run,
-)
+from ..io.rundir import check_writable, commit, read_meta, read_weights, run_lock
 from .config import FinetuneConfig, FitGatesConfig
 from .loss import distill_loss, gate_loss
 
 __all__ = ["fit_gates", "finetune", "fit_gates_step", "gate_optimizer", "EpochStats", "TrainReport", "Progress",
-           "batch_metrics", "CHECKPOINT_FILE", "METRICS_EVERY"]
-
-CHECKPOINT_FILE = "checkpoint.pt"
+           "batch_metrics", "METRICS_EVERY"]
 # Training-batch metrics (gate agreement, keep ratio, MACs cut) are computed on every N-th batch: counting MACs
 # walks every conv of the model, which a GPU step should not wait for on every batch.
 METRICS_EVERY = 10
@@ -163,16 +155,10 @@ def _teacher(ph: "_Phase") -> nn.Module:
     return teacher.eval()
 
 
-def _save_checkpoint(run_dir: Path, payload: Dict[str, Any]) -> None:
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write_bytes(run_dir / CHECKPOINT_FILE, buf.getvalue())
-
-
-def _load_checkpoint(run_dir: Path, phase: str) -> Dict[str, Any]:
-    p = run_dir / CHECKPOINT_FILE
-    if not p.is_file():
-        raise FtwtError(f"nothing to resume in {run_dir}: no {CHECKPOINT_FILE}", f"run `ftwt {phase}` without --resume")
+def _load_checkpoint(run_dir: Path, name: Optional[str], phase: str) -> Dict[str, Any]:
+    p = run_dir / (name or "checkpoint.pt")
+    if name is None or not p.is_file():
+        raise FtwtError(f"nothing to resume in {run_dir}: no training checkpoint", f"run `ftwt {phase}` without --resume")
     try:
         ck = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -181,6 +167,18 @@ def _load_checkpoint(run_dir: Path, phase: str) -> Dict[str, Any]:
         raise FtwtError(f"the checkpoint in {run_dir} is from `ftwt {ck.get('phase')}`, not `ftwt {phase}`",
                         f"resume with `ftwt {ck.get('phase')} --resume`, or run `ftwt {phase}` without --resume")
     return ck
+
+
+def _resumed_config(cls: type, saved: Dict[str, Any], given):
+    """The interrupted run's settings; a given setting that differs is refused, naming both values (a None field of
+    ``given`` counts as not given)."""
+    if given is None:
+        return cls(**saved)
+    for k, v in dataclasses.asdict(given).items():
+        if v is not None and k in saved and v != saved[k]:
+            raise FtwtError(f"{k.replace('_', '-')}={v!r} conflicts with the interrupted run's {k.replace('_', '-')}={saved[k]!r}",
+                            "drop it to continue the run as it was, or start over without --resume")
+    return cls(**saved)
 
 
 def _lr_factor(cfg: FinetuneConfig, step: int, steps_per_epoch: int) -> float:
@@ -196,19 +194,25 @@ def _lr_factor(cfg: FinetuneConfig, step: int, steps_per_epoch: int) -> float:
 class _Phase:
     """What fit-gates and finetune share: the run, data, model, resume state and per-epoch bookkeeping."""
 
-    def __init__(self, phase: str, run_dir: Path, data: str, cfg, resume: bool, val_split: Optional[float],
-                 train_samples: Optional[int] = None) -> None:
-        self.phase, self.run_dir, self.cfg, self.data_arg = phase, Path(run_dir), cfg, str(data)
+    def __init__(self, phase: str, cls: type, run_dir: Path | str, data: str, cfg, resume: bool,
+                 val_split: Optional[float], train_samples: Optional[int] = None) -> None:
+        """The caller holds the run's lock. ``cfg`` None: the defaults, or on resume the interrupted run's settings."""
+        self.phase, self.run_dir, self.data_arg = phase, Path(run_dir), str(data)
+        if cfg is not None and not resume:      # on resume, given fields must equal the run's (validated) settings
+            cfg.validate()
         self.meta = read_meta(self.run_dir)
         if resume:
-            self.ck = _load_checkpoint(self.run_dir, phase)
-            self.cfg = cfg = type(cfg)(**{**self.ck["config"], "epochs": cfg.epochs})   # same settings, maybe more epochs
+            self.ck = _load_checkpoint(self.run_dir, self.meta.files.checkpoint, phase)
+            cfg = _resumed_config(cls, self.ck["config"], cfg)
             weights = self.ck["model"]
         else:
             self.ck = None
-            weights = read_weights(self.run_dir / WEIGHTS_FILE)
+            cfg = cfg if cfg is not None else cls()
+            weights = read_weights(self.run_dir / self.meta.files.weights)
             if cfg.workers is None:       # saved as resolved: resume must load with as many workers (augmentation)
-                self.cfg = cfg = dataclasses.replace(cfg, workers=default_workers())
+                cfg = dataclasses.replace(cfg, workers=default_workers())
+        self.cfg = cfg
+        check_writable(self.run_dir)          # a read-only run or a full disk fails now, not after an epoch
         self.model = gated_from_meta(self.meta, weights)
         self.data: DataSplits = open_data(data, self.meta.data_config, val_split=val_split,
                                           num_classes=self.meta.arch.num_classes, train_samples=train_samples)
@@ -232,10 +236,10 @@ class _Phase:
                            avg.get("agreement", 0.0), avg.get("keep", 1.0), avg.get("macs_cut", 0.0),
                            res.top1, res.reduction, seconds)
         self.history.append(dataclasses.asdict(stats))
-        _save_checkpoint(self.run_dir, {
-            "phase": self.phase, "epoch": epoch, "config": dataclasses.asdict(self.cfg), "history": self.history,
-            "model": self.model.state_dict(), **self.extra_state,
-            **{f"opt_{k}": o.state_dict() for k, o in optimizers.items()}})
+        buf = io.BytesIO()
+        torch.save({"phase": self.phase, "epoch": epoch, "config": dataclasses.asdict(self.cfg), "history": self.history,
+                    "model": self.model.state_dict(), **self.extra_state,
+                    **{f"opt_{k}": o.state_dict() for k, o in optimizers.items()}}, buf)
         g = self.meta.gating
         if self.model.mode == "predict":
             g.mode = "predict"
@@ -245,7 +249,8 @@ class _Phase:
         self.meta.training[self.phase] = TrainingRecord(dataclasses.asdict(self.cfg), self.data_arg, self.data.source, self.history)
         self.meta.last_eval = EvalSummary(self.phase, epoch, res.top1, res.top5, res.mean_macs, res.dense_macs, res.reduction,
                                           self.data.source, "val", res.samples)
-        update_run(self.run_dir, self.meta, self.model.state_dict())
+        # weights, checkpoint and metadata as one commit: a crash anywhere leaves the last complete epoch
+        commit(self.run_dir, self.meta, self.model.state_dict(), f"{self.phase}-e{epoch}", buf.getvalue())
         progress.end(stats)
         self.last_eval = res
         return stats
@@ -257,13 +262,18 @@ class _Phase:
                            dataclasses.asdict(self.cfg))
 
 
-def fit_gates(run_dir: Path | str, data: str, cfg: FitGatesConfig, *, resume: bool = False,
+def fit_gates(run_dir: Path | str, data: str, cfg: Optional[FitGatesConfig] = None, *, resume: bool = False,
               val_split: Optional[float] = None, train_samples: Optional[int] = None,
               progress: Optional[Progress] = None) -> TrainReport:
-    """Train only the gates on the frozen backbone (eval mode, no gradients), with predicted masks applied."""
-    progress = progress or _Silent()
-    cfg.validate()
-    ph = _Phase("fit-gates", run_dir, data, cfg, resume, val_split, train_samples)
+    """Train only the gates on the frozen backbone (eval mode, no gradients), with predicted masks applied.
+    ``resume`` continues an interrupted run with its own settings (``cfg`` may be None, or must agree with them)."""
+    read_meta(run_dir)                                        # a missing or damaged run fails before the lock
+    with run_lock(Path(run_dir), "ftwt fit-gates"):
+        return _fit_gates(_Phase("fit-gates", FitGatesConfig, run_dir, data, cfg, resume, val_split, train_samples),
+                          progress or _Silent())
+
+
+def _fit_gates(ph: "_Phase", progress: Progress) -> TrainReport:
     cfg, model = ph.cfg, ph.model
     model.set_gates("predict", r=cfg.r, gt=cfg.gt)
     model.backbone.requires_grad_(False)   # autograd then records only the gates: GAP → Linear
@@ -284,15 +294,19 @@ def fit_gates(run_dir: Path | str, data: str, cfg: FitGatesConfig, *, resume: bo
     return ph.report()
 
 
-def finetune(run_dir: Path | str, data: str, cfg: FinetuneConfig, *, resume: bool = False,
+def finetune(run_dir: Path | str, data: str, cfg: Optional[FinetuneConfig] = None, *, resume: bool = False,
              val_split: Optional[float] = None, train_samples: Optional[int] = None, dense_control: bool = False,
              progress: Optional[Progress] = None) -> TrainReport:
     """Train the backbone under hard masks (task loss) while the gates keep learning (BCE, their own optimiser).
     ``dense_control`` trains the backbone with every gate open and no gate loss: the same extra training,
-    without gating, for a fair accuracy comparison."""
-    progress = progress or _Silent()
-    cfg.validate()
-    ph = _Phase("finetune", run_dir, data, cfg, resume, val_split, train_samples)
+    without gating, for a fair accuracy comparison. ``resume`` as for ``fit_gates``."""
+    read_meta(run_dir)
+    with run_lock(Path(run_dir), "ftwt finetune"):
+        return _finetune(_Phase("finetune", FinetuneConfig, run_dir, data, cfg, resume, val_split, train_samples),
+                         dense_control, progress or _Silent())
+
+
+def _finetune(ph: "_Phase", dense_control: bool, progress: Progress) -> TrainReport:
     cfg, model = ph.cfg, ph.model
     g = ph.meta.gating
     if dense_control:
