@@ -75,7 +75,7 @@ def main() -> int:
     WORK.mkdir(exist_ok=True)
     ckpt = WORK / f"resnet18-fashion-mnist-b{args.baseline_epochs}.pth"
     base_s = train_baseline(ckpt, args.baseline_epochs, args.workers) if not ckpt.exists() else float("nan")
-    common = ["--input-size", "3,32,32", "--mean", MEAN, "--std", STD, "--force"]
+    common = ["--arch", "torchvision:resnet18", "--input-size", "3,32,32", "--mean", MEAN, "--std", STD, "--force"]
     w = ["--workers", str(args.workers)] + (["--seed", str(args.seed)] if args.seed else [])
     kd = ["--distill", str(args.distill)] if args.distill else []
 

@@ -9,12 +9,25 @@ Public API::
 
 The package reads top to bottom as the pipeline: ``io`` (checkpoints, run directory, export, load) → ``arch``
 (registry, dataflow trace) → ``gating`` (gate, gated model, ground truth, MACs) → ``train`` → ``eval`` → ``fast``
-(compact inference); ``cli`` wraps it.
+(compact inference); ``cli`` wraps it. The names below are imported on first use, so that importing the package
+(as the ``ftwt`` command does before anything else) does not import torch yet.
 """
+from importlib import import_module
+from typing import Any
+
 __version__ = "0.2.0"
 
-from .errors import FtwtError
-from .gating import ForwardStats, Gate, GatedModel
-from .io import RunMeta, load
-
 __all__ = ["__version__", "load", "GatedModel", "Gate", "ForwardStats", "RunMeta", "FtwtError"]
+
+_WHERE = {"load": ".io", "RunMeta": ".io", "GatedModel": ".gating", "Gate": ".gating", "ForwardStats": ".gating",
+          "FtwtError": ".errors"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(import_module(_WHERE[name], __name__), name)
+    raise AttributeError(f"module 'ftwt_cli' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_WHERE])

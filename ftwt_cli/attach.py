@@ -69,9 +69,9 @@ def parse_input_size(text: Optional[str]) -> Optional[Tuple[int, int, int]]:
         raise FtwtError(f"--input-size {text} is not C,H,W", "pass three positive integers, e.g. --input-size 3,224,224") from None
 
 
-def _arch_for(sd, arch: Optional[str], hub_config) -> Detection:
+def _arch_for(sd, arch: Optional[str], hub_config, hint: Optional[str]) -> Detection:
     if arch is None:
-        return detect_arch(sd, hub_config)
+        return detect_arch(sd, hub_config, hint)
     spec = parse_arch(arch)
     m = build_model(spec, meta=True)
     head, stem = head_and_stem(m, spec)
@@ -93,7 +93,7 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
     run_dir = Path(run_dir)
     check_replaceable(run_dir, force=force, inputs=[Path(checkpoint)])     # fail before any slow work
     ckpt = read_checkpoint(checkpoint, use_ema=use_ema, trust_pickle=trust_pickle)
-    det = _arch_for(ckpt.state_dict, arch, ckpt.hub_config)
+    det = _arch_for(ckpt.state_dict, arch, ckpt.hub_config, ckpt.arch)
     if num_classes is not None and det.num_classes is not None and num_classes != det.num_classes:
         raise FtwtError(f"--num-classes {num_classes} but the checkpoint's head has {det.num_classes} classes",
                         f"drop --num-classes or pass --num-classes {det.num_classes}")

@@ -137,10 +137,20 @@ class _SafeImageFolder(Dataset):
         path, label = self.inner.samples[i]
         try:
             with Image.open(path) as im:
-                img = im.convert(self.mode)
+                img = _to_8bit(im).convert(self.mode)
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise FtwtError(f"cannot read image {path} ({e})", "remove or replace the file; ftwt does not skip unreadable images") from None
         return self.transform(img), label
+
+
+def _to_8bit(im):
+    """A 16-bit grayscale image (PIL mode I;16*) scaled to 8 bits (v·255/65535); PIL's own convert clips at 255."""
+    if not im.mode.startswith("I;16"):
+        return im
+    import numpy as np
+    from PIL import Image
+    a = np.asarray(im).astype(np.float32) * (255.0 / 65535.0)
+    return Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
 
 
 def read_idx(path: Path) -> torch.Tensor:

@@ -21,6 +21,7 @@ from .arch.registry import DataConfig
 from .attach import attach
 from .data import FASHION_MNIST_DIR, DataSplits, make_loader, open_data
 from .errors import FtwtError
+from .io.rundir import atomic_write_text
 from .eval.evaluate import EvalReport, evaluate_run
 from .eval.report import write_report
 from .io.export import export
@@ -28,6 +29,9 @@ from .train.config import FinetuneConfig, FitGatesConfig
 from .train.loops import Progress, finetune, fit_gates
 
 __all__ = ["DemoSettings", "DemoResult", "run_demo", "train_classifier", "demo_settings"]
+
+
+DEMO_MARKER = ".ftwt-demo"          # marks a folder `ftwt demo` made, the only kind --force replaces
 
 
 @dataclass(frozen=True)
@@ -90,14 +94,21 @@ def run_demo(folder: Path | str = "ftwt-demo", *, data: Optional[str] = None, fo
     import torchvision
     t0 = time.time()
     folder = Path(folder)
-    if folder.exists() and not force:
-        raise FtwtError(f"{folder} already exists", "pass --force to replace it, or choose another --dir")
+    if folder.exists():
+        if not force:
+            raise FtwtError(f"{folder} already exists", "pass --force to replace it, or choose another --dir")
+        if not (folder / DEMO_MARKER).is_file():
+            raise FtwtError(f"{folder} exists and was not made by `ftwt demo`; --force replaces only demo folders",
+                            "choose another --dir, or move the folder away yourself")
+        if folder.resolve() == Path.cwd().resolve() or folder.resolve() in Path.cwd().resolve().parents:
+            raise FtwtError(f"--dir {folder} is the current folder or holds it", "pass a subfolder, e.g. --dir ftwt-demo")
     s = demo_settings(data)
     cfg = DataConfig((3, 32, 32), (s.mean,) * 3, (s.std,) * 3, "bilinear", 1.0, "center")
     splits = open_data(s.data, cfg, num_classes=10, train_samples=s.train_samples)
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
+    atomic_write_text(folder / DEMO_MARKER, "made by `ftwt demo`; `ftwt demo --force` may replace this folder\n")
     log(f"1/6 training a ResNet-18 baseline on {splits.source} ({len(splits.train)} images, 32 px)")
     torch.manual_seed(0)                 # the baseline's initial weights too: every demo run trains the same one
     model = train_classifier(torchvision.models.resnet18(num_classes=10), splits, s.baseline_epochs,
@@ -106,7 +117,7 @@ def run_demo(folder: Path | str = "ftwt-demo", *, data: Optional[str] = None, fo
     torch.save(model.state_dict(), ckpt)
     run = folder / "run"
     log(f"2/6 ftwt attach {ckpt}")
-    rep = attach(ckpt, input_size=(3, 32, 32), mean=cfg.mean, std=cfg.std, run_dir=run)
+    rep = attach(ckpt, arch="torchvision:resnet18", input_size=(3, 32, 32), mean=cfg.mean, std=cfg.std, run_dir=run)
     base = evaluate_run(run, s.data, gates="open", workers=workers)
     log(f"    {rep.arch}: {len(rep.layers)} gated layers, {rep.dense_macs / 1e6:.1f} M MACs dense, baseline top-1 {base.top1:.2%}")
     log(f"3/6 ftwt fit-gates --r {s.r}")

@@ -21,7 +21,7 @@ def _sha(p):
 def test_attach_writes_a_run_and_prints_the_table(tmp_path, r18_ckpt):
     before = _sha(r18_ckpt)
     run = tmp_path / "run"
-    res = runner.invoke(app, ["attach", str(r18_ckpt), "--run", str(run), "--input-size", "3,32,32"])
+    res = runner.invoke(app, ["attach", str(r18_ckpt), "--arch", "torchvision:resnet18", "--run", str(run), "--input-size", "3,32,32"])
     assert res.exit_code == 0, res.output
     assert "layer1.0.conv1" in res.stdout and "64→64" in res.stdout and "gated layers" in res.stdout
     meta = json.loads((run / "ftwt.json").read_text())
@@ -52,7 +52,7 @@ def test_loaded_run_reproduces_the_source(r18_run, r18_ckpt):
 
 
 def test_include_exclude_and_shortcuts(tmp_path, r18_ckpt):
-    r = ftwt_cli.attach.attach(r18_ckpt, input_size=(3, 32, 32), run_dir=tmp_path / "a",
+    r = ftwt_cli.attach.attach(r18_ckpt, arch="torchvision:resnet18", input_size=(3, 32, 32), run_dir=tmp_path / "a",
                                include=["layer3.*", "layer4.*"], exclude=["*.conv2"], gate_shortcuts=True)
     names = [l.name for l in r.layers]
     assert "layer3.0.downsample.0" in names and "layer3.0.conv1" in names
@@ -61,7 +61,7 @@ def test_include_exclude_and_shortcuts(tmp_path, r18_ckpt):
 
 def test_force_replaces_an_existing_run(tmp_path, r18_ckpt):
     run = tmp_path / "run"
-    args = ["attach", str(r18_ckpt), "--run", str(run), "--input-size", "3,32,32"]
+    args = ["attach", str(r18_ckpt), "--arch", "torchvision:resnet18", "--run", str(run), "--input-size", "3,32,32"]
     assert runner.invoke(app, args).exit_code == 0
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "already exists" in res.stderr and "--force" in res.stderr
@@ -85,15 +85,16 @@ def _bad_inputs(tmp_path, ckpt):
         "no architecture fits": ([str(odd)], "no known architecture matches"),
         "unknown arch": ([str(ckpt), "--arch", "resnet181"], "did you mean"),
         "wrong arch": ([str(ckpt), "--arch", "torchvision:resnet34"], "does not fit torchvision:resnet34"),
-        "num_classes mismatch": ([str(ckpt), "--num-classes", "100"], "--num-classes 100"),
+        "num_classes mismatch": ([str(ckpt), "--arch", "resnet18", "--num-classes", "100"], "--num-classes 100"),
+        "ambiguous": ([str(ckpt)], "pass --arch"),
         "bad input size": ([str(ckpt), "--input-size", "3x32"], "not C,H,W"),
         "pickled module": ([str(whole)], "--trust-pickle"),
-        "bad mean": ([str(ckpt), "--mean", "0.5,0.5"], "--mean has 2 values"),
+        "bad mean": ([str(ckpt), "--arch", "resnet18", "--mean", "0.5,0.5"], "--mean has 2 values"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing", "truncated", "not a checkpoint", "no architecture fits", "unknown arch",
-                                  "wrong arch", "num_classes mismatch", "bad input size", "pickled module", "bad mean"])
+                                  "wrong arch", "num_classes mismatch", "ambiguous", "bad input size", "pickled module", "bad mean"])
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, r18_ckpt, case):
     args, expect = _bad_inputs(tmp_path, r18_ckpt)[case]
     before = _sha(r18_ckpt)
@@ -111,7 +112,8 @@ def test_bad_input_one_line_nonzero_nothing_written(tmp_path, r18_ckpt, case):
 def test_trust_pickle_loads_a_whole_module(tmp_path):
     whole = tmp_path / "whole.pt"
     torch.save(torchvision.models.resnet18(num_classes=3), whole)
-    res = runner.invoke(app, ["attach", str(whole), "--trust-pickle", "--run", str(tmp_path / "r"), "--input-size", "3,32,32"])
+    res = runner.invoke(app, ["attach", str(whole), "--trust-pickle", "--arch", "resnet18", "--run", str(tmp_path / "r"),
+                              "--input-size", "3,32,32"])
     assert res.exit_code == 0, res.output
 
 

@@ -24,7 +24,7 @@ def run(tmp_path_factory):
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("eval")
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), d / "r18.pth")
-    attach(d / "r18.pth", input_size=(3, 16, 16), run_dir=d / "run")
+    attach(d / "r18.pth", arch="torchvision:resnet18", input_size=(3, 16, 16), run_dir=d / "run")
     return d / "run"
 
 

@@ -30,7 +30,7 @@ def run(tmp_path):
     p = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), p)
     run = tmp_path / "run"
-    attach(p, input_size=(3, 16, 16), run_dir=run)
+    attach(p, arch="torchvision:resnet18", input_size=(3, 16, 16), run_dir=run)
     return run
 
 
@@ -191,7 +191,7 @@ def test_cli_missing_run_and_class_mismatch(tmp_path):
     res = runner.invoke(app, ["fit-gates", "--data", "digits", "--run", str(tmp_path / "none")])
     assert res.exit_code == 2 and "no ftwt run" in res.stderr
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "five.pth")
-    attach(tmp_path / "five.pth", input_size=(3, 16, 16), run_dir=tmp_path / "five")
+    attach(tmp_path / "five.pth", arch="torchvision:resnet18", input_size=(3, 16, 16), run_dir=tmp_path / "five")
     res = runner.invoke(app, ["fit-gates", "--data", "digits", "--run", str(tmp_path / "five")])
     assert res.exit_code == 2 and "10 classes but the model's head has 5" in res.stderr
 

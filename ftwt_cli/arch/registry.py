@@ -14,6 +14,7 @@ import json
 import os
 import warnings
 from dataclasses import asdict, dataclass
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -186,6 +187,14 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], arch: ArchSpe
             parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[0]})")
         raise FtwtError(f"the checkpoint does not fit {arch}: {'; '.join(parts)} keys",
                         "pass the right --arch / --num-classes / --in-chans, or omit --arch to detect it")
+    for k, v in own.items():
+        if v.is_floating_point() and not sd[k].is_floating_point():
+            raise FtwtError(f"the checkpoint's {k} holds {sd[k].dtype} values where {arch} has floating-point weights",
+                            "save the model's own state_dict() (its weights are floats)")
+    sd = OrderedDict(sd)
+    # Some modules read the version their weights were saved with (torchvision's MNASNet); a state dict that lost it
+    # (rebuilt, or from safetensors) gets the current one, which is what build_model constructed.
+    sd._metadata = getattr(sd, "_metadata", None) or getattr(own, "_metadata", None)
     model.load_state_dict(sd, strict=True)
 
 
@@ -242,11 +251,13 @@ def _diff(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], skip:
 
 
 def _fit(arch: ArchSpec, sd: Mapping[str, torch.Tensor]) -> Optional[Tuple[int, int]]:
-    """(num_classes, in_chans) if ``sd`` is exactly this architecture up to head width and stem channels."""
+    """(num_classes, in_chans) if ``sd`` is exactly this architecture up to head width and stem channels: the same
+    keys, then the same shapes once built with the checkpoint's head width and stem channels (auxiliary heads, as
+    in GoogLeNet, are as wide as the head)."""
     m = build_model(arch, meta=True)
     head, stem = head_and_stem(m, arch)
-    missing, unexpected, shapes = _diff(sd, m.state_dict(), [s for s in (head, stem) if s])
-    if missing or unexpected or shapes:
+    missing, unexpected, _ = _diff(sd, m.state_dict(), [])
+    if missing or unexpected:
         return None
     num_classes = int(sd[f"{head}.weight"].shape[0]) if head and f"{head}.weight" in sd else None
     in_chans = int(sd[f"{stem}.weight"].shape[1]) if stem and f"{stem}.weight" in sd else 3
@@ -255,8 +266,45 @@ def _fit(arch: ArchSpec, sd: Mapping[str, torch.Tensor]) -> Optional[Tuple[int, 
     return None if (missing or unexpected or shapes) else (num_classes, in_chans)
 
 
-def detect_arch(sd: Mapping[str, torch.Tensor], hub_config: Optional[Mapping] = None) -> Detection:
-    """Find the architecture whose keys and shapes match ``sd`` exactly (head width and stem channels free)."""
+def _same_function(matches: list, sd: Mapping[str, torch.Tensor], hint: Optional[str]) -> list:
+    """Several architectures take these weights (same keys and shapes). If they compute the same function (the same
+    outputs on one random input), any will do; else the checkpoint must say which (``hint``: a timm train
+    checkpoint's ``arch``) or the user must (``--arch``): never guess between different networks."""
+    if hint:
+        named = [m for m in matches if m[0].name == hint.split(":")[-1] and (":" not in hint or str(m[0]) == hint)]
+        if named:
+            return named + [m for m in matches if m not in named]
+    torch.manual_seed(0)
+    outs = []
+    for arch, (nc, ic) in matches:
+        model = build_model(arch, nc, ic).eval()
+        model.load_state_dict(sd, strict=False)
+        size = resolve_data_config(arch, model, ic).input_size
+        x = torch.randn(1, ic, *(min(s, 64) if not _fixed_size(arch) else s for s in size[1:]),
+                        generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            outs.append(model(x))
+    groups: List[List[int]] = []          # candidates that compute the same function, by their first member
+    for i, o in enumerate(outs):
+        same = next((g for g in groups if o.shape == outs[g[0]].shape and torch.allclose(
+            o, outs[g[0]], rtol=1e-4, atol=1e-5 * float(outs[g[0]].abs().max()))), None)
+        same.append(i) if same is not None else groups.append([i])
+    if len(groups) == 1:
+        return matches
+    names = " | ".join(" = ".join(str(matches[i][0]) for i in g) for g in groups)
+    raise FtwtError(f"the weights fit {len(matches)} architectures that compute {len(groups)} different functions "
+                    f"({names})", f"pass --arch, e.g. --arch {matches[0][0]}")
+
+
+def _fixed_size(arch: ArchSpec) -> bool:
+    """Models that only run at their own input size (patch embeddings with a fixed grid)."""
+    return arch.source == "timm" and arch.name.startswith(("vit_", "deit", "swin", "maxvit", "coatnet", "cait", "beit", "eva"))
+
+
+def detect_arch(sd: Mapping[str, torch.Tensor], hub_config: Optional[Mapping] = None,
+                arch_hint: Optional[str] = None) -> Detection:
+    """Find the architecture whose keys and shapes match ``sd`` exactly (head width and stem channels free).
+    ``arch_hint`` is what the checkpoint itself says (a timm train checkpoint's ``arch``)."""
     if hub_config and hub_config.get("architecture"):
         arch = parse_arch(f"timm:{hub_config['architecture']}") if ":" not in hub_config["architecture"] else parse_arch(hub_config["architecture"])
         fit = _fit(arch, sd)
@@ -272,6 +320,8 @@ def detect_arch(sd: Mapping[str, torch.Tensor], hub_config: Optional[Mapping] = 
         fit = _fit(arch, sd)
         if fit is not None:
             matches.append((arch, fit))
+    if len(matches) > 1:
+        matches = _same_function(matches, sd, arch_hint)
     if matches:
         arch, (nc, ic) = matches[0]
         return Detection(arch, nc, ic, tuple(str(a) for a, _ in matches[1:]))

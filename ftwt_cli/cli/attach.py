@@ -10,7 +10,7 @@ from typing_extensions import Annotated
 
 from ..attach import AttachReport, attach, parse_input_size
 from ..eval.report import fmt_macs as _g
-from .app import command, console
+from .application import command, console
 
 __all__ = ["attach_cli", "print_attach_report"]
 

@@ -14,7 +14,7 @@ from ..attach import parse_input_size
 from ..errors import FtwtError
 from ..fast.bench import bench, oracle_masks
 from ..io.load import load
-from .app import command, console
+from .application import command, console
 from .options import DATA_HELP, Run
 
 __all__ = ["bench_cli"]

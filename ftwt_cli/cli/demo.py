@@ -10,7 +10,7 @@ from typing_extensions import Annotated
 
 from ..demo import run_demo
 from ..eval.report import fmt_macs as _m
-from .app import command, console
+from .application import command, console
 from .options import Workers
 from .progress import EpochProgress
 

@@ -19,8 +19,8 @@ from ..errors import FtwtError
 from ..eval.evaluate import EvalReport, evaluate_run
 from ..eval.report import fmt_macs as _m
 from ..eval.report import ood_summary, write_report
-from ..io.rundir import read_meta
-from .app import command, console
+from ..io.rundir import check_writable, read_meta, run_lock
+from .application import command, console
 from .options import DATA_HELP, GateMode, Run, Workers
 
 __all__ = ["evaluate_cli", "print_eval_report"]
@@ -73,26 +73,30 @@ def evaluate_cli(
     ood: Annotated[bool, typer.Option(help="Also evaluate under ImageNet-C-style corruptions at severities 1-5.")] = False,
     corruption: Annotated[Optional[List[str]], typer.Option(help="Only these corruptions (repeatable); implies --ood.")] = None,
     ood_data: Annotated[Optional[str], typer.Option(help="Another dataset with the same classes.")] = None,
-    ood_samples: Annotated[int, typer.Option(help="Images per corruption and severity (0 = the whole split).")] = 2000,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
+    ood_samples: Annotated[int, typer.Option(min=0, help="Images per corruption and severity (0 = the whole split).")] = 2000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 256,
     workers: Workers = None,
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Report accuracy, exact dynamic MACs, gate behaviour and (with --ood) robustness; writes report.* into the run."""
     if gates == GateMode.oracle and r is None:
         raise FtwtError("--gates oracle needs --r", "pass e.g. --r 0.95")
+    meta = read_meta(run)
     if data is None:
-        trained = read_meta(run).training
+        trained = meta.training
         data = next((t.data for t in trained.values() if t.data), None)
         if data is None:
             raise FtwtError("no --data given and the run was never trained on any", "pass --data DIR (or fashion-mnist, digits)")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console, transient=True) if console.is_terminal else None
-    with (progress or _Null()):
-        rep = evaluate_run(run, data, gates=gates.value, r=r, ood=ood, ood_data=ood_data, corruptions=corruption or (),
-                           ood_samples=ood_samples or None, batch_size=batch_size, workers=workers, on_stage=_Stages(progress))
-    print_eval_report(rep)
-    files = write_report(rep, run)
+    with run_lock(run, "ftwt evaluate"):
+        check_writable(run)
+        with (progress or _Null()):
+            rep = evaluate_run(run, data, gates=gates.value, r=r, ood=ood, ood_data=ood_data, corruptions=corruption or (),
+                               ood_samples=ood_samples or None, batch_size=batch_size, workers=workers,
+                               on_stage=_Stages(progress))
+        print_eval_report(rep)
+        files = write_report(rep, run)
     console.print(f"wrote {', '.join(p.name for p in files)} into {run}", markup=False, highlight=False, soft_wrap=True)
 
 

@@ -8,7 +8,7 @@ import typer
 from typing_extensions import Annotated
 
 from ..io.export import export
-from .app import command, console
+from .application import command, console
 from .options import Run
 
 __all__ = ["export_cli"]

@@ -8,7 +8,7 @@ import typer
 from typing_extensions import Annotated
 
 from ..train import FinetuneConfig, finetune, load_recipe, resolve_config
-from .app import command, console
+from .application import command, console
 from .options import (
     BatchSize,
     Data,

@@ -9,7 +9,7 @@ from typing_extensions import Annotated
 
 from ..eval.report import fmt_macs as _m
 from ..io.load import load
-from .app import command, console
+from .application import command, console
 
 __all__ = ["info_cli"]
 

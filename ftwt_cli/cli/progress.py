@@ -13,7 +13,7 @@ from rich.progress import (
 )
 
 from ..train import EpochStats
-from .app import console
+from .application import console
 
 __all__ = ["EpochProgress", "print_epoch"]
 

@@ -9,9 +9,10 @@ from typing import Dict, List
 from ..io.rundir import atomic_write_bytes, atomic_write_text
 from .evaluate import EvalReport
 
-__all__ = ["write_report", "report_markdown", "REPORT_FILES", "fmt_macs", "ood_summary"]
+__all__ = ["write_report", "report_markdown", "REPORT_FILES", "PLOT_FILES", "fmt_macs", "ood_summary"]
 
-REPORT_FILES = ("report.json", "report.md", "keep_ratio.png", "macs_hist.png", "ood.png")
+PLOT_FILES = ("keep_ratio.png", "macs_hist.png", "ood.png")
+REPORT_FILES = ("report.json", "report.md", *PLOT_FILES)
 
 
 def fmt_macs(x: float) -> str:
@@ -156,7 +157,10 @@ def write_report(rep: EvalReport, folder: Path) -> List[Path]:
     atomic_write_text(folder / "report.json", json.dumps(d, indent=1))
     atomic_write_text(folder / "report.md", report_markdown(rep))
     written += [folder / "report.json", folder / "report.md"]
-    for name, data in _plots(rep).items():
+    plots = _plots(rep)
+    for name, data in plots.items():
         atomic_write_bytes(folder / name, data)
         written.append(folder / name)
+    for name in set(PLOT_FILES) - set(plots):       # an earlier report's plot that this one has not (ood.png)
+        (folder / name).unlink(missing_ok=True)
     return written

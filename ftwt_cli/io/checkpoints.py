@@ -7,9 +7,11 @@ torch.compile (``_orig_mod.``) prefixes, ``.safetensors`` files, and hub folders
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import pickle
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
@@ -35,6 +37,7 @@ class LoadedCheckpoint:
     sha256: str
     fmt: str                 # "state_dict" | "timm-train" | "lightning" | "safetensors" | "hub" | "pickled-module"
     hub_config: Optional[Dict[str, Any]] = None
+    arch: Optional[str] = None    # what the checkpoint says it is (a timm train.py checkpoint's ``arch``)
     notes: tuple = field(default_factory=tuple)
 
 
@@ -50,19 +53,29 @@ def clean_state_dict(sd: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     """Keep tensors, strip wrapper prefixes that *every* key carries (so a real top-level module called
     ``model`` in an architecture is never mangled), drop AveragedModel's ``n_averaged`` counter."""
     out = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and k != "n_averaged"}
+    meta = getattr(sd, "_metadata", None)      # module versions torch.save keeps beside the tensors
     changed = True
     while changed and out:
         changed = False
         for p in _PREFIXES:
             if all(k.startswith(p) for k in out):
                 out = {k[len(p):]: v for k, v in out.items() if k[len(p):] != "n_averaged"}
+                if meta is not None:
+                    meta = OrderedDict((k[len(p):] if k.startswith(p) else "", v) for k, v in meta.items()
+                                       if k.startswith(p) or k == p[:-1])
                 changed = True
+    out = OrderedDict(out)
+    if meta is not None:
+        out._metadata = meta
     return out
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        # timm's train.py stores its argparse.Namespace of arguments; timm's own loader allow-lists that type for
+        # weights-only loading, and so do we (an allow-list, never a general unpickle)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Weights only load failed" in str(e):
             raise FtwtError(
@@ -140,13 +153,21 @@ def read_checkpoint(path: Path | str, *, use_ema: bool = False, trust_pickle: bo
     if path.stat().st_size == 0:
         raise FtwtError(f"{path} is empty", "check the file (re-download or re-save it)")
 
+    arch = None
     if path.suffix == ".safetensors":
         raw, fmt = _read_safetensors(path), "safetensors"
     else:
-        raw, fmt = _unwrap(_torch_load(path, trust_pickle), use_ema, path)
+        obj = _torch_load(path, trust_pickle)
+        raw, fmt = _unwrap(obj, use_ema, path)
+        if isinstance(obj, Mapping) and isinstance(obj.get("arch"), str):
+            arch = obj["arch"]
     if hub_config is not None:
         fmt = "hub"
     sd = clean_state_dict(raw)
     if not sd:
         raise FtwtError(f"{path} holds no tensors", "pass a checkpoint with model weights")
-    return LoadedCheckpoint(state_dict=sd, path=path.resolve(), sha256=sha256_file(path), fmt=fmt, hub_config=hub_config)
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise FtwtError(f"{path}: tensor {k} holds NaN or infinite values", "use a checkpoint from before training diverged")
+    return LoadedCheckpoint(state_dict=sd, path=path.resolve(), sha256=sha256_file(path), fmt=fmt, hub_config=hub_config,
+                            arch=arch)

@@ -53,7 +53,18 @@ def export(run_dir: Path | str = "ftwt-run", out: Optional[Path | str] = None, *
         raise FtwtError(f"--out {out} is a folder", "pass a file path such as model.safetensors")
     if not backbone_only and out.suffix != ".safetensors":
         raise FtwtError(f"--out {out} must end in .safetensors", "e.g. --out resnet18-ftwt.safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not backbone_only:       # report.json / report.md go beside the file
+        if out.parent.resolve() == run_dir.resolve():
+            raise FtwtError(f"--out {out} would put the export's report files over the run's own evaluation report",
+                            f"choose another folder, e.g. --out {run_dir / 'export' / out.name}")
+        taken = [p.name for p in (out.parent / "report.json", out.parent / "report.md") if p.exists()]
+        if taken and not force:
+            raise FtwtError(f"{' and '.join(taken)} already exist beside --out {out}",
+                            "pass --force to replace them, or choose another folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FtwtError(f"cannot create {out.parent} ({e.strerror})", "choose a writable --out") from None
     model = load(run_dir)
     if backbone_only:
         sd = model.backbone.state_dict()

@@ -1,6 +1,7 @@
 """Build a GatedModel from a run directory or an exported file: ``ftwt_cli.load``."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping
 
@@ -20,7 +21,11 @@ def gated_from_meta(meta: RunMeta, state_dict: Mapping[str, torch.Tensor]) -> Ga
     a = meta.arch
     backbone = build_model(ArchSpec(a.source, a.name), a.num_classes, a.in_chans)
     model = GatedModel(backbone, meta.plan, meta.gating.gated)
-    missing, unexpected = model.load_state_dict(dict(state_dict), strict=False)
+    sd = OrderedDict(state_dict)
+    # safetensors keeps no module versions; the weights were saved from this very architecture, so its own apply
+    # (torchvision's MNASNet refuses to load without one)
+    sd._metadata = getattr(state_dict, "_metadata", None) or model.state_dict()._metadata
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise FtwtError(f"the weights do not match the metadata ({len(missing)} missing, {len(unexpected)} unexpected keys, "
                         f"e.g. {(missing or unexpected)[0]})", "re-create the run with ftwt attach --force")

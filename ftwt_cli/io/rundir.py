@@ -38,7 +38,7 @@ LOCK_FILE = ".ftwt.lock"
 _LEGACY_CHECKPOINT = "checkpoint.pt"       # ftwt 0.1.0's fixed name
 # Names of what a commit writes (weights.TAG.safetensors, checkpoint.TAG.pt) and of temporary files: what the
 # clean-up may remove when ftwt.json does not reference it.
-_COMMIT_FILE = re.compile(r"^(weights\.[\w-]+\.safetensors|checkpoint(\.[\w-]+)?\.pt)$")
+_COMMIT_FILE = re.compile(r"^(weights(\.[\w-]+)?\.safetensors|checkpoint(\.[\w-]+)?\.pt)$")
 _TMP_FILE = re.compile(r"^\..+\.tmp$")
 
 
@@ -96,6 +96,7 @@ def save_weights(path: Path, state_dict: Mapping[str, torch.Tensor], metadata: O
         raise _disk_error(path, e) from None
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())       # safetensors creates its file afresh
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -141,8 +142,8 @@ def is_run(path: Path) -> bool:
 def check_writable(folder: Path) -> None:
     """Fail now, with one line, where writing into ``folder`` later would fail (read-only, no space for a small file)."""
     try:
-        atomic_write_bytes(Path(folder) / ".ftwt-write-check", b"ok")
-        (Path(folder) / ".ftwt-write-check").unlink()
+        atomic_write_bytes(Path(folder) / ".ftwt-write-check.tmp", b"ok")     # a name the clean-up removes
+        (Path(folder) / ".ftwt-write-check.tmp").unlink()
     except FtwtError:
         raise
     except OSError as e:
@@ -279,5 +280,5 @@ def commit(run_dir: Path, meta: RunMeta, state_dict: Mapping[str, torch.Tensor],
         meta.files.checkpoint = name
     atomic_write_text(run_dir / META_FILE, json.dumps(meta.to_dict(), indent=1))
     for name in old - {meta.files.weights, meta.files.checkpoint}:
-        if _COMMIT_FILE.match(name) or name == WEIGHTS_FILE:
+        if _COMMIT_FILE.match(name):
             (run_dir / name).unlink(missing_ok=True)

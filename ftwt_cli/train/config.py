@@ -116,6 +116,8 @@ def load_recipe(path: Path | str) -> Dict[str, Any]:
         raise FtwtError(f"recipe not found: {path}", "pass a YAML file such as recipes/resnet18-fashion-mnist.yaml")
     try:
         doc = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise FtwtError(f"{path} is not a text file", "pass a YAML recipe such as recipes/resnet18-fashion-mnist.yaml") from None
     except yaml.YAMLError as e:
         raise FtwtError(f"{path} is not valid YAML ({str(e).splitlines()[0]})", "fix the recipe") from None
     if not isinstance(doc, dict):

@@ -82,7 +82,8 @@ def command(name: str, **kw) -> Callable[[F], F]:
                 err_console.print(f"error: {_one_line(str(e))}", markup=False, highlight=False, soft_wrap=True)
                 raise typer.Exit(EXIT_USER_ERROR)
             except KeyboardInterrupt:
-                err_console.print("interrupted", markup=False)
+                err_console.print("interrupted: the run keeps its last completed epoch; `--resume` continues a training "
+                                  "command from there", markup=False, soft_wrap=True)
                 raise typer.Exit(130)
         app.command(name, cls=_Command, **kw)(wrapper)
         return fn
