@@ -25,15 +25,30 @@ def test_parse_arch_sources_and_suggestions():
 
 
 @pytest.mark.parametrize("build,expect,nc,ic", [
-    (lambda: torchvision.models.resnet18(num_classes=10), "torchvision:resnet18", 10, 3),
     (lambda: torchvision.models.mobilenet_v2(num_classes=7), "torchvision:mobilenet_v2", 7, 3),
-    (lambda: timm.create_model("efficientnet_b0", num_classes=4, in_chans=1), "timm:efficientnet_b0", 4, 1),
     (lambda: timm.create_model("regnetx_002", num_classes=3), "timm:regnetx_002", 3, 3),
+    (lambda: timm.create_model("ghostnet_050", num_classes=4, in_chans=1), "timm:ghostnet_050", 4, 1),
 ])
 def test_detect_exact_match_with_head_and_stem(build, expect, nc, ic):
     sd = build().state_dict()
     d = detect_arch(sd)
     assert str(d.arch) == expect and d.num_classes == nc and d.in_chans == ic
+
+
+@pytest.mark.parametrize("build,hint,expect,groups", [
+    (lambda: torchvision.models.resnet18(num_classes=10), "timm:resnet18", "timm:resnet18",
+     "(torchvision:resnet18 = timm:resnet18 | timm:resnetblur18)"),
+    (lambda: timm.create_model("efficientnet_b0", num_classes=4, in_chans=1), "timm:efficientnet_b0", "timm:efficientnet_b0",
+     "(timm:efficientnet_b0 | timm:efficientnet_blur_b0 | timm:tf_efficientnet_b0)"),
+])
+def test_weights_that_fit_different_functions_need_a_word(build, hint, expect, groups):
+    """Same keys and shapes, other functions: refused (grouped by what they compute) unless the checkpoint says."""
+    sd = build().state_dict()
+    with pytest.raises(FtwtError) as e:
+        detect_arch(sd)
+    assert groups in str(e.value) and "pass --arch" in str(e.value)
+    d = detect_arch(sd, arch_hint=hint)
+    assert str(d.arch) == expect
 
 
 def test_detect_no_match_lists_closest():
