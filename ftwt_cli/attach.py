@@ -21,7 +21,7 @@ from .arch.trace import trace_plan
 from .errors import FtwtError
 from .gating.model import GatedModel
 from .io.checkpoints import read_checkpoint
-from .io.meta import ArchInfo, GatingInfo, MacsInfo, RunMeta, SourceInfo
+from .io.meta import ArchInfo, GatingInfo, MacsInfo, RunMeta, SourceInfo, environment
 from .io.rundir import check_replaceable, write_new_run
 
 __all__ = ["attach", "AttachReport", "LayerRow", "parse_input_size", "MIN_GATEABLE_SHARE"]
@@ -55,6 +55,8 @@ class AttachReport:
     gate_macs: int             # all gates, dense inputs
     not_gated: Dict[str, str]  # conv -> reason
     alternatives: Tuple[str, ...] = ()
+    data_config: Optional[DataConfig] = None
+    input_source: str = ""     # where the input config came from
 
 
 def parse_input_size(text: Optional[str]) -> Optional[Tuple[int, int, int]]:
@@ -89,7 +91,12 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
            in_chans: Optional[int] = None, input_size: Optional[Tuple[int, int, int]] = None,
            mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
            run_dir: Path | str = "ftwt-run", force: bool = False, trust_pickle: bool = False, use_ema: bool = False,
-           include: Sequence[str] = (), exclude: Sequence[str] = (), gate_shortcuts: bool = False) -> AttachReport:
+           include: Sequence[str] = (), exclude: Sequence[str] = (), gate_shortcuts: bool = False,
+           interpolation: Optional[str] = None, crop_pct: Optional[float] = None, augment: Optional[str] = None
+           ) -> AttachReport:
+    """Read ``checkpoint``, find its architecture and input config, trace it and write a new run with one gate per
+    gateable unit. Input config precedence: the architecture's reference weights < what the checkpoint states (a
+    timm train.py checkpoint's args, a pretrained_cfg, a hub config.json) < the arguments given here."""
     run_dir = Path(run_dir)
     check_replaceable(run_dir, force=force, inputs=[Path(checkpoint)])     # fail before any slow work
     ckpt = read_checkpoint(checkpoint, use_ema=use_ema, trust_pickle=trust_pickle)
@@ -105,16 +112,10 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
     load_weights(model, ckpt.state_dict, det.arch)
     model.eval()
 
-    dc = resolve_data_config(det.arch, model, det.in_chans)
-    if input_size is not None:
-        if input_size[0] != det.in_chans:
-            raise FtwtError(f"--input-size has {input_size[0]} channels but the model reads {det.in_chans}",
-                            f"pass --input-size {det.in_chans},{input_size[1]},{input_size[2]}")
-        dc = DataConfig(input_size, dc.mean, dc.std, dc.interpolation, dc.crop_pct, dc.crop_mode)
-    for name, v in (("--mean", mean), ("--std", std)):
-        if v is not None and len(v) != det.in_chans:
-            raise FtwtError(f"{name} has {len(v)} values but the model reads {det.in_chans} channels", f"pass {det.in_chans} values")
-    dc = DataConfig(dc.input_size, tuple(mean or dc.mean), tuple(std or dc.std), dc.interpolation, dc.crop_pct, dc.crop_mode)
+    # the input the model expects: its architecture's reference config, then what the checkpoint says, then flags
+    dc = resolve_data_config(det.arch, model, det.in_chans).updated(ckpt.input_config, "the checkpoint")
+    dc = dc.updated({"input_size": input_size, "mean": mean, "std": std, "interpolation": interpolation,
+                     "crop_pct": crop_pct, "augment": augment}, "the flags")
 
     try:
         plan = trace_plan(model, dc.input_size, gate_shortcuts=gate_shortcuts)
@@ -146,9 +147,13 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
         plan=plan,
         macs=MacsInfo(float(dense.total[0]), gated.gate_macs_dense(), list(dc.input_size)),
         history=[{"command": "attach", "ftwt_version": __version__}],
+        classes=list(ckpt.classes) if ckpt.classes else None,
+        environment=environment(),
         ftwt_version=__version__)
     write_new_run(run_dir, meta, gated.state_dict(), force=force, inputs=[Path(checkpoint)])
     return AttachReport(run_dir, str(det.arch), nc, det.in_chans, dc.input_size, ckpt.fmt, rows,
                         float(dense.total[0]), gated.gate_macs_dense(),
                         {n: w for n, w in plan.rejected.items()} | {u.name: "excluded by --include/--exclude" for u in plan.units if u not in units},
-                        det.alternatives)
+                        det.alternatives, dc,
+                        "from the flags" if any(v is not None for v in (input_size, mean, std, interpolation, crop_pct, augment))
+                        else "as the checkpoint states" if ckpt.input_config else "the architecture's reference config")

@@ -1,9 +1,10 @@
 """Datasets a user brings (ImageFolder, torchvision's on-disk CIFAR, Fashion-MNIST idx files, scikit-learn
 digits) and the transforms that match a run's stored data config.
 
-Small images (≤ 64 px, e.g. CIFAR, Fashion-MNIST) are resized to the model's input size; training augments
-them with pad-crop + flip. ImageNet-like folders use the data config's resize/center-crop for evaluation and
-random-resized-crop + flip for training. Grayscale is repeated to the model's ``in_chans``.
+Small images (≤ 64 px: CIFAR, Fashion-MNIST, or a folder of such images) are resized to the model's input size;
+training augments them with pad-crop + flip. Larger (ImageNet-like) images use the data config's resize/center-crop
+for evaluation and random-resized-crop + flip for training. The data config's ``augment`` (small | imagenet) picks
+one of the two whatever the size. Grayscale is repeated to the model's ``in_chans``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -22,9 +23,10 @@ from .arch.registry import DataConfig
 from .errors import FtwtError
 
 __all__ = ["DataSplits", "open_data", "make_loader", "with_transform", "build_transform", "FASHION_MNIST_DIR", "DATA_KINDS", "read_idx",
-           "default_workers"]
+           "default_workers", "check_classes", "size_note", "SMALL_IMAGE"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")   # Debian package dataset-fashion-mnist
+SMALL_IMAGE = 64        # images of at most this many pixels a side take the small-image path
 DATA_KINDS = ("ImageFolder DIR (DIR/train + DIR/val, or DIR/CLASS with --val-split)", "CIFAR-10/100 folder",
               "fashion-mnist (or a folder of its idx files)", "digits")
 _FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -38,7 +40,8 @@ class DataSplits:
     classes: Tuple[str, ...]
     kind: str       # "imagefolder" | "cifar10" | "cifar100" | "fashion-mnist" | "digits"
     source: str
-    small: bool = False   # source images ≤ 64 px: resized, pad-crop augmentation
+    small: bool = False   # the small-image path: resized, pad-crop augmentation
+    native_size: Optional[Tuple[int, int]] = None   # (H, W) of the source images (the largest of a sample of them)
 
     def val_with(self, cfg: DataConfig, corruption: Optional[Callable] = None) -> Dataset:
         """The validation split with the eval transform plus ``corruption`` on [0, 1] images."""
@@ -119,7 +122,7 @@ class ArrayDataset(Dataset):
 class _SafeImageFolder(Dataset):
     """ImageFolder whose unreadable files are fatal with the file's name (not skipped silently)."""
 
-    def __init__(self, root: Path, transform: Callable, in_chans: int) -> None:
+    def __init__(self, root: Path, transform: Optional[Callable], in_chans: int) -> None:
         from torchvision.datasets import ImageFolder
         try:
             self.inner = ImageFolder(str(root))
@@ -228,9 +231,11 @@ def open_data(data: str | Path, cfg: DataConfig, *, val_split: Optional[float] =
         raise FtwtError(f"--val-split {val_split} is outside (0, 1)", "pass a fraction such as --val-split 0.1")
 
     def arrays(kind, train, val, classes, source):
-        small = max(train[0].shape[-2:]) <= 64
+        native = tuple(int(v) for v in train[0].shape[-2:])
+        small = _small(cfg, native)
         return DataSplits(ArrayDataset(*train, build_transform(cfg, train=True, small=small)),
-                          ArrayDataset(*val, build_transform(cfg, train=False, small=small)), classes, kind, source, small)
+                          ArrayDataset(*val, build_transform(cfg, train=False, small=small)), classes, kind, source, small,
+                          native)
 
     if text == "digits":
         tr, va, classes = _digits()
@@ -269,6 +274,26 @@ def open_data(data: str | Path, cfg: DataConfig, *, val_split: Optional[float] =
     return splits
 
 
+def _small(cfg: DataConfig, native: Tuple[int, int]) -> bool:
+    """The small-image path: by the data config's ``augment``, else by the images' size."""
+    if cfg.augment != "auto":
+        return cfg.augment == "small"
+    return max(native) <= SMALL_IMAGE
+
+
+def _folder_size(folder: "_SafeImageFolder", n: int = 16) -> Tuple[int, int]:
+    """(H, W) of the largest of the first ``n`` images (their headers only)."""
+    from PIL import Image, UnidentifiedImageError
+    sizes = []
+    for path, _ in folder.inner.samples[:n]:
+        try:
+            with Image.open(path) as im:
+                sizes.append((im.height, im.width))
+        except (OSError, UnidentifiedImageError) as e:
+            raise FtwtError(f"cannot read image {path} ({e})", "remove or replace the file; ftwt does not skip unreadable images") from None
+    return max(sizes, key=lambda hw: hw[0] * hw[1])
+
+
 def _image_folder(path: Path, cfg: DataConfig, val_split: Optional[float]) -> DataSplits:
     in_chans = cfg.input_size[0]
     train_dir = path / "train"
@@ -276,23 +301,49 @@ def _image_folder(path: Path, cfg: DataConfig, val_split: Optional[float]) -> Da
     if train_dir.is_dir():
         if val_dir is None and val_split is None:
             raise FtwtError(f"{path} has train/ but no val/ folder", "add DIR/val/CLASS/*.jpg, or pass --val-split 0.1")
-        tr = _SafeImageFolder(train_dir, build_transform(cfg, train=True, small=False), in_chans)
-        if val_dir is not None:
-            va = _SafeImageFolder(val_dir, build_transform(cfg, train=False, small=False), in_chans)
-            if va.classes != tr.classes:
-                raise FtwtError(f"{val_dir} has classes {va.classes[:3]}… but {train_dir} has {tr.classes[:3]}…",
-                                "use the same class folders in train/ and val/")
-            return DataSplits(tr, va, tuple(tr.classes), "imagefolder", str(path))
         root = train_dir
     else:
         if val_split is None:
             raise FtwtError(f"{path} has no train/ and val/ folders",
                             "lay it out as DIR/train/CLASS/*.jpg + DIR/val/CLASS/*.jpg, or pass --val-split 0.1 for DIR/CLASS/*.jpg")
         root = path
-    tr_all = _SafeImageFolder(root, build_transform(cfg, train=True, small=False), in_chans)
-    va_all = _SafeImageFolder(root, build_transform(cfg, train=False, small=False), in_chans)
-    tr_idx, va_idx = _split(len(tr_all), val_split)
-    return DataSplits(Subset(tr_all, tr_idx), Subset(va_all, va_idx), tuple(tr_all.classes), "imagefolder", str(path))
+    tr = _SafeImageFolder(root, None, in_chans)
+    native = _folder_size(tr)
+    small = _small(cfg, native)
+    tr.transform = build_transform(cfg, train=True, small=small)
+    if train_dir.is_dir() and val_dir is not None:
+        va = _SafeImageFolder(val_dir, build_transform(cfg, train=False, small=small), in_chans)
+        if va.classes != tr.classes:
+            raise FtwtError(f"{val_dir} has classes {va.classes[:3]}… but {train_dir} has {tr.classes[:3]}…",
+                            "use the same class folders in train/ and val/")
+        return DataSplits(tr, va, tuple(tr.classes), "imagefolder", str(path), small, native)
+    va_all = _SafeImageFolder(root, build_transform(cfg, train=False, small=small), in_chans)
+    tr_idx, va_idx = _split(len(tr), val_split)
+    return DataSplits(Subset(tr, tr_idx), Subset(va_all, va_idx), tuple(tr.classes), "imagefolder", str(path), small, native)
+
+
+def check_classes(expected: Optional[Sequence[str]], splits: DataSplits) -> None:
+    """Refuse data whose class names or order differ from the run's (one line, naming the first difference)."""
+    if expected is None or list(expected) == list(splits.classes):
+        return
+    got = list(splits.classes)
+    i = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+    def at(names):
+        return repr(names[i]) if i < len(names) else "nothing"
+    raise FtwtError(f"{splits.source} has other classes than the run: label {i} is {at(got)} there but {at(list(expected))} "
+                    f"in the run ({len(got)} against {len(expected)} classes)",
+                    "use data with the run's classes in the same order (ImageFolder sorts class folders by name)")
+
+
+def size_note(splits: DataSplits, cfg: DataConfig) -> Optional[str]:
+    """A note when the images' own size is far from the model's input size (each side off by 2× or more)."""
+    if splits.native_size is None:
+        return None
+    (h, w), (_, mh, mw) = splits.native_size, cfg.input_size
+    if max(mh / h, h / mh) >= 2 or max(mw / w, w / mw) >= 2:
+        return (f"{splits.source} holds {h}×{w} images but the model's input size is {mh}×{mw}: every image is resized "
+                f"(set the size the model was trained at with `ftwt attach --input-size`)")
+    return None
 
 
 def default_workers() -> int:

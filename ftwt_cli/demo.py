@@ -21,10 +21,10 @@ from .arch.registry import DataConfig
 from .attach import attach
 from .data import FASHION_MNIST_DIR, DataSplits, make_loader, open_data
 from .errors import FtwtError
-from .io.rundir import atomic_write_text
 from .eval.evaluate import EvalReport, evaluate_run
 from .eval.report import write_report
 from .io.export import export
+from .io.rundir import atomic_write_text
 from .train.config import FinetuneConfig, FitGatesConfig
 from .train.loops import Progress, finetune, fit_gates
 

@@ -81,6 +81,10 @@ class StopAfter:
 
     def step(self, *a) -> None: ...
 
+    def validating(self) -> None: ...
+
+    def note(self, text) -> None: ...
+
     def end(self, stats) -> None:
         if stats.epoch >= self.n:
             raise KeyboardInterrupt

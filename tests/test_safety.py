@@ -121,8 +121,9 @@ def test_a_crash_at_any_write_leaves_the_last_complete_epoch(run, tmp_path):
     subprocess.run(["cp", "-r", str(run), str(ref)], check=True)
     fit_gates(ref, "digits", FitGatesConfig(**FIT), train_samples=128)
     want = ftwt_cli.load(ref).state_dict()
-    # writes: the writability check, then per epoch weights, checkpoint, ftwt.json
-    for kill_at, when in [(1, "after"), (2, "before"), (2, "after"), (3, "after"), (4, "before"), (4, "after"), (7, "before")]:
+    # writes: the writability check, then per epoch weights, checkpoint, ftwt.json (the commit), metrics.jsonl
+    for kill_at, when in [(1, "after"), (2, "before"), (2, "after"), (3, "after"), (4, "before"), (4, "after"),
+                          (5, "before"), (8, "before")]:
         r = tmp_path / f"crash-{kill_at}-{when}"
         subprocess.run(["cp", "-r", str(run), str(r)], check=True)
         p = subprocess.run([sys.executable, "-c", _CHILD, str(kill_at), when, str(r)], capture_output=True, text=True)
@@ -139,7 +140,9 @@ def test_a_crash_at_any_write_leaves_the_last_complete_epoch(run, tmp_path):
         got = ftwt_cli.load(r).state_dict()
         assert all(torch.equal(want[k], got[k]) for k in want), (kill_at, when)
         files = read_meta(r).files
-        assert {p.name for p in r.iterdir()} == {"ftwt.json", files.weights, files.checkpoint}   # leftovers cleaned
+        assert {p.name for p in r.iterdir()} == {"ftwt.json", "metrics.jsonl", files.weights, files.checkpoint}  # cleaned
+        log = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()]
+        assert [(e["phase"], e["epoch"]) for e in log] == [("fit-gates", 1), ("fit-gates", 2)]
 
 
 def test_one_writer_at_a_time_and_a_dead_holder_does_not_block(run):

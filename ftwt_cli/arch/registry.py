@@ -13,8 +13,8 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass
 from collections import OrderedDict
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -51,6 +51,7 @@ class DataConfig:
     interpolation: str = "bilinear"
     crop_pct: float = 0.875
     crop_mode: str = "center"
+    augment: str = "auto"           # training augmentation: auto (by image size) | small (pad-crop + flip) | imagenet
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,7 +60,43 @@ class DataConfig:
     def from_dict(cls, d: Mapping) -> "DataConfig":
         return cls(input_size=tuple(d["input_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
                    interpolation=d.get("interpolation", "bilinear"), crop_pct=float(d.get("crop_pct", 0.875)),
-                   crop_mode=d.get("crop_mode", "center"))
+                   crop_mode=d.get("crop_mode", "center"), augment=d.get("augment", "auto"))
+
+    def updated(self, values: Mapping, where: str) -> "DataConfig":
+        """This config with ``values`` (input_size, mean, std, interpolation, crop_pct, crop_mode, augment) put in,
+        checked; ``where`` names their source in errors ("--mean", "the checkpoint")."""
+        d = self.to_dict()
+        c = self.input_size[0]
+        for k, v in values.items():
+            if v is None:
+                continue
+            what = f"--{k.replace('_', '-')}" if where == "the flags" else f"{k} from {where}"
+            if k == "input_size":
+                v = tuple(int(x) for x in v)
+                if len(v) == 2:
+                    v = (c, *v)
+                if len(v) != 3 or min(v) <= 0 or v[0] != c:
+                    raise FtwtError(f"{what} {','.join(map(str, v))} does not fit a model reading {c} channels",
+                                    f"pass --input-size {c},{v[-2]},{v[-1]}")
+            elif k in ("mean", "std"):
+                v = tuple(float(x) for x in v)
+                if len(v) != c:
+                    if where != "the checkpoint" or len(v) != 3:
+                        raise FtwtError(f"{what} has {len(v)} values but the model reads {c} channels",
+                                        f"pass {c} values")
+                    v = (sum(v) / 3,) * c          # RGB statistics for a model with another channel count
+            elif k == "interpolation" and v not in INTERPOLATIONS:
+                raise FtwtError(f"{what} '{v}' is unknown", f"use one of {', '.join(INTERPOLATIONS)}")
+            elif k == "crop_pct" and not 0 < float(v) <= 1:
+                raise FtwtError(f"{what} {v} is outside (0, 1]", "e.g. --crop-pct 0.875 (1 = no crop)")
+            elif k == "augment" and v not in AUGMENTS:
+                raise FtwtError(f"{what} '{v}' is unknown", f"use one of {', '.join(AUGMENTS)}")
+            d[k] = float(v) if k == "crop_pct" else v
+        return DataConfig.from_dict(d)
+
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+AUGMENTS = ("auto", "small", "imagenet")
 
 
 @dataclass(frozen=True)

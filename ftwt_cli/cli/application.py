@@ -56,7 +56,7 @@ class _Group(TyperGroup):
             _usage_error(e)
 
 
-app = typer.Typer(name="ftwt", cls=_Group, help="Dynamic channel pruning (Fire Together Wire Together) for timm/torchvision CNNs.",
+app = typer.Typer(name="ftwt", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, help="Dynamic channel pruning (Fire Together Wire Together) for timm/torchvision CNNs.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 F = TypeVar("F", bound=Callable)
@@ -90,6 +90,14 @@ def command(name: str, **kw) -> Callable[[F], F]:
     return deco
 
 
+def _version(shown: bool) -> None:
+    if shown:
+        from .. import __version__
+        console.print(f"ftwt {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
     """ftwt: make a CNN checkpoint cheaper to run by gating its filters per input (FTWT, CVPR'22)."""

@@ -11,6 +11,7 @@ from typing_extensions import Annotated
 from ..attach import AttachReport, attach, parse_input_size
 from ..eval.report import fmt_macs as _g
 from .application import command, console
+from .options import Augment, Interpolation, value
 
 __all__ = ["attach_cli", "print_attach_report"]
 
@@ -39,6 +40,10 @@ def print_attach_report(r: AttachReport) -> None:
     t.add_row(f"{len(r.layers)} gated layers", "", "", "", _g(gated), f"{r.gate_macs:,}")
     console.print(t)
     console.print(f"model: {r.arch} ({r.num_classes} classes, {r.in_chans} input channels, source format {r.source_format})")
+    dc = r.data_config
+    console.print(f"input: {dc.input_size[1]}×{dc.input_size[2]}, mean {tuple(round(v, 3) for v in dc.mean)}, std "
+                  f"{tuple(round(v, 3) for v in dc.std)}, {dc.interpolation}, crop {dc.crop_pct}, augment {dc.augment} "
+                  f"({r.input_source})", markup=False, highlight=False, soft_wrap=True)
     console.print(f"dense MACs (convs + linear, ptflops 'aten' convention): {_g(r.dense_macs)}; "
                   f"gated layers hold {gated / r.dense_macs:.1%}; gates add {r.gate_macs / r.dense_macs:.2%} when all run")
     if r.not_gated:
@@ -58,6 +63,12 @@ def attach_cli(
     input_size: Annotated[Optional[str], typer.Option(help="C,H,W the model sees, e.g. 3,224,224.")] = None,
     mean: Annotated[Optional[str], typer.Option(help="Normalisation mean per channel, comma-separated.")] = None,
     std: Annotated[Optional[str], typer.Option(help="Normalisation std per channel, comma-separated.")] = None,
+    interpolation: Annotated[Optional[Interpolation], typer.Option(help="Resize interpolation.", show_default="the checkpoint's, else the architecture's")] = None,
+    crop_pct: Annotated[Optional[float], typer.Option(help="Evaluation center-crop fraction in (0, 1] (ImageNet-like images).",
+                                                      show_default="the checkpoint's, else the architecture's")] = None,
+    augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation: small (pad-crop + flip), imagenet "
+                                                            "(random-resized-crop + flip), auto (by the images' size).",
+                                                       show_default="auto")] = None,
     run: Annotated[Path, typer.Option(help="Run directory to create.")] = Path("ftwt-run"),
     force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
     trust_pickle: Annotated[bool, typer.Option(help="Allow unpickling code (a whole saved nn.Module). Only for files you trust.")] = False,
@@ -70,5 +81,6 @@ def attach_cli(
     report = attach(checkpoint, arch=arch, num_classes=num_classes, in_chans=in_chans,
                     input_size=parse_input_size(input_size), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
                     run_dir=run, force=force, trust_pickle=trust_pickle, use_ema=use_ema,
-                    include=include or (), exclude=exclude or (), gate_shortcuts=gate_shortcuts)
+                    include=include or (), exclude=exclude or (), gate_shortcuts=gate_shortcuts,
+                    interpolation=value(interpolation), crop_pct=crop_pct, augment=value(augment))
     print_attach_report(report)

@@ -31,6 +31,7 @@ def bench_cli(
     r: Annotated[Optional[float], typer.Option(help="Replay oracle masks at this r instead of the gates' decisions.")] = None,
     reps: Annotated[int, typer.Option(help="Timed repetitions per variant.")] = 50,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per variant.")] = 10,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the measurements as JSON.")] = False,
 ) -> None:
     """Latency (p50/p90) of dense, gated-masked and gated-compact execution, with the MACs ratio beside it."""
     model = load(file if file is not None else run)
@@ -46,9 +47,15 @@ def bench_cli(
         x, _ = next(iter(make_loader(open_data(data, cfg).val, batch_size, train=False, workers=0)))
     else:
         x = torch.randn(batch_size, *size)
-        console.print("note: random inputs; gates decide differently on real images (pass --data)", markup=False)
+        if not json_out:
+            console.print("note: random inputs; gates decide differently on real images (pass --data)", markup=False)
     masks = oracle_masks(model, x, r) if r is not None else None
     rep = bench(model, x, masks=masks, warmup=warmup, reps=reps, threads=threads)
+    if json_out:
+        import dataclasses
+        import json
+        console.print_json(json.dumps({**dataclasses.asdict(rep), "latency_ratio": rep.latency_ratio, "macs_ratio": rep.macs_ratio}))
+        return
     t = Table(title=f"{rep.arch}, batch {rep.batch_size}, {size[1]}×{size[2]}, {rep.threads} threads, mean keep {rep.keep:.1%}")
     for c in ("variant", "p50 ms", "p90 ms", "MACs", "latency ratio", "MACs ratio"):
         t.add_column(c, justify="left" if c == "variant" else "right")

@@ -95,6 +95,8 @@ def evaluate_cli(
             rep = evaluate_run(run, data, gates=gates.value, r=r, ood=ood, ood_data=ood_data, corruptions=corruption or (),
                                ood_samples=ood_samples or None, batch_size=batch_size, workers=workers,
                                on_stage=_Stages(progress))
+        for n in rep.notes:
+            console.print(f"note: {n}", markup=False, highlight=False, soft_wrap=True)
         print_eval_report(rep)
         files = write_report(rep, run)
     console.print(f"wrote {', '.join(p.name for p in files)} into {run}", markup=False, highlight=False, soft_wrap=True)

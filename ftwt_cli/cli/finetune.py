@@ -10,17 +10,18 @@ from typing_extensions import Annotated
 from ..train import FinetuneConfig, finetune, load_recipe, resolve_config
 from .application import command, console
 from .options import (
-    BatchSize,
-    Data,
+    DataOrRecipe,
     FinetuneMode,
     Recipe,
     Resume,
     Run,
     Schedule,
-    Seed,
     TrainSamples,
     ValSplit,
     Workers,
+    data_arg,
+    default_of,
+    int_list,
     value,
 )
 from .progress import EpochProgress
@@ -28,37 +29,57 @@ from .progress import EpochProgress
 __all__ = ["finetune_cli"]
 
 
+def _opt(help: str, name: str, type_=None):
+    """A finetune option whose --help shows FinetuneConfig's default."""
+    return typer.Option(help=help, show_default=default_of(FinetuneConfig, name))
+
+
 @command("finetune")
 def finetune_cli(
-    data: Data,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Backbone SGD learning rate.")] = None,
-    gate_lr: Annotated[Optional[float], typer.Option(help="Gate Adam learning rate.")] = None,
-    mode: Annotated[Optional[FinetuneMode], typer.Option(help="decoupled: gates see a detached input; joint: BCE also trains the backbone.")] = None,
-    schedule: Annotated[Optional[Schedule], typer.Option(help="Learning-rate schedule, per iteration.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Backbone weight decay.")] = None,
-    batch_size: BatchSize = None,
+    data: DataOrRecipe = None,
+    epochs: Annotated[Optional[int], _opt("Epochs.", "epochs")] = None,
+    lr: Annotated[Optional[float], _opt("Backbone SGD learning rate.", "lr")] = None,
+    gate_lr: Annotated[Optional[float], _opt("Gate Adam learning rate.", "gate_lr")] = None,
+    momentum: Annotated[Optional[float], _opt("Backbone SGD momentum.", "momentum")] = None,
+    mode: Annotated[Optional[FinetuneMode], _opt("decoupled: gates see a detached input; joint: BCE also trains the "
+                                                 "backbone.", "mode")] = None,
+    schedule: Annotated[Optional[Schedule], _opt("Learning-rate schedule, per iteration.", "schedule")] = None,
+    step_epochs: Annotated[Optional[str], typer.Option(help="With --schedule step: epochs at which the learning rate is "
+                                                           "multiplied by --gamma, comma-separated, e.g. 30,60.",
+                                                       show_default="none")] = None,
+    gamma: Annotated[Optional[float], _opt("With --schedule step: the factor at each step epoch.", "gamma")] = None,
+    weight_decay: Annotated[Optional[float], _opt("Backbone weight decay.", "weight_decay")] = None,
+    label_smoothing: Annotated[Optional[float], _opt("Label smoothing of the cross-entropy.", "label_smoothing")] = None,
+    batch_size: Annotated[Optional[int], _opt("Batch size per process.", "batch_size")] = None,
     workers: Workers = None,
-    seed: Seed = None,
-    r: Annotated[Optional[float], typer.Option(help="Ground-truth r (default: the r the gates were fitted with).")] = None,
+    seed: Annotated[Optional[int], _opt("Seed for shuffling and augmentation.", "seed")] = None,
+    r: Annotated[Optional[float], _opt("Ground-truth r.", "r")] = None,
     val_split: ValSplit = None,
     train_samples: TrainSamples = None,
-    bce_weight: Annotated[Optional[float], typer.Option(help="Weight of the gate loss (BCE summed over filters); in joint mode it also scales what reaches the backbone.")] = None,
-    freeze_gates_at: Annotated[Optional[float], typer.Option(help="Fraction of the iterations the gates learn for; then they freeze (FTWT: 0.5; default 1).")] = None,
-    distill: Annotated[Optional[float], typer.Option(help="Weight α in [0, 1] of distillation from the starting model (0 = off).")] = None,
-    distill_temp: Annotated[Optional[float], typer.Option(help="Distillation temperature T.")] = None,
+    bce_weight: Annotated[Optional[float], _opt("Weight of the gate loss (BCE summed over filters); in joint mode it also "
+                                                "scales what reaches the backbone.", "bce_weight")] = None,
+    freeze_gates_at: Annotated[Optional[float], _opt("Fraction of the iterations the gates learn for; then they freeze "
+                                                     "(FTWT: 0.5).", "freeze_gates_at")] = None,
+    distill: Annotated[Optional[float], _opt("Weight α in [0, 1] of distillation from the starting model (0 = off).",
+                                             "distill")] = None,
+    distill_temp: Annotated[Optional[float], _opt("Distillation temperature T.", "distill_temp")] = None,
     dense_control: Annotated[bool, typer.Option(help="Train with every gate open and no gate loss: a dense control for a fair comparison.")] = False,
     recipe: Recipe = None,
     resume: Resume = False,
+    tensorboard: Annotated[bool, typer.Option(help="Also log each epoch's metrics to TensorBoard in RUN/tensorboard.")] = False,
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Fine-tune the backbone with hard masks (cross-entropy) while the gates keep training (BCE)."""
-    cfg = resolve_config(FinetuneConfig, load_recipe(recipe) if recipe else None, "finetune",
-                         dict(epochs=epochs, lr=lr, gate_lr=gate_lr, mode=value(mode), schedule=value(schedule), weight_decay=weight_decay,
-                              batch_size=batch_size, workers=workers, seed=seed, r=r,
-                              bce_weight=bce_weight, freeze_gates_at=freeze_gates_at, distill=distill, distill_temp=distill_temp), partial=resume)
-    rep = finetune(run, data, cfg, resume=resume, val_split=val_split, train_samples=train_samples, dense_control=dense_control, progress=EpochProgress())
+    rec = load_recipe(recipe) if recipe else None
+    cfg = resolve_config(FinetuneConfig, rec, "finetune",
+                         dict(epochs=epochs, lr=lr, gate_lr=gate_lr, momentum=momentum, mode=value(mode), schedule=value(schedule),
+                              step_epochs=int_list(step_epochs, "--step-epochs"), gamma=gamma, weight_decay=weight_decay,
+                              label_smoothing=label_smoothing, batch_size=batch_size, workers=workers, seed=seed, r=r,
+                              bce_weight=bce_weight, freeze_gates_at=freeze_gates_at, distill=distill, distill_temp=distill_temp),
+                         partial=resume)
+    rep = finetune(run, data_arg(data, rec), cfg, resume=resume, val_split=val_split, train_samples=train_samples,
+                   dense_control=dense_control, progress=EpochProgress(), tensorboard=tensorboard)
     f = rep.final
-    console.print(f"fine-tuned ({'dense control' if dense_control else cfg.mode}): val top-1 {f.top1:.2%}, MACs "
+    console.print(f"fine-tuned ({'dense control' if dense_control else rep.config['mode']}): val top-1 {f.top1:.2%}, MACs "
                   f"{f.mean_macs / 1e6:.2f} M of {f.dense_macs / 1e6:.2f} M dense ({f.reduction:.1%} cut); run {rep.run_dir}",
                   markup=False, highlight=False, soft_wrap=True)

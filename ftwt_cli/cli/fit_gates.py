@@ -10,16 +10,16 @@ from typing_extensions import Annotated
 from ..train import FitGatesConfig, fit_gates, load_recipe, resolve_config
 from .application import command, console
 from .options import (
-    BatchSize,
-    Data,
+    DataOrRecipe,
     GtRule,
     Recipe,
     Resume,
     Run,
-    Seed,
     TrainSamples,
     ValSplit,
     Workers,
+    data_arg,
+    default_of,
     value,
 )
 from .progress import EpochProgress
@@ -29,24 +29,33 @@ __all__ = ["fit_gates_cli"]
 
 @command("fit-gates")
 def fit_gates_cli(
-    data: Data,
-    r: Annotated[Optional[float], typer.Option(help="Heatmap-mass threshold in (0, 1]; 1 drops only dead channels.")] = None,
-    gt: Annotated[Optional[GtRule], typer.Option(help="Ground-truth rule (uniform keeps a fraction r per layer).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of the gates.")] = None,
-    batch_size: BatchSize = None,
+    data: DataOrRecipe = None,
+    r: Annotated[Optional[float], typer.Option(help="Heatmap-mass threshold in (0, 1]; 1 drops only dead channels.",
+                                               show_default=default_of(FitGatesConfig, "r"))] = None,
+    gt: Annotated[Optional[GtRule], typer.Option(help="Ground-truth rule (uniform keeps a fraction r per layer).",
+                                                 show_default=default_of(FitGatesConfig, "gt"))] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs.", show_default=default_of(FitGatesConfig, "epochs"))] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of the gates.",
+                                                show_default=default_of(FitGatesConfig, "lr"))] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Adam weight decay of the gates.",
+                                                          show_default=default_of(FitGatesConfig, "weight_decay"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size per process.",
+                                                      show_default=default_of(FitGatesConfig, "batch_size"))] = None,
     workers: Workers = None,
-    seed: Seed = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for shuffling and augmentation.",
+                                                show_default=default_of(FitGatesConfig, "seed"))] = None,
     val_split: ValSplit = None,
     train_samples: TrainSamples = None,
     recipe: Recipe = None,
     resume: Resume = False,
+    tensorboard: Annotated[bool, typer.Option(help="Also log each epoch's metrics to TensorBoard in RUN/tensorboard.")] = False,
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Train the decision gates on the frozen backbone (BCE against self-supervised heatmap-mass masks)."""
-    cfg = resolve_config(FitGatesConfig, load_recipe(recipe) if recipe else None, "fit_gates",
-                         dict(r=r, gt=value(gt), epochs=epochs, lr=lr, batch_size=batch_size, workers=workers, seed=seed), partial=resume)
-    rep = fit_gates(run, data, cfg, resume=resume, val_split=val_split, train_samples=train_samples, progress=EpochProgress())
+    rec = load_recipe(recipe) if recipe else None
+    cfg = resolve_config(FitGatesConfig, rec, "fit_gates",
+                         dict(r=r, gt=value(gt), epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, workers=workers, seed=seed), partial=resume)
+    rep = fit_gates(run, data_arg(data, rec), cfg, resume=resume, val_split=val_split, train_samples=train_samples, progress=EpochProgress(), tensorboard=tensorboard)
     f = rep.final
     console.print(f"gates fitted at r={rep.config['r']}: val top-1 {f.top1:.2%}, MACs {f.mean_macs / 1e6:.2f} M of "
                   f"{f.dense_macs / 1e6:.2f} M dense ({f.reduction:.1%} cut, gates included); run {rep.run_dir}",

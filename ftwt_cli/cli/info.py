@@ -15,9 +15,14 @@ __all__ = ["info_cli"]
 
 
 @command("info")
-def info_cli(path: Annotated[Path, typer.Argument(help="A run directory or an exported .safetensors file.")] = Path("ftwt-run")) -> None:
+def info_cli(path: Annotated[Path, typer.Argument(help="A run directory or an exported .safetensors file.")] = Path("ftwt-run"),
+             json_out: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False) -> None:
     """Show what a run or exported file holds: architecture, gated layers, r, training history, last results."""
     meta = load(path).meta
+    if json_out:
+        import json
+        console.print_json(json.dumps(meta.to_dict()))
+        return
     a, g, dc = meta.arch, meta.gating, meta.data_config
     t = Table(title=f"{path}", show_header=False)
     t.add_column(justify="right", style="bold")
@@ -27,6 +32,12 @@ def info_cli(path: Annotated[Path, typer.Argument(help="A run directory or an ex
     t.add_row("input", f"{tuple(dc.input_size)}, mean {tuple(round(v, 3) for v in dc.mean)}, interpolation {dc.interpolation}")
     t.add_row("gated layers", f"{len(g.gated)} ({', '.join(g.gated[:4])}{', …' if len(g.gated) > 4 else ''})")
     t.add_row("gates", f"mode {g.mode}, r={g.r}, ground truth {g.gt}, {'decoupled' if g.decoupled else 'joint'}")
+    if meta.classes:
+        t.add_row("classes", f"{len(meta.classes)} ({', '.join(meta.classes[:5])}{', …' if len(meta.classes) > 5 else ''})")
+    if meta.environment:
+        e = meta.environment
+        t.add_row("written with", f"ftwt {e.get('ftwt')}, torch {e.get('torch')}, torchvision {e.get('torchvision')}, "
+                                  f"timm {e.get('timm')} on {e.get('device')}")
     for phase, tr in meta.training.items():
         last = tr.epochs[-1] if tr.epochs else {}
         t.add_row(phase, f"{len(tr.epochs)} epochs on {tr.data}; last: val top-1 {last.get('val_top1', 0):.2%}, "

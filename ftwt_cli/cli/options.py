@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-__all__ = ["GateMode", "GtRule", "FinetuneMode", "Schedule", "Data", "Run", "Workers", "Seed", "BatchSize", "Recipe",
-           "Resume", "ValSplit", "TrainSamples", "DATA_HELP", "value"]
+__all__ = ["GateMode", "GtRule", "FinetuneMode", "Schedule", "Interpolation", "Augment", "default_of", "Data", "Run", "Workers", "Seed", "BatchSize", "Recipe",
+           "Resume", "ValSplit", "TrainSamples", "DATA_HELP", "value", "DataOrRecipe", "data_arg", "int_list"]
 
 DATA_HELP = "ImageFolder DIR, a CIFAR-10/100 folder, 'fashion-mnist' (or its idx folder), or 'digits'."
 
@@ -37,12 +37,56 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class Interpolation(str, Enum):
+    bilinear = "bilinear"
+    bicubic = "bicubic"
+    nearest = "nearest"
+
+
+class Augment(str, Enum):
+    auto = "auto"            # by the images' size: small (≤ 64 px) or imagenet
+    small = "small"          # resize, pad-crop + flip
+    imagenet = "imagenet"    # random-resized-crop + flip; resize + center crop for evaluation
+
+
+def default_of(cls, name: str) -> str:
+    """The default of a config field as ``--help`` shows it (the option itself is None: a recipe may set it)."""
+    import dataclasses
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    v = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return "machine's default" if v is None and name == "workers" else ("the run's" if v is None else str(v))
+
+
 def value(choice: Optional[Enum]) -> Optional[str]:
     """An enum option's string (None stays None: the recipe or the default decides)."""
     return None if choice is None else choice.value
 
 
 Data = Annotated[str, typer.Option(help=DATA_HELP)]
+DataOrRecipe = Annotated[Optional[str], typer.Option(help=DATA_HELP + " Default: the recipe's `data`.")]
+
+
+def data_arg(data: Optional[str], recipe: Optional[dict]) -> str:
+    """--data, else the recipe's ``data`` key; one of them is needed."""
+    from ..errors import FtwtError
+    chosen = data or (recipe or {}).get("data")
+    if not chosen:
+        raise FtwtError("no --data given" + (" and the recipe names none" if recipe else ""),
+                        "pass --data DIR (or fashion-mnist, digits), or a recipe with a `data:` key")
+    if not isinstance(chosen, str):
+        raise FtwtError(f"the recipe's data={chosen!r} must be a string", "e.g. data: fashion-mnist")
+    return chosen
+
+
+def int_list(text: Optional[str], flag: str) -> Optional[list]:
+    """"30,60" → [30, 60]."""
+    from ..errors import FtwtError
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise FtwtError(f"{flag} {text} is not a comma-separated list of epochs", f"e.g. {flag} 30,60") from None
 Run = Annotated[Path, typer.Option(help="Run directory.")]
 Workers = Annotated[Optional[int], typer.Option(min=0, help="DataLoader worker processes (default: 0 on a 2-core CPU, "
                                                              "else half the cores, at most 4).")]

@@ -37,12 +37,20 @@ class EpochProgress:
                             TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                             console=console, transient=True)
         self.bar.start()
-        self.task = self.bar.add_task(f"{phase} {epoch}/{epochs}", total=batches, metrics="")
+        self.label = f"{phase} {epoch}/{epochs}"
+        self.task = self.bar.add_task(self.label, total=batches, metrics="")
 
     def step(self, done: int, a: Dict[str, float]) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=done, metrics=f"loss {a['loss']:.3f} agree {a['agreement']:.1%} "
                                                                f"keep {a['keep']:.1%} cut {a['macs_cut']:.1%}")
+
+    def validating(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=f"{self.label}: validating", metrics="")
+
+    def note(self, text: str) -> None:
+        console.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True)
 
     def end(self, stats: EpochStats) -> None:
         if self.bar is not None:

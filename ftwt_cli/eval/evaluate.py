@@ -125,6 +125,7 @@ class EvalReport:
     clean_keep: float
     ood: Tuple[ShiftResult, ...] = ()
     macs_per_sample: Tuple[float, ...] = ()
+    notes: Tuple[str, ...] = ()           # things the user should know (the images' size far from the model's)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -149,7 +150,7 @@ def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[floa
     ``on_stage(label, samples)`` may return a per-batch callback for progress display."""
     from torch.utils.data import Subset
 
-    from ..data import make_loader, open_data
+    from ..data import check_classes, make_loader, open_data, size_note
     from ..io.load import load
     from . import ood as ood_mod
 
@@ -160,6 +161,8 @@ def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[floa
     model.set_gates(gates, r=r)
     cfg = meta.data_config
     splits = open_data(data, cfg, num_classes=meta.arch.num_classes)
+    check_classes(meta.classes, splits)
+    notes = tuple(n for n in (size_note(splits, cfg),) if n)
     stage = on_stage or (lambda label, n: None)
 
     def run(mode: str, ds, label: str, agreement: bool = False) -> EvalResult:
@@ -192,4 +195,4 @@ def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[floa
     q = torch.quantile(main.macs.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
     return EvalReport(str(run_dir), str(meta.arch), splits.source, main.samples, gates, model.r if gates != "open" else None,
                       main.top1, main.top5, dense.top1, dense.top5, main.dense_macs, main.mean_macs, q[0], q[1], q[2],
-                      main.reduction, main.gate_macs, keep, layers, keep, tuple(shifts), tuple(main.macs.tolist()))
+                      main.reduction, main.gate_macs, keep, layers, keep, tuple(shifts), tuple(main.macs.tolist()), notes)

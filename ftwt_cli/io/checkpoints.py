@@ -14,7 +14,7 @@ import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -37,7 +37,9 @@ class LoadedCheckpoint:
     sha256: str
     fmt: str                 # "state_dict" | "timm-train" | "lightning" | "safetensors" | "hub" | "pickled-module"
     hub_config: Optional[Dict[str, Any]] = None
-    arch: Optional[str] = None    # what the checkpoint says it is (a timm train.py checkpoint's ``arch``)
+    arch: Optional[str] = None    # what the checkpoint says it is ("timm:NAME" from a timm train.py checkpoint's ``arch``)
+    input_config: Dict[str, Any] = field(default_factory=dict)   # input_size, mean, std, interpolation, crop_pct it states
+    classes: Optional[Tuple[str, ...]] = None                    # class names, where the checkpoint has them
     notes: tuple = field(default_factory=tuple)
 
 
@@ -120,6 +122,52 @@ def _unwrap(obj: Any, use_ema: bool, path: Path) -> tuple[Mapping[str, Any], str
     )
 
 
+_INPUT_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
+def _input_config(obj: Any, hub_config: Optional[Mapping]) -> Dict[str, Any]:
+    """What a checkpoint says about the model's input: a timm train.py checkpoint's ``args`` (``input_size`` or
+    ``img_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``), a ``pretrained_cfg``, or a hub config.json
+    (its ``pretrained_cfg`` or top-level keys). Only stated values; None and empty ones are left out."""
+    found: Dict[str, Any] = {}
+    sources = []
+    if hub_config:
+        sources += [hub_config.get("pretrained_cfg") or {}, hub_config]
+    if isinstance(obj, Mapping):
+        sources.append(obj.get("pretrained_cfg") or {})
+        args = obj.get("args")
+        if isinstance(args, argparse.Namespace):
+            a = vars(args)
+            sources.append({**a, "input_size": a.get("input_size") or (
+                [a.get("in_chans") or 3, a["img_size"], a["img_size"]] if a.get("img_size") else None)})
+        elif isinstance(args, Mapping):
+            sources.append(args)
+    for src in sources:
+        if not isinstance(src, Mapping):
+            continue
+        for k in _INPUT_KEYS:
+            v = src.get(k)
+            if k not in found and v not in (None, "", [], ()):
+                found[k] = list(v) if isinstance(v, (list, tuple)) else v
+    return found
+
+
+def _classes(hub_config: Optional[Mapping]) -> Optional[Tuple[str, ...]]:
+    """Class names from a hub config.json (``label_names``, or ``id2label`` by index)."""
+    if not hub_config:
+        return None
+    names = hub_config.get("label_names") or (hub_config.get("pretrained_cfg") or {}).get("label_names")
+    if isinstance(names, list) and names:
+        return tuple(str(n) for n in names)
+    id2label = hub_config.get("id2label")
+    if isinstance(id2label, Mapping) and id2label:
+        try:
+            return tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
 def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -153,14 +201,15 @@ def read_checkpoint(path: Path | str, *, use_ema: bool = False, trust_pickle: bo
     if path.stat().st_size == 0:
         raise FtwtError(f"{path} is empty", "check the file (re-download or re-save it)")
 
-    arch = None
+    arch, obj = None, None
     if path.suffix == ".safetensors":
         raw, fmt = _read_safetensors(path), "safetensors"
     else:
         obj = _torch_load(path, trust_pickle)
         raw, fmt = _unwrap(obj, use_ema, path)
-        if isinstance(obj, Mapping) and isinstance(obj.get("arch"), str):
-            arch = obj["arch"]
+        if isinstance(obj, Mapping) and isinstance(obj.get("arch"), str) and obj["arch"]:
+            # timm's train.py saves timm model names: look the name up among timm's, not torchvision's
+            arch = obj["arch"] if ":" in obj["arch"] or fmt != "timm-train" else f"timm:{obj['arch']}"
     if hub_config is not None:
         fmt = "hub"
     sd = clean_state_dict(raw)
@@ -170,4 +219,4 @@ def read_checkpoint(path: Path | str, *, use_ema: bool = False, trust_pickle: bo
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise FtwtError(f"{path}: tensor {k} holds NaN or infinite values", "use a checkpoint from before training diverged")
     return LoadedCheckpoint(state_dict=sd, path=path.resolve(), sha256=sha256_file(path), fmt=fmt, hub_config=hub_config,
-                            arch=arch)
+                            arch=arch, input_config=_input_config(obj, hub_config), classes=_classes(hub_config))

@@ -25,6 +25,7 @@ def export_metadata(meta: RunMeta, evaluation: Optional[Dict[str, Any]]) -> Dict
         "ftwt_format": EXPORT_FORMAT, "ftwt_format_version": str(EXPORT_FORMAT_VERSION), "ftwt_version": __version__,
         "arch": json.dumps(d["arch"]), "source": json.dumps(d["source"]), "data_config": json.dumps(d["data_config"]),
         "gate_config": json.dumps(gate_config), "training": json.dumps(d["training"]), "evaluation": json.dumps(evaluation),
+        "classes": json.dumps(d["classes"]), "environment": json.dumps(d["environment"]),
     }
 
 
@@ -51,6 +52,7 @@ def meta_from_export(path: Path) -> RunMeta:
         d = {"arch": json.loads(md["arch"]), "source": json.loads(md["source"]), "data_config": json.loads(md["data_config"]),
              "gating": {k: gate.get(k) for k in _GATE_KEYS}, "plan": gate["plan"],
              "training": json.loads(md.get("training", "{}")), "evaluation": json.loads(md.get("evaluation", "null")),
+             "classes": json.loads(md.get("classes", "null")), "environment": json.loads(md.get("environment", "{}")),
              "ftwt_version": md.get("ftwt_version", ""), "format": EXPORT_FORMAT, "format_version": FORMAT_VERSION}
     except (KeyError, json.JSONDecodeError) as e:
         raise FtwtError(f"{path} has incomplete ftwt metadata ({e})", "export it again with `ftwt export`") from None

@@ -13,13 +13,26 @@ from ..arch.registry import DataConfig
 from ..arch.trace import Plan
 from ..errors import FtwtError
 
-__all__ = ["FORMAT_VERSION", "RUN_FORMAT", "RunFiles", "ArchInfo", "SourceInfo", "GatingInfo", "MacsInfo", "EvalSummary",
+__all__ = ["FORMAT_VERSION", "RUN_FORMAT", "environment", "RunFiles", "ArchInfo", "SourceInfo", "GatingInfo", "MacsInfo", "EvalSummary",
            "TrainingRecord", "RunMeta"]
 
 FORMAT_VERSION = 1
 RUN_FORMAT = "ftwt-run"
 
 T = TypeVar("T")
+
+
+def environment(device: Optional[str] = None) -> Dict[str, str]:
+    """What ran: ftwt, Python, torch, torchvision and timm versions, and the device."""
+    import platform
+
+    import timm
+    import torch
+    import torchvision
+
+    from .. import __version__
+    return {"ftwt": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "timm": timm.__version__, "device": device or "cpu"}
 
 
 def _build(cls: Type[T], d: Any, where: str) -> T:
@@ -114,6 +127,8 @@ class RunMeta:
     last_eval: Optional[EvalSummary] = None
     evaluation: Optional[Dict[str, Any]] = None    # an exported file's report (eval.EvalReport.to_dict())
     files: RunFiles = field(default_factory=RunFiles)
+    classes: Optional[List[str]] = None            # class names in label order, once a command has seen data
+    environment: Dict[str, str] = field(default_factory=dict)   # versions and device of the last command that wrote
     ftwt_version: str = ""
     format: str = RUN_FORMAT
     format_version: int = FORMAT_VERSION

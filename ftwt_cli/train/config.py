@@ -18,7 +18,7 @@ __all__ = ["FitGatesConfig", "FinetuneConfig", "load_recipe", "resolve_config", 
 
 SCHEDULES = ("cosine", "step", "constant")
 FINETUNE_MODES = ("decoupled", "joint")
-_RECIPE_TOP = ("description", "model", "data", "fit_gates", "finetune")
+_RECIPE_TOP = ("description", "data", "fit_gates", "finetune")   # description: free text for people
 
 
 @dataclass

@@ -20,8 +20,10 @@ Both phases save a resumable checkpoint every epoch; shuffling and augmentation 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -33,18 +35,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import DataSplits, default_workers, make_loader, open_data
+from ..data import (
+    DataSplits,
+    check_classes,
+    default_workers,
+    make_loader,
+    open_data,
+    size_note,
+)
 from ..errors import FtwtError
 from ..eval.evaluate import EvalResult, evaluate_loader
 from ..gating.model import GatedModel
 from ..io.load import gated_from_meta
-from ..io.meta import EvalSummary, TrainingRecord
-from ..io.rundir import check_writable, commit, read_meta, read_weights, run_lock
+from ..io.meta import EvalSummary, TrainingRecord, environment
+from ..io.rundir import (
+    atomic_write_text,
+    check_writable,
+    commit,
+    read_meta,
+    read_weights,
+    run_lock,
+)
 from .config import FinetuneConfig, FitGatesConfig
 from .loss import distill_loss, gate_loss
 
 __all__ = ["fit_gates", "finetune", "fit_gates_step", "gate_optimizer", "EpochStats", "TrainReport", "Progress",
-           "batch_metrics", "METRICS_EVERY"]
+           "batch_metrics", "METRICS_EVERY", "METRICS_LOG"]
+METRICS_LOG = "metrics.jsonl"     # per-epoch metrics of every training command, in the run
 # Training-batch metrics (gate agreement, keep ratio, MACs cut) are computed on every N-th batch: counting MACs
 # walks every conv of the model, which a GPU step should not wait for on every batch.
 METRICS_EVERY = 10
@@ -54,13 +71,17 @@ class Progress(Protocol):
     """What the loops report; the CLI draws it, tests may ignore it."""
     def start(self, phase: str, epoch: int, epochs: int, batches: int) -> None: ...
     def step(self, done: int, metrics: Dict[str, float]) -> None: ...     # batches done, running means
+    def validating(self) -> None: ...                                       # the epoch's validation pass begins
     def end(self, stats: "EpochStats") -> None: ...
+    def note(self, text: str) -> None: ...                                  # something the user should know, once
 
 
 class _Silent:
     def start(self, *a) -> None: ...
     def step(self, *a) -> None: ...
+    def validating(self) -> None: ...
     def end(self, *a) -> None: ...
+    def note(self, *a) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -195,7 +216,7 @@ class _Phase:
     """What fit-gates and finetune share: the run, data, model, resume state and per-epoch bookkeeping."""
 
     def __init__(self, phase: str, cls: type, run_dir: Path | str, data: str, cfg, resume: bool,
-                 val_split: Optional[float], train_samples: Optional[int] = None) -> None:
+                 val_split: Optional[float], train_samples: Optional[int], progress: Progress) -> None:
         """The caller holds the run's lock. ``cfg`` None: the defaults, or on resume the interrupted run's settings."""
         self.phase, self.run_dir, self.data_arg = phase, Path(run_dir), str(data)
         if cfg is not None and not resume:      # on resume, given fields must equal the run's (validated) settings
@@ -216,9 +237,29 @@ class _Phase:
         self.model = gated_from_meta(self.meta, weights)
         self.data: DataSplits = open_data(data, self.meta.data_config, val_split=val_split,
                                           num_classes=self.meta.arch.num_classes, train_samples=train_samples)
+        check_classes(self.meta.classes, self.data)
+        note = size_note(self.data, self.meta.data_config)
+        if note:
+            progress.note(note)
         self.history: List[Dict[str, Any]] = list(self.ck["history"]) if self.ck else []
         self.extra_state: Dict[str, Any] = {}      # more tensors for the checkpoint (the distillation teacher)
+        self.tensorboard = None
         self.start_epoch = int(self.ck["epoch"]) if self.ck else 0
+
+    @contextlib.contextmanager
+    def logging(self, tensorboard: bool):
+        """Also log each epoch's metrics to TensorBoard (``RUN/tensorboard``) while training."""
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise FtwtError("--tensorboard needs the tensorboard package", "pip install tensorboard") from None
+            self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
+        try:
+            yield
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def train_loader(self, epoch: int):
         torch.manual_seed(self.cfg.seed * 1_000 + epoch)
@@ -230,6 +271,7 @@ class _Phase:
 
     def finish_epoch(self, epoch: int, sums: _Sums, seconds: float, optimizers: Dict[str, Any],
                      progress: Progress) -> EpochStats:
+        progress.validating()
         res = evaluate_loader(self.model, self.val_loader())
         avg = sums.means()
         stats = EpochStats(self.phase, epoch, avg.get("loss", 0.0), avg.get("bce", 0.0), avg.get("ce", 0.0),
@@ -249,8 +291,18 @@ class _Phase:
         self.meta.training[self.phase] = TrainingRecord(dataclasses.asdict(self.cfg), self.data_arg, self.data.source, self.history)
         self.meta.last_eval = EvalSummary(self.phase, epoch, res.top1, res.top5, res.mean_macs, res.dense_macs, res.reduction,
                                           self.data.source, "val", res.samples)
+        self.meta.classes = list(self.data.classes)          # checked equal to the run's in __init__, if it had them
+        self.meta.environment = environment()
         # weights, checkpoint and metadata as one commit: a crash anywhere leaves the last complete epoch
         commit(self.run_dir, self.meta, self.model.state_dict(), f"{self.phase}-e{epoch}", buf.getvalue())
+        # the per-epoch log, one JSON object a line, rewritten whole from the committed history
+        atomic_write_text(self.run_dir / METRICS_LOG, "".join(json.dumps({"phase": ph, **h}) + "\n"
+                                                              for ph, t in self.meta.training.items() for h in t.epochs))
+        if self.tensorboard is not None:
+            for k, v in dataclasses.asdict(stats).items():
+                if isinstance(v, float):
+                    self.tensorboard.add_scalar(f"{self.phase}/{k}", v, epoch)
+            self.tensorboard.flush()
         progress.end(stats)
         self.last_eval = res
         return stats
@@ -264,13 +316,15 @@ class _Phase:
 
 def fit_gates(run_dir: Path | str, data: str, cfg: Optional[FitGatesConfig] = None, *, resume: bool = False,
               val_split: Optional[float] = None, train_samples: Optional[int] = None,
-              progress: Optional[Progress] = None) -> TrainReport:
+              progress: Optional[Progress] = None, tensorboard: bool = False) -> TrainReport:
     """Train only the gates on the frozen backbone (eval mode, no gradients), with predicted masks applied.
     ``resume`` continues an interrupted run with its own settings (``cfg`` may be None, or must agree with them)."""
     read_meta(run_dir)                                        # a missing or damaged run fails before the lock
     with run_lock(Path(run_dir), "ftwt fit-gates"):
-        return _fit_gates(_Phase("fit-gates", FitGatesConfig, run_dir, data, cfg, resume, val_split, train_samples),
-                          progress or _Silent())
+        progress = progress or _Silent()
+        ph = _Phase("fit-gates", FitGatesConfig, run_dir, data, cfg, resume, val_split, train_samples, progress)
+        with ph.logging(tensorboard):
+            return _fit_gates(ph, progress)
 
 
 def _fit_gates(ph: "_Phase", progress: Progress) -> TrainReport:
@@ -296,14 +350,16 @@ def _fit_gates(ph: "_Phase", progress: Progress) -> TrainReport:
 
 def finetune(run_dir: Path | str, data: str, cfg: Optional[FinetuneConfig] = None, *, resume: bool = False,
              val_split: Optional[float] = None, train_samples: Optional[int] = None, dense_control: bool = False,
-             progress: Optional[Progress] = None) -> TrainReport:
+             progress: Optional[Progress] = None, tensorboard: bool = False) -> TrainReport:
     """Train the backbone under hard masks (task loss) while the gates keep learning (BCE, their own optimiser).
     ``dense_control`` trains the backbone with every gate open and no gate loss: the same extra training,
     without gating, for a fair accuracy comparison. ``resume`` as for ``fit_gates``."""
     read_meta(run_dir)
     with run_lock(Path(run_dir), "ftwt finetune"):
-        return _finetune(_Phase("finetune", FinetuneConfig, run_dir, data, cfg, resume, val_split, train_samples),
-                         dense_control, progress or _Silent())
+        progress = progress or _Silent()
+        ph = _Phase("finetune", FinetuneConfig, run_dir, data, cfg, resume, val_split, train_samples, progress)
+        with ph.logging(tensorboard):
+            return _finetune(ph, dense_control, progress)
 
 
 def _finetune(ph: "_Phase", dense_control: bool, progress: Progress) -> TrainReport:
