@@ -9,44 +9,28 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
+from ..arch.registry import AUGMENTS, INTERPOLATIONS
+from ..gating.model import GATE_MODES
+from ..gating.targets import GT_RULES
+from ..train.config import FINETUNE_MODES, SCHEDULES
+
 __all__ = ["GateMode", "GtRule", "FinetuneMode", "Schedule", "Interpolation", "Augment", "default_of", "Data", "Run", "Workers", "Seed", "BatchSize", "Recipe",
            "Resume", "ValSplit", "TrainSamples", "DATA_HELP", "value", "DataOrRecipe", "data_arg", "int_list"]
 
 DATA_HELP = "ImageFolder DIR, a CIFAR-10/100 folder, 'fashion-mnist' (or its idx folder), or 'digits'."
 
 
-class GateMode(str, Enum):
-    open = "open"
-    predict = "predict"
-    oracle = "oracle"
+def _choices(name: str, values) -> type:
+    """A str Enum of the library's own list of valid values (one source of truth), for typer."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class GtRule(str, Enum):
-    mass = "mass"          # heatmap mass: the smallest top-k reaching r of the mass
-    uniform = "uniform"    # a fixed fraction r of the channels
-
-
-class FinetuneMode(str, Enum):
-    decoupled = "decoupled"
-    joint = "joint"
-
-
-class Schedule(str, Enum):
-    cosine = "cosine"
-    step = "step"
-    constant = "constant"
-
-
-class Interpolation(str, Enum):
-    bilinear = "bilinear"
-    bicubic = "bicubic"
-    nearest = "nearest"
-
-
-class Augment(str, Enum):
-    auto = "auto"            # by the images' size: small (≤ 64 px) or imagenet
-    small = "small"          # resize, pad-crop + flip
-    imagenet = "imagenet"    # random-resized-crop + flip; resize + center crop for evaluation
+GateMode = _choices("GateMode", GATE_MODES)                    # who decides the masks
+GtRule = _choices("GtRule", GT_RULES)                          # mass: smallest top-k reaching r; uniform: a fraction r
+FinetuneMode = _choices("FinetuneMode", FINETUNE_MODES)
+Schedule = _choices("Schedule", SCHEDULES)
+Interpolation = _choices("Interpolation", INTERPOLATIONS)
+Augment = _choices("Augment", AUGMENTS)                        # auto: by the images' size; small; imagenet
 
 
 def default_of(cls, name: str) -> str:

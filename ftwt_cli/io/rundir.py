@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -49,10 +49,9 @@ def _umask() -> int:
 
 
 def _mkstemp(path: Path) -> str:
-    """A temporary file beside ``path`` with the permissions a plain ``open`` would give (mkstemp's are 0600)."""
+    """A new temporary file beside ``path``, named as the clean-up recognises (``.NAME.XXXX.tmp``)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
     return tmp
 
 
@@ -61,8 +60,9 @@ def _disk_error(path: Path, e: OSError) -> FtwtError:
     return FtwtError(f"cannot write {path} ({why})", "free space or choose a writable --run / --out")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` in full, then move it into place: readers see the old file or the new one."""
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    """``write`` a temporary file beside ``path``, give it the umask's permissions, then move it into place: readers
+    see the old file or the new one, never a part. A failed write leaves nothing behind."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,16 +70,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as e:
         raise _disk_error(path, e) from None
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())       # a writer may create its file afresh (safetensors does)
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise _disk_error(path, e) from None
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    _atomic(path, write)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -88,21 +95,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_weights(path: Path, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
     """safetensors wants contiguous tensors that share no storage: write private copies, atomically."""
-    path = Path(path)
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state_dict.items()}
-    try:
-        tmp = _mkstemp(path)
-    except OSError as e:
-        raise _disk_error(path, e) from None
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())       # safetensors creates its file afresh
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _disk_error(path, e) from None
-        raise
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_weights(path: Path) -> Dict[str, torch.Tensor]:
