@@ -360,11 +360,11 @@ def default_workers() -> int:
 
 
 def make_loader(ds: Dataset, batch_size: int, *, train: bool, workers: Optional[int], seed: int = 0,
-                epoch: int = 0) -> DataLoader:
+                epoch: int = 0, pin_memory: bool = False) -> DataLoader:
     """Shuffling and worker seeds derive from (seed, epoch) alone, so a resumed run sees the same batches
     (with the same number of workers: each worker draws its own augmentations). ``workers=None``: the
     machine's default (``default_workers``)."""
     workers = default_workers() if workers is None else workers
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train and len(ds) > batch_size,
-                      num_workers=workers, generator=g, persistent_workers=False)
+                      num_workers=workers, generator=g, persistent_workers=False, pin_memory=pin_memory)

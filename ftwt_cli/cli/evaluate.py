@@ -21,7 +21,7 @@ from ..eval.report import fmt_macs as _m
 from ..eval.report import ood_summary, write_report
 from ..io.rundir import check_writable, read_meta, run_lock
 from .application import command, console
-from .options import DATA_HELP, GateMode, Run, Workers
+from .options import DATA_HELP, Amp, ChannelsLast, Device, GateMode, Run, Workers, value
 
 __all__ = ["evaluate_cli", "print_eval_report"]
 
@@ -76,6 +76,9 @@ def evaluate_cli(
     ood_samples: Annotated[int, typer.Option(min=0, help="Images per corruption and severity (0 = the whole split).")] = 2000,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 256,
     workers: Workers = None,
+    device: Device = "auto",
+    amp: Amp = "auto",
+    channels_last: ChannelsLast = None,
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Report accuracy, exact dynamic MACs, gate behaviour and (with --ood) robustness; writes report.* into the run."""
@@ -94,7 +97,7 @@ def evaluate_cli(
         with (progress or _Null()):
             rep = evaluate_run(run, data, gates=gates.value, r=r, ood=ood, ood_data=ood_data, corruptions=corruption or (),
                                ood_samples=ood_samples or None, batch_size=batch_size, workers=workers,
-                               on_stage=_Stages(progress))
+                               on_stage=_Stages(progress), device=device, amp=value(amp), channels_last=channels_last)
         for n in rep.notes:
             console.print(f"note: {n}", markup=False, highlight=False, soft_wrap=True)
         print_eval_report(rep)

@@ -10,7 +10,10 @@ from typing_extensions import Annotated
 from ..train import FinetuneConfig, finetune, load_recipe, resolve_config
 from .application import command, console
 from .options import (
+    Amp,
+    ChannelsLast,
     DataOrRecipe,
+    Device,
     FinetuneMode,
     Recipe,
     Resume,
@@ -67,6 +70,9 @@ def finetune_cli(
     recipe: Recipe = None,
     resume: Resume = False,
     tensorboard: Annotated[bool, typer.Option(help="Also log each epoch's metrics to TensorBoard in RUN/tensorboard.")] = False,
+    device: Device = "auto",
+    amp: Amp = "auto",
+    channels_last: ChannelsLast = None,
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Fine-tune the backbone with hard masks (cross-entropy) while the gates keep training (BCE)."""
@@ -78,7 +84,8 @@ def finetune_cli(
                               bce_weight=bce_weight, freeze_gates_at=freeze_gates_at, distill=distill, distill_temp=distill_temp),
                          partial=resume)
     rep = finetune(run, data_arg(data, rec), cfg, resume=resume, val_split=val_split, train_samples=train_samples,
-                   dense_control=dense_control, progress=EpochProgress(), tensorboard=tensorboard)
+                   dense_control=dense_control, progress=EpochProgress(), tensorboard=tensorboard,
+                   device=device, amp=value(amp), channels_last=channels_last)
     f = rep.final
     console.print(f"fine-tuned ({'dense control' if dense_control else rep.config['mode']}): val top-1 {f.top1:.2%}, MACs "
                   f"{f.mean_macs / 1e6:.2f} M of {f.dense_macs / 1e6:.2f} M dense ({f.reduction:.1%} cut); run {rep.run_dir}",

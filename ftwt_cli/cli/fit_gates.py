@@ -10,7 +10,10 @@ from typing_extensions import Annotated
 from ..train import FitGatesConfig, fit_gates, load_recipe, resolve_config
 from .application import command, console
 from .options import (
+    Amp,
+    ChannelsLast,
     DataOrRecipe,
+    Device,
     GtRule,
     Recipe,
     Resume,
@@ -49,13 +52,17 @@ def fit_gates_cli(
     recipe: Recipe = None,
     resume: Resume = False,
     tensorboard: Annotated[bool, typer.Option(help="Also log each epoch's metrics to TensorBoard in RUN/tensorboard.")] = False,
+    device: Device = "auto",
+    amp: Amp = "auto",
+    channels_last: ChannelsLast = None,
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Train the decision gates on the frozen backbone (BCE against self-supervised heatmap-mass masks)."""
     rec = load_recipe(recipe) if recipe else None
     cfg = resolve_config(FitGatesConfig, rec, "fit_gates",
                          dict(r=r, gt=value(gt), epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, workers=workers, seed=seed), partial=resume)
-    rep = fit_gates(run, data_arg(data, rec), cfg, resume=resume, val_split=val_split, train_samples=train_samples, progress=EpochProgress(), tensorboard=tensorboard)
+    rep = fit_gates(run, data_arg(data, rec), cfg, resume=resume, val_split=val_split, train_samples=train_samples, progress=EpochProgress(), tensorboard=tensorboard,
+                   device=device, amp=value(amp), channels_last=channels_last)
     f = rep.final
     console.print(f"gates fitted at r={rep.config['r']}: val top-1 {f.top1:.2%}, MACs {f.mean_macs / 1e6:.2f} M of "
                   f"{f.dense_macs / 1e6:.2f} M dense ({f.reduction:.1%} cut, gates included); run {rep.run_dir}",

@@ -13,9 +13,10 @@ from ..arch.registry import AUGMENTS, INTERPOLATIONS
 from ..gating.model import GATE_MODES
 from ..gating.targets import GT_RULES
 from ..train.config import FINETUNE_MODES, SCHEDULES
+from ..train.device import AMP_MODES
 
 __all__ = ["GateMode", "GtRule", "FinetuneMode", "Schedule", "Interpolation", "Augment", "default_of", "Data", "Run", "Workers", "Seed", "BatchSize", "Recipe",
-           "Resume", "ValSplit", "TrainSamples", "DATA_HELP", "value", "DataOrRecipe", "data_arg", "int_list"]
+           "Resume", "ValSplit", "TrainSamples", "Device", "Amp", "ChannelsLast", "DATA_HELP", "value", "DataOrRecipe", "data_arg", "int_list"]
 
 DATA_HELP = "ImageFolder DIR, a CIFAR-10/100 folder, 'fashion-mnist' (or its idx folder), or 'digits'."
 
@@ -80,3 +81,8 @@ Recipe = Annotated[Optional[Path], typer.Option(help="YAML recipe; flags overrid
 ValSplit = Annotated[Optional[float], typer.Option(help="Hold out this fraction of DIR/CLASS images for validation.")]
 TrainSamples = Annotated[Optional[int], typer.Option(help="Train on a fixed random subset of this many images.")]
 Resume = Annotated[bool, typer.Option(help="Continue an interrupted run of this command from its last epoch.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")]
+Amp = Annotated[_choices("Amp", AMP_MODES), typer.Option(
+    help="Mixed precision: auto is bf16 on GPUs that have it, fp16 (with loss scaling) on older GPUs, off on the CPU.")]
+ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
+                                                      help="channels_last memory format.", show_default="on for CUDA")]

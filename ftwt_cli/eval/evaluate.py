@@ -5,13 +5,16 @@ import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..errors import FtwtError
 from ..gating.model import GatedModel
+
+if TYPE_CHECKING:
+    from ..train.device import Precision
 
 __all__ = ["EvalResult", "evaluate_loader", "EvalReport", "LayerStat", "ShiftResult", "evaluate_run"]
 
@@ -39,9 +42,10 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_loader(model: GatedModel, loader: DataLoader, *, with_agreement: bool = False,
-                    on_batch: Optional[Callable[[int], None]] = None) -> EvalResult:
-    """One pass in eval mode with the model's current gate mode. ``with_agreement`` also computes the
-    ground truth at the model's r (costs a sort per layer) to score the gates' precision and recall."""
+                    on_batch: Optional[Callable[[int], None]] = None, precision: Optional["Precision"] = None) -> EvalResult:
+    """One pass in eval mode with the model's current gate mode, on the model's device (under ``precision``'s
+    autocast when given). ``with_agreement`` also computes the ground truth at the model's r (costs a sort per layer)
+    to score the gates' precision and recall."""
     t0 = time.perf_counter()
     was = model.training
     model.eval()
@@ -54,7 +58,12 @@ def evaluate_loader(model: GatedModel, loader: DataLoader, *, with_agreement: bo
     fn: Dict[str, float] = {}
     try:
         for x, y in loader:
-            with model.collecting() if collect else nullcontext():
+            if precision is not None:
+                x, y = precision.batch(x), y.to(precision.device, non_blocking=True)
+            else:
+                dev = next(model.parameters()).device
+                x, y = x.to(dev), y.to(dev)
+            with model.collecting() if collect else nullcontext(), (precision.autocast() if precision else nullcontext()):
                 out = model(x)
             s = model.last_stats
             top = out.topk(min(5, out.shape[1]), dim=1).indices
@@ -145,16 +154,19 @@ def _keep_stats(res: EvalResult) -> Tuple[Tuple[LayerStat, ...], float]:
 def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[float] = None, ood: bool = False,
                  ood_data: Optional[str] = None, corruptions: Sequence[str] = (), severities: Sequence[int] = (1, 2, 3, 4, 5),
                  ood_samples: Optional[int] = 2000, batch_size: int = 256, workers: Optional[int] = None,
-                 on_stage: Optional[Callable[[str, int], Callable[[int], None]]] = None) -> EvalReport:
+                 on_stage: Optional[Callable[[str, int], Callable[[int], None]]] = None, device: str = "auto",
+                 amp: str = "auto", channels_last: Optional[bool] = None) -> EvalReport:
     """Accuracy, exact MACs and gate behaviour of a run on ``data``'s validation split (and shifts of it).
     ``on_stage(label, samples)`` may return a per-batch callback for progress display."""
     from torch.utils.data import Subset
 
     from ..data import check_classes, make_loader, open_data, size_note
     from ..io.load import load
+    from ..train.device import resolve_precision
     from . import ood as ood_mod
 
-    model = load(run_dir)
+    precision = resolve_precision(device, amp, channels_last)
+    model = precision.model(load(run_dir))
     meta = model.meta
     if gates == "predict" and meta.gating.mode != "predict":
         raise FtwtError(f"the gates in {run_dir} are not fitted yet", "run `ftwt fit-gates` first, or pass --gates oracle/open")
@@ -167,8 +179,9 @@ def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[floa
 
     def run(mode: str, ds, label: str, agreement: bool = False) -> EvalResult:
         model.set_gates(mode, r=r if r is not None else model.r)
-        return evaluate_loader(model, make_loader(ds, batch_size, train=False, workers=workers), with_agreement=agreement,
-                               on_batch=stage(label, len(ds)))
+        return evaluate_loader(model, make_loader(ds, batch_size, train=False, workers=workers,
+                                                  pin_memory=precision.device.type == "cuda"),
+                               with_agreement=agreement, on_batch=stage(label, len(ds)), precision=precision)
 
     main = run(gates, splits.val, f"evaluate ({gates} gates)", agreement=gates == "predict")
     dense = main if gates == "open" else run("open", splits.val, "evaluate (open gates)")

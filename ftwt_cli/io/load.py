@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
@@ -35,10 +35,11 @@ def gated_from_meta(meta: RunMeta, state_dict: Mapping[str, torch.Tensor]) -> Ga
     return model.eval()
 
 
-def load(path: str | Path, *, compact: bool = False, calibrate: bool = True):
+def load(path: str | Path, *, compact: bool = False, calibrate: bool = True, device: Optional[str] = None):
     """A run directory or an exported .safetensors file → GatedModel in eval mode, gates in the saved mode
-    ("predict" once fitted). ``compact=True`` returns the CompactModel that computes only the filters the
-    gates keep (inference only; ``calibrate`` picks the fastest strategy per layer on this machine)."""
+    ("predict" once fitted), on ``device`` (auto | cpu | cuda | cuda:N; default the CPU). ``compact=True`` returns
+    the CompactModel that computes only the filters the gates keep (inference only; ``calibrate`` picks the fastest
+    strategy per layer on this machine)."""
     path = Path(path)
     if path.is_file():
         model = gated_from_meta(meta_from_export(path), read_weights(path))
@@ -48,6 +49,9 @@ def load(path: str | Path, *, compact: bool = False, calibrate: bool = True):
     else:
         raise FtwtError(f"{path} is neither a run directory nor an exported file",
                         f"pass a folder holding {META_FILE} or a .safetensors file")
+    if device is not None:
+        from ..train.device import resolve_device
+        model = model.to(resolve_device(device))
     if not compact:
         return model
     from ..fast.compact import make_compact

@@ -22,8 +22,8 @@ RUN_FORMAT = "ftwt-run"
 T = TypeVar("T")
 
 
-def environment(device: Optional[str] = None) -> Dict[str, str]:
-    """What ran: ftwt, Python, torch, torchvision and timm versions, and the device."""
+def environment(device: Optional[str] = None, amp: str = "off") -> Dict[str, str]:
+    """What ran: ftwt, Python, torch, torchvision and timm versions, the device and the autocast mode."""
     import platform
 
     import timm
@@ -32,7 +32,7 @@ def environment(device: Optional[str] = None) -> Dict[str, str]:
 
     from .. import __version__
     return {"ftwt": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__, "device": device or "cpu"}
+            "torchvision": torchvision.__version__, "timm": timm.__version__, "device": device or "cpu", "amp": amp}
 
 
 def _build(cls: Type[T], d: Any, where: str) -> T:

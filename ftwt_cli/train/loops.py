@@ -57,6 +57,7 @@ from ..io.rundir import (
     run_lock,
 )
 from .config import FinetuneConfig, FitGatesConfig
+from .device import Precision, resolve_precision
 from .loss import distill_loss, gate_loss
 
 __all__ = ["fit_gates", "finetune", "fit_gates_step", "gate_optimizer", "EpochStats", "TrainReport", "Progress",
@@ -146,15 +147,22 @@ class _Sums:
                 **{k: v / max(self.measured, 1) for k, v in self.metrics.items()}}
 
 
-def fit_gates_step(model: GatedModel, x: torch.Tensor, opt: torch.optim.Optimizer) -> torch.Tensor:
+def fit_gates_step(model: GatedModel, x: torch.Tensor, opt: torch.optim.Optimizer,
+                   precision: Optional[Precision] = None, scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
     """One fit-gates step on a model whose backbone does not require grad: a forward with predicted masks that also
-    scores channels for the ground truth, the BCE of the gates' logits against it, and one optimiser step."""
-    with model.collecting(decoupled=True):
+    scores channels for the ground truth (under ``precision``'s autocast), the float32 BCE of the gates' logits
+    against it, and one optimiser step (through ``scaler`` for float16)."""
+    with model.collecting(decoupled=True), (precision.autocast() if precision is not None else nullcontext()):
         model(x)
     loss = gate_loss(model.last_logits, model.last_targets)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
     return loss.detach()
 
 
@@ -216,7 +224,7 @@ class _Phase:
     """What fit-gates and finetune share: the run, data, model, resume state and per-epoch bookkeeping."""
 
     def __init__(self, phase: str, cls: type, run_dir: Path | str, data: str, cfg, resume: bool,
-                 val_split: Optional[float], train_samples: Optional[int], progress: Progress) -> None:
+                 val_split: Optional[float], train_samples: Optional[int], progress: Progress, precision: Precision) -> None:
         """The caller holds the run's lock. ``cfg`` None: the defaults, or on resume the interrupted run's settings."""
         self.phase, self.run_dir, self.data_arg = phase, Path(run_dir), str(data)
         if cfg is not None and not resume:      # on resume, given fields must equal the run's (validated) settings
@@ -234,7 +242,8 @@ class _Phase:
                 cfg = dataclasses.replace(cfg, workers=default_workers())
         self.cfg = cfg
         check_writable(self.run_dir)          # a read-only run or a full disk fails now, not after an epoch
-        self.model = gated_from_meta(self.meta, weights)
+        self.precision = precision
+        self.model = precision.model(gated_from_meta(self.meta, weights))
         self.data: DataSplits = open_data(data, self.meta.data_config, val_split=val_split,
                                           num_classes=self.meta.arch.num_classes, train_samples=train_samples)
         check_classes(self.meta.classes, self.data)
@@ -264,15 +273,23 @@ class _Phase:
     def train_loader(self, epoch: int):
         torch.manual_seed(self.cfg.seed * 1_000 + epoch)
         return make_loader(self.data.train, self.cfg.batch_size, train=True, workers=self.cfg.workers,
-                           seed=self.cfg.seed, epoch=epoch)
+                           seed=self.cfg.seed, epoch=epoch, pin_memory=self.precision.device.type == "cuda")
 
     def val_loader(self):
-        return make_loader(self.data.val, self.cfg.batch_size, train=False, workers=self.cfg.workers)
+        return make_loader(self.data.val, self.cfg.batch_size, train=False, workers=self.cfg.workers,
+                           pin_memory=self.precision.device.type == "cuda")
+
+    def scaler(self) -> Optional[torch.amp.GradScaler]:
+        """The float16 loss scaler, with its state when resuming."""
+        scaler = self.precision.scaler()
+        if scaler is not None and self.ck is not None and "scaler" in self.ck:
+            scaler.load_state_dict(self.ck["scaler"])
+        return scaler
 
     def finish_epoch(self, epoch: int, sums: _Sums, seconds: float, optimizers: Dict[str, Any],
                      progress: Progress) -> EpochStats:
         progress.validating()
-        res = evaluate_loader(self.model, self.val_loader())
+        res = evaluate_loader(self.model, self.val_loader(), precision=self.precision)
         avg = sums.means()
         stats = EpochStats(self.phase, epoch, avg.get("loss", 0.0), avg.get("bce", 0.0), avg.get("ce", 0.0),
                            avg.get("agreement", 0.0), avg.get("keep", 1.0), avg.get("macs_cut", 0.0),
@@ -281,7 +298,8 @@ class _Phase:
         buf = io.BytesIO()
         torch.save({"phase": self.phase, "epoch": epoch, "config": dataclasses.asdict(self.cfg), "history": self.history,
                     "model": self.model.state_dict(), **self.extra_state,
-                    **{f"opt_{k}": o.state_dict() for k, o in optimizers.items()}}, buf)
+                    **{f"opt_{k}": o.state_dict() for k, o in optimizers.items() if k != "scaler"},
+                    **({"scaler": scaler.state_dict()} if (scaler := optimizers.get("scaler")) is not None else {})}, buf)
         g = self.meta.gating
         if self.model.mode == "predict":
             g.mode = "predict"
@@ -292,7 +310,7 @@ class _Phase:
         self.meta.last_eval = EvalSummary(self.phase, epoch, res.top1, res.top5, res.mean_macs, res.dense_macs, res.reduction,
                                           self.data.source, "val", res.samples)
         self.meta.classes = list(self.data.classes)          # checked equal to the run's in __init__, if it had them
-        self.meta.environment = environment()
+        self.meta.environment = environment(str(self.precision.device), self.precision.amp)
         # weights, checkpoint and metadata as one commit: a crash anywhere leaves the last complete epoch
         commit(self.run_dir, self.meta, self.model.state_dict(), f"{self.phase}-e{epoch}", buf.getvalue())
         # the per-epoch log, one JSON object a line, rewritten whole from the committed history
@@ -309,20 +327,23 @@ class _Phase:
 
     def report(self) -> TrainReport:
         if not hasattr(self, "last_eval"):   # nothing left to train (resumed a finished run): still report
-            self.last_eval = evaluate_loader(self.model, self.val_loader())
+            self.last_eval = evaluate_loader(self.model, self.val_loader(), precision=self.precision)
         return TrainReport(self.run_dir, self.phase, [EpochStats(**h) for h in self.history], self.last_eval,
                            dataclasses.asdict(self.cfg))
 
 
 def fit_gates(run_dir: Path | str, data: str, cfg: Optional[FitGatesConfig] = None, *, resume: bool = False,
               val_split: Optional[float] = None, train_samples: Optional[int] = None,
-              progress: Optional[Progress] = None, tensorboard: bool = False) -> TrainReport:
+              progress: Optional[Progress] = None, tensorboard: bool = False, device: str = "auto", amp: str = "auto",
+              channels_last: Optional[bool] = None) -> TrainReport:
     """Train only the gates on the frozen backbone (eval mode, no gradients), with predicted masks applied.
-    ``resume`` continues an interrupted run with its own settings (``cfg`` may be None, or must agree with them)."""
+    ``resume`` continues an interrupted run with its own settings (``cfg`` may be None, or must agree with them).
+    ``device``, ``amp`` and ``channels_last``: see ``train.device``."""
     read_meta(run_dir)                                        # a missing or damaged run fails before the lock
+    precision = resolve_precision(device, amp, channels_last)
     with run_lock(Path(run_dir), "ftwt fit-gates"):
         progress = progress or _Silent()
-        ph = _Phase("fit-gates", FitGatesConfig, run_dir, data, cfg, resume, val_split, train_samples, progress)
+        ph = _Phase("fit-gates", FitGatesConfig, run_dir, data, cfg, resume, val_split, train_samples, progress, precision)
         with ph.logging(tensorboard):
             return _fit_gates(ph, progress)
 
@@ -334,30 +355,34 @@ def _fit_gates(ph: "_Phase", progress: Progress) -> TrainReport:
     opt = gate_optimizer(model, cfg.lr, cfg.weight_decay)
     if ph.ck:
         opt.load_state_dict(ph.ck["opt_gates"])
+    scaler = ph.scaler()
     for epoch in range(ph.start_epoch + 1, cfg.epochs + 1):
         loader = ph.train_loader(epoch)
         model.eval()                       # frozen backbone: running BN statistics stay as they are
         progress.start(ph.phase, epoch, cfg.epochs, len(loader))
         sums, t0 = _Sums(), time.perf_counter()
         for i, (x, _) in enumerate(loader):
-            loss = fit_gates_step(model, x, opt)
+            loss = fit_gates_step(model, ph.precision.batch(x), opt, ph.precision, scaler)
             m = sums.add(model, i, {"loss": loss, "bce": loss}, gated=True)
             if m is not None:
                 progress.step(sums.batches, m)
-        ph.finish_epoch(epoch, sums, time.perf_counter() - t0, {"gates": opt}, progress)
+        ph.finish_epoch(epoch, sums, time.perf_counter() - t0, {"gates": opt, "scaler": scaler}, progress)
     return ph.report()
 
 
 def finetune(run_dir: Path | str, data: str, cfg: Optional[FinetuneConfig] = None, *, resume: bool = False,
              val_split: Optional[float] = None, train_samples: Optional[int] = None, dense_control: bool = False,
-             progress: Optional[Progress] = None, tensorboard: bool = False) -> TrainReport:
+             progress: Optional[Progress] = None, tensorboard: bool = False, device: str = "auto", amp: str = "auto",
+             channels_last: Optional[bool] = None) -> TrainReport:
     """Train the backbone under hard masks (task loss) while the gates keep learning (BCE, their own optimiser).
     ``dense_control`` trains the backbone with every gate open and no gate loss: the same extra training,
-    without gating, for a fair accuracy comparison. ``resume`` as for ``fit_gates``."""
+    without gating, for a fair accuracy comparison. ``resume``, ``device``, ``amp``, ``channels_last`` as for
+    ``fit_gates``."""
     read_meta(run_dir)
+    precision = resolve_precision(device, amp, channels_last)
     with run_lock(Path(run_dir), "ftwt finetune"):
         progress = progress or _Silent()
-        ph = _Phase("finetune", FinetuneConfig, run_dir, data, cfg, resume, val_split, train_samples, progress)
+        ph = _Phase("finetune", FinetuneConfig, run_dir, data, cfg, resume, val_split, train_samples, progress, precision)
         with ph.logging(tensorboard):
             return _finetune(ph, dense_control, progress)
 
@@ -378,6 +403,7 @@ def _finetune(ph: "_Phase", dense_control: bool, progress: Progress) -> TrainRep
         backbone_opt.load_state_dict(ph.ck["opt_backbone"])
         gate_opt.load_state_dict(ph.ck["opt_gates"])
     teacher = _teacher(ph) if cfg.distill > 0 else None
+    scaler = ph.scaler()          # float16: one scaler for both optimisers, one update() a step
     steps_per_epoch = len(make_loader(ph.data.train, cfg.batch_size, train=True, workers=0))
     freeze_step = round(cfg.freeze_gates_at * cfg.epochs * steps_per_epoch)   # gates learn before this step
     for epoch in range(ph.start_epoch + 1, cfg.epochs + 1):
@@ -386,15 +412,16 @@ def _finetune(ph: "_Phase", dense_control: bool, progress: Progress) -> TrainRep
         progress.start(ph.phase, epoch, cfg.epochs, len(loader))
         sums, t0 = _Sums(), time.perf_counter()
         for i, (x, y) in enumerate(loader):
+            x, y = ph.precision.batch(x), y.to(ph.precision.device, non_blocking=True)
             step = (epoch - 1) * steps_per_epoch + i
             for group in backbone_opt.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(cfg, step, steps_per_epoch)
-            with model.collecting(decoupled=decoupled) if not dense_control else nullcontext():
+            with model.collecting(decoupled=decoupled) if not dense_control else nullcontext(), ph.precision.autocast():
                 out = model(x)
-            ce = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+            ce = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
             task = ce
             if teacher is not None:
-                with torch.no_grad():
+                with torch.no_grad(), ph.precision.autocast():
                     t_out = teacher(x)
                 task = (1.0 - cfg.distill) * ce + cfg.distill * distill_loss(out, t_out, cfg.distill_temp)
             bce = gate_loss(model.last_logits, model.last_targets) if not dense_control else out.new_zeros(())
@@ -402,12 +429,20 @@ def _finetune(ph: "_Phase", dense_control: bool, progress: Progress) -> TrainRep
             loss = task + cfg.bce_weight * bce if gates_learn else task
             backbone_opt.zero_grad(set_to_none=True)
             gate_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            backbone_opt.step()
-            if gates_learn:
-                gate_opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(backbone_opt)
+                if gates_learn:
+                    scaler.step(gate_opt)
+                scaler.update()
+            else:
+                loss.backward()
+                backbone_opt.step()
+                if gates_learn:
+                    gate_opt.step()
             m = sums.add(model, i, {"loss": loss, "ce": ce, "bce": bce}, gated=not dense_control)
             if m is not None:
                 progress.step(sums.batches, m)
-        ph.finish_epoch(epoch, sums, time.perf_counter() - t0, {"backbone": backbone_opt, "gates": gate_opt}, progress)
+        ph.finish_epoch(epoch, sums, time.perf_counter() - t0,
+                        {"backbone": backbone_opt, "gates": gate_opt, "scaler": scaler}, progress)
     return ph.report()
