@@ -88,8 +88,10 @@ def _interp(name: str):
 
 
 def build_transform(cfg: DataConfig, *, train: bool, small: bool, corruption: Optional[Callable] = None) -> Callable:
-    """``corruption`` (for out-of-distribution tests) acts on the resized float image in [0, 1]."""
+    """``corruption`` (for out-of-distribution tests) acts on the resized float image in [0, 1]. With the data config's
+    ``augment: none`` training sees what evaluation sees."""
     from torchvision.transforms import v2
+    train = train and cfg.augment != "none"
     _, h, w = cfg.input_size
     interp = _interp(cfg.interpolation)
     if small:
@@ -276,7 +278,7 @@ def open_data(data: str | Path, cfg: DataConfig, *, val_split: Optional[float] =
 
 def _small(cfg: DataConfig, native: Tuple[int, int]) -> bool:
     """The small-image path: by the data config's ``augment``, else by the images' size."""
-    if cfg.augment != "auto":
+    if cfg.augment in ("small", "imagenet"):
         return cfg.augment == "small"
     return max(native) <= SMALL_IMAGE
 
@@ -360,11 +362,13 @@ def default_workers() -> int:
 
 
 def make_loader(ds: Dataset, batch_size: int, *, train: bool, workers: Optional[int], seed: int = 0,
-                epoch: int = 0, pin_memory: bool = False) -> DataLoader:
+                epoch: int = 0, pin_memory: bool = False, sampler=None) -> DataLoader:
     """Shuffling and worker seeds derive from (seed, epoch) alone, so a resumed run sees the same batches
     (with the same number of workers: each worker draws its own augmentations). ``workers=None``: the
     machine's default (``default_workers``)."""
     workers = default_workers() if workers is None else workers
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train and len(ds) > batch_size,
-                      num_workers=workers, generator=g, persistent_workers=False, pin_memory=pin_memory)
+    n = len(sampler) if sampler is not None else len(ds)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      drop_last=train and n > batch_size, num_workers=workers, generator=g, persistent_workers=False,
+                      pin_memory=pin_memory)

@@ -51,7 +51,7 @@ class DataConfig:
     interpolation: str = "bilinear"
     crop_pct: float = 0.875
     crop_mode: str = "center"
-    augment: str = "auto"           # training augmentation: auto (by image size) | small (pad-crop + flip) | imagenet
+    augment: str = "auto"           # training augmentation: auto (by image size) | small (pad-crop + flip) | imagenet | none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,7 +96,7 @@ class DataConfig:
 
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-AUGMENTS = ("auto", "small", "imagenet")
+AUGMENTS = ("auto", "small", "imagenet", "none")
 
 
 @dataclass(frozen=True)

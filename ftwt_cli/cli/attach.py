@@ -67,7 +67,7 @@ def attach_cli(
     crop_pct: Annotated[Optional[float], typer.Option(help="Evaluation center-crop fraction in (0, 1] (ImageNet-like images).",
                                                       show_default="the checkpoint's, else the architecture's")] = None,
     augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation: small (pad-crop + flip), imagenet "
-                                                            "(random-resized-crop + flip), auto (by the images' size).",
+                                                            "(random-resized-crop + flip), none, auto (by the images' size).",
                                                        show_default="auto")] = None,
     run: Annotated[Path, typer.Option(help="Run directory to create.")] = Path("ftwt-run"),
     force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,

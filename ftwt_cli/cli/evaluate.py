@@ -1,6 +1,8 @@
 """``ftwt evaluate``: accuracy, exact dynamic MACs and OOD behaviour of a run (wraps :func:`ftwt_cli.evaluate.evaluate_run`)."""
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -92,12 +94,18 @@ def evaluate_cli(
             raise FtwtError("no --data given and the run was never trained on any", "pass --data DIR (or fashion-mnist, digits)")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console, transient=True) if console.is_terminal else None
-    with run_lock(run, "ftwt evaluate"):
-        check_writable(run)
+    main = int(os.environ.get("RANK", "0")) == 0      # under torchrun, rank 0 alone locks, writes and prints
+    if not main:
+        progress = None
+    with run_lock(run, "ftwt evaluate") if main else nullcontext():
+        if main:
+            check_writable(run)
         with (progress or _Null()):
             rep = evaluate_run(run, data, gates=gates.value, r=r, ood=ood, ood_data=ood_data, corruptions=corruption or (),
                                ood_samples=ood_samples or None, batch_size=batch_size, workers=workers,
                                on_stage=_Stages(progress), device=device, amp=value(amp), channels_last=channels_last)
+        if not main:
+            return
         for n in rep.notes:
             console.print(f"note: {n}", markup=False, highlight=False, soft_wrap=True)
         print_eval_report(rep)

@@ -70,6 +70,7 @@ def finetune_cli(
     recipe: Recipe = None,
     resume: Resume = False,
     tensorboard: Annotated[bool, typer.Option(help="Also log each epoch's metrics to TensorBoard in RUN/tensorboard.")] = False,
+    sync_bn: Annotated[bool, typer.Option(help="Under torchrun on GPUs: BatchNorm statistics over all processes' batches.")] = False,
     device: Device = "auto",
     amp: Amp = "auto",
     channels_last: ChannelsLast = None,
@@ -85,8 +86,10 @@ def finetune_cli(
                          partial=resume)
     rep = finetune(run, data_arg(data, rec), cfg, resume=resume, val_split=val_split, train_samples=train_samples,
                    dense_control=dense_control, progress=EpochProgress(), tensorboard=tensorboard,
-                   device=device, amp=value(amp), channels_last=channels_last)
+                   device=device, amp=value(amp), channels_last=channels_last, sync_bn=sync_bn)
     f = rep.final
+    if not rep.main:                   # under torchrun, rank 0 alone reports
+        return
     console.print(f"fine-tuned ({'dense control' if dense_control else rep.config['mode']}): val top-1 {f.top1:.2%}, MACs "
                   f"{f.mean_macs / 1e6:.2f} M of {f.dense_macs / 1e6:.2f} M dense ({f.reduction:.1%} cut); run {rep.run_dir}",
                   markup=False, highlight=False, soft_wrap=True)

@@ -64,6 +64,8 @@ def fit_gates_cli(
     rep = fit_gates(run, data_arg(data, rec), cfg, resume=resume, val_split=val_split, train_samples=train_samples, progress=EpochProgress(), tensorboard=tensorboard,
                    device=device, amp=value(amp), channels_last=channels_last)
     f = rep.final
+    if not rep.main:                   # under torchrun, rank 0 alone reports
+        return
     console.print(f"gates fitted at r={rep.config['r']}: val top-1 {f.top1:.2%}, MACs {f.mean_macs / 1e6:.2f} M of "
                   f"{f.dense_macs / 1e6:.2f} M dense ({f.reduction:.1%} cut, gates included); run {rep.run_dir}",
                   markup=False, highlight=False, soft_wrap=True)

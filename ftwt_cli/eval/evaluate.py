@@ -15,6 +15,7 @@ from ..gating.model import GatedModel
 
 if TYPE_CHECKING:
     from ..train.device import Precision
+    from ..train.dist import Dist
 
 __all__ = ["EvalResult", "evaluate_loader", "EvalReport", "LayerStat", "ShiftResult", "evaluate_run"]
 
@@ -42,10 +43,12 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_loader(model: GatedModel, loader: DataLoader, *, with_agreement: bool = False,
-                    on_batch: Optional[Callable[[int], None]] = None, precision: Optional["Precision"] = None) -> EvalResult:
+                    on_batch: Optional[Callable[[int], None]] = None, precision: Optional["Precision"] = None,
+                    dist: Optional["Dist"] = None) -> EvalResult:
     """One pass in eval mode with the model's current gate mode, on the model's device (under ``precision``'s
     autocast when given). ``with_agreement`` also computes the ground truth at the model's r (costs a sort per layer)
-    to score the gates' precision and recall."""
+    to score the gates' precision and recall. Under torchrun (``dist``) each process passes its own shard and the
+    counts, per-sample MACs and keep ratios of all processes are combined: every sample counted exactly once."""
     t0 = time.perf_counter()
     was = model.training
     model.eval()
@@ -84,10 +87,24 @@ def evaluate_loader(model: GatedModel, loader: DataLoader, *, with_agreement: bo
                 on_batch(len(y))
     finally:
         model.train(was)
+    macs_t = torch.cat(macs) if macs else torch.zeros(0, dtype=torch.float64)
+    keep_t = {k: torch.cat(v) if v else torch.zeros(0) for k, v in keep.items()}
+    dense = s.dense_macs if n else 0.0
+    if dist is not None and dist.active:           # all processes' shards, each sample once
+        from ..train.dist import all_sum, gather_cat
+        dev = next(model.parameters()).device
+        tot = all_sum({"c1": correct1, "c5": correct5, "n": n, "gates": gates, "dense": dense, "with": float(n > 0),
+                       **{f"tp/{k}": v for k, v in tp.items()}, **{f"fp/{k}": v for k, v in fp.items()},
+                       **{f"fn/{k}": v for k, v in fn.items()}}, dist, dev)
+        correct1, correct5, n, gates = int(tot["c1"]), int(tot["c5"]), int(tot["n"]), tot["gates"]
+        dense = tot["dense"] / max(tot["with"], 1.0)             # the same on every process that saw samples
+        names = list(tp)
+        tp, fp, fn = ({k: tot[f"{w}/{k}"] for k in names} for w in ("tp", "fp", "fn"))
+        macs_t = gather_cat(macs_t.double(), dist, dev)
+        keep_t = {k: gather_cat(v.float(), dist, dev) for k, v in keep_t.items()}
     agreement = {k: {"precision": tp[k] / max(tp[k] + fp[k], 1.0), "recall": tp[k] / max(tp[k] + fn[k], 1.0)} for k in tp}
-    return EvalResult(correct1 / max(n, 1), correct5 / max(n, 1), n, s.dense_macs if n else 0.0,
-                      torch.cat(macs) if macs else torch.zeros(0), gates / max(n, 1),
-                      {k: torch.cat(v) for k, v in keep.items() if v}, agreement, time.perf_counter() - t0)
+    return EvalResult(correct1 / max(n, 1), correct5 / max(n, 1), n, dense, macs_t, gates / max(n, 1),
+                      {k: v for k, v in keep_t.items() if v.numel()}, agreement, time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------- run level
@@ -157,15 +174,26 @@ def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[floa
                  on_stage: Optional[Callable[[str, int], Callable[[int], None]]] = None, device: str = "auto",
                  amp: str = "auto", channels_last: Optional[bool] = None) -> EvalReport:
     """Accuracy, exact MACs and gate behaviour of a run on ``data``'s validation split (and shifts of it).
-    ``on_stage(label, samples)`` may return a per-batch callback for progress display."""
+    ``on_stage(label, samples)`` may return a per-batch callback for progress display. Under torchrun each process
+    evaluates its shard and every process returns the whole report."""
+    from ..train.device import resolve_precision
+    from ..train.dist import process_group
+
+    precision = resolve_precision(device, amp, channels_last)
+    with process_group(precision.device) as (d, dev):
+        return _evaluate_run(run_dir, data, gates, r, ood, ood_data, corruptions, severities, ood_samples, batch_size,
+                             workers, on_stage, d, dataclasses.replace(precision, device=dev))
+
+
+def _evaluate_run(run_dir, data, gates, r, ood, ood_data, corruptions, severities, ood_samples, batch_size, workers,
+                  on_stage, d, precision) -> EvalReport:
     from torch.utils.data import Subset
 
     from ..data import check_classes, make_loader, open_data, size_note
     from ..io.load import load
-    from ..train.device import resolve_precision
+    from ..train.dist import shard
     from . import ood as ood_mod
 
-    precision = resolve_precision(device, amp, channels_last)
     model = precision.model(load(run_dir))
     meta = model.meta
     if gates == "predict" and meta.gating.mode != "predict":
@@ -179,9 +207,10 @@ def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[floa
 
     def run(mode: str, ds, label: str, agreement: bool = False) -> EvalResult:
         model.set_gates(mode, r=r if r is not None else model.r)
-        return evaluate_loader(model, make_loader(ds, batch_size, train=False, workers=workers,
+        return evaluate_loader(model, make_loader(shard(ds, d), batch_size, train=False, workers=workers,
                                                   pin_memory=precision.device.type == "cuda"),
-                               with_agreement=agreement, on_batch=stage(label, len(ds)), precision=precision)
+                               with_agreement=agreement, on_batch=stage(label, len(shard(ds, d))) if d.main else None,
+                               precision=precision, dist=d)
 
     main = run(gates, splits.val, f"evaluate ({gates} gates)", agreement=gates == "predict")
     dense = main if gates == "open" else run("open", splits.val, "evaluate (open gates)")

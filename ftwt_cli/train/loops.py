@@ -58,6 +58,15 @@ from ..io.rundir import (
 )
 from .config import FinetuneConfig, FitGatesConfig
 from .device import Precision, resolve_precision
+from .dist import (
+    Dist,
+    all_sum,
+    average_buffers,
+    barrier,
+    process_group,
+    shard,
+    train_sampler,
+)
 from .loss import distill_loss, gate_loss
 
 __all__ = ["fit_gates", "finetune", "fit_gates_step", "gate_optimizer", "EpochStats", "TrainReport", "Progress",
@@ -107,6 +116,8 @@ class TrainReport:
     epochs: List[EpochStats]
     final: EvalResult
     config: Dict[str, Any]
+    model: Optional[GatedModel] = None     # the trained model, in memory
+    main: bool = True                       # this process is rank 0 (the one that wrote the run and prints)
 
 
 def batch_metrics(model: GatedModel) -> Dict[str, float]:
@@ -142,18 +153,24 @@ class _Sums:
         return {**{k: float(v) / self.batches for k, v in self.loss.items()},
                 **{k: v / self.measured for k, v in self.metrics.items()}}
 
-    def means(self) -> Dict[str, float]:
-        return {**{k: float(v) / max(self.batches, 1) for k, v in self.loss.items()},
-                **{k: v / max(self.measured, 1) for k, v in self.metrics.items()}}
+    def means(self, d: Dist = Dist(), device: torch.device = torch.device("cpu")) -> Dict[str, float]:
+        """Epoch means over every process's batches: sums and counts added up first (not means of means)."""
+        tot = all_sum({**{f"loss/{k}": float(v) for k, v in self.loss.items()},
+                       **{f"metric/{k}": v for k, v in self.metrics.items()},
+                       "batches": self.batches, "measured": self.measured}, d, device)
+        return {**{k: tot[f"loss/{k}"] / max(tot["batches"], 1) for k in self.loss},
+                **{k: tot[f"metric/{k}"] / max(tot["measured"], 1) for k in self.metrics}}
 
 
 def fit_gates_step(model: GatedModel, x: torch.Tensor, opt: torch.optim.Optimizer,
-                   precision: Optional[Precision] = None, scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
+                   precision: Optional[Precision] = None, scaler: Optional[torch.amp.GradScaler] = None,
+                   net: Optional[nn.Module] = None) -> torch.Tensor:
     """One fit-gates step on a model whose backbone does not require grad: a forward with predicted masks that also
     scores channels for the ground truth (under ``precision``'s autocast), the float32 BCE of the gates' logits
-    against it, and one optimiser step (through ``scaler`` for float16)."""
+    against it, and one optimiser step (through ``scaler`` for float16). ``net``: the model as wrapped by
+    DistributedDataParallel, whose forward all-reduces the gates' gradients."""
     with model.collecting(decoupled=True), (precision.autocast() if precision is not None else nullcontext()):
-        model(x)
+        (net or model)(x)
     loss = gate_loss(model.last_logits, model.last_targets)
     opt.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -224,7 +241,8 @@ class _Phase:
     """What fit-gates and finetune share: the run, data, model, resume state and per-epoch bookkeeping."""
 
     def __init__(self, phase: str, cls: type, run_dir: Path | str, data: str, cfg, resume: bool,
-                 val_split: Optional[float], train_samples: Optional[int], progress: Progress, precision: Precision) -> None:
+                 val_split: Optional[float], train_samples: Optional[int], progress: Progress, precision: Precision,
+                 dist: Dist = Dist()) -> None:
         """The caller holds the run's lock. ``cfg`` None: the defaults, or on resume the interrupted run's settings."""
         self.phase, self.run_dir, self.data_arg = phase, Path(run_dir), str(data)
         if cfg is not None and not resume:      # on resume, given fields must equal the run's (validated) settings
@@ -241,14 +259,16 @@ class _Phase:
             if cfg.workers is None:       # saved as resolved: resume must load with as many workers (augmentation)
                 cfg = dataclasses.replace(cfg, workers=default_workers())
         self.cfg = cfg
-        check_writable(self.run_dir)          # a read-only run or a full disk fails now, not after an epoch
+        self.dist = dist
+        if dist.main:
+            check_writable(self.run_dir)      # a read-only run or a full disk fails now, not after an epoch
         self.precision = precision
         self.model = precision.model(gated_from_meta(self.meta, weights))
         self.data: DataSplits = open_data(data, self.meta.data_config, val_split=val_split,
                                           num_classes=self.meta.arch.num_classes, train_samples=train_samples)
         check_classes(self.meta.classes, self.data)
         note = size_note(self.data, self.meta.data_config)
-        if note:
+        if note and dist.main:
             progress.note(note)
         self.history: List[Dict[str, Any]] = list(self.ck["history"]) if self.ck else []
         self.extra_state: Dict[str, Any] = {}      # more tensors for the checkpoint (the distillation teacher)
@@ -258,7 +278,7 @@ class _Phase:
     @contextlib.contextmanager
     def logging(self, tensorboard: bool):
         """Also log each epoch's metrics to TensorBoard (``RUN/tensorboard``) while training."""
-        if tensorboard:
+        if tensorboard and self.dist.main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -272,12 +292,22 @@ class _Phase:
 
     def train_loader(self, epoch: int):
         torch.manual_seed(self.cfg.seed * 1_000 + epoch)
+        sampler = train_sampler(self.data.train, self.dist, self.cfg.seed, epoch) if self.dist.active else None
         return make_loader(self.data.train, self.cfg.batch_size, train=True, workers=self.cfg.workers,
-                           seed=self.cfg.seed, epoch=epoch, pin_memory=self.precision.device.type == "cuda")
+                           seed=self.cfg.seed, epoch=epoch, pin_memory=self.precision.device.type == "cuda", sampler=sampler)
 
     def val_loader(self):
-        return make_loader(self.data.val, self.cfg.batch_size, train=False, workers=self.cfg.workers,
+        return make_loader(shard(self.data.val, self.dist), self.cfg.batch_size, train=False, workers=self.cfg.workers,
                            pin_memory=self.precision.device.type == "cuda")
+
+    def wrap(self) -> nn.Module:
+        """The model as the training step calls it: under torchrun, one DDP module over backbone and gates (what
+        requires grad now is what it all-reduces); else the model itself."""
+        if not self.dist.active:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+        dev = self.precision.device
+        return DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     def scaler(self) -> Optional[torch.amp.GradScaler]:
         """The float16 loss scaler, with its state when resuming."""
@@ -289,12 +319,17 @@ class _Phase:
     def finish_epoch(self, epoch: int, sums: _Sums, seconds: float, optimizers: Dict[str, Any],
                      progress: Progress) -> EpochStats:
         progress.validating()
-        res = evaluate_loader(self.model, self.val_loader(), precision=self.precision)
-        avg = sums.means()
+        average_buffers(self.model, self.dist)         # BatchNorm statistics of all processes' batches
+        res = evaluate_loader(self.model, self.val_loader(), precision=self.precision, dist=self.dist)
+        avg = sums.means(self.dist, self.precision.device)
         stats = EpochStats(self.phase, epoch, avg.get("loss", 0.0), avg.get("bce", 0.0), avg.get("ce", 0.0),
                            avg.get("agreement", 0.0), avg.get("keep", 1.0), avg.get("macs_cut", 0.0),
                            res.top1, res.reduction, seconds)
         self.history.append(dataclasses.asdict(stats))
+        if not self.dist.main:                 # rank 0 alone writes the run
+            barrier(self.dist)
+            self.last_eval = res
+            return stats
         buf = io.BytesIO()
         torch.save({"phase": self.phase, "epoch": epoch, "config": dataclasses.asdict(self.cfg), "history": self.history,
                     "model": self.model.state_dict(), **self.extra_state,
@@ -321,15 +356,16 @@ class _Phase:
                 if isinstance(v, float):
                     self.tensorboard.add_scalar(f"{self.phase}/{k}", v, epoch)
             self.tensorboard.flush()
+        barrier(self.dist)
         progress.end(stats)
         self.last_eval = res
         return stats
 
     def report(self) -> TrainReport:
         if not hasattr(self, "last_eval"):   # nothing left to train (resumed a finished run): still report
-            self.last_eval = evaluate_loader(self.model, self.val_loader(), precision=self.precision)
+            self.last_eval = evaluate_loader(self.model, self.val_loader(), precision=self.precision, dist=self.dist)
         return TrainReport(self.run_dir, self.phase, [EpochStats(**h) for h in self.history], self.last_eval,
-                           dataclasses.asdict(self.cfg))
+                           dataclasses.asdict(self.cfg), self.model, self.dist.main)
 
 
 def fit_gates(run_dir: Path | str, data: str, cfg: Optional[FitGatesConfig] = None, *, resume: bool = False,
@@ -341,9 +377,11 @@ def fit_gates(run_dir: Path | str, data: str, cfg: Optional[FitGatesConfig] = No
     ``device``, ``amp`` and ``channels_last``: see ``train.device``."""
     read_meta(run_dir)                                        # a missing or damaged run fails before the lock
     precision = resolve_precision(device, amp, channels_last)
-    with run_lock(Path(run_dir), "ftwt fit-gates"):
-        progress = progress or _Silent()
-        ph = _Phase("fit-gates", FitGatesConfig, run_dir, data, cfg, resume, val_split, train_samples, progress, precision)
+    with process_group(precision.device) as (d, dev), \
+            run_lock(Path(run_dir), "ftwt fit-gates") if d.main else nullcontext():
+        precision = dataclasses.replace(precision, device=dev)
+        progress = (progress or _Silent()) if d.main else _Silent()
+        ph = _Phase("fit-gates", FitGatesConfig, run_dir, data, cfg, resume, val_split, train_samples, progress, precision, d)
         with ph.logging(tensorboard):
             return _fit_gates(ph, progress)
 
@@ -352,6 +390,7 @@ def _fit_gates(ph: "_Phase", progress: Progress) -> TrainReport:
     cfg, model = ph.cfg, ph.model
     model.set_gates("predict", r=cfg.r, gt=cfg.gt)
     model.backbone.requires_grad_(False)   # autograd then records only the gates: GAP → Linear
+    net = ph.wrap()
     opt = gate_optimizer(model, cfg.lr, cfg.weight_decay)
     if ph.ck:
         opt.load_state_dict(ph.ck["opt_gates"])
@@ -362,7 +401,7 @@ def _fit_gates(ph: "_Phase", progress: Progress) -> TrainReport:
         progress.start(ph.phase, epoch, cfg.epochs, len(loader))
         sums, t0 = _Sums(), time.perf_counter()
         for i, (x, _) in enumerate(loader):
-            loss = fit_gates_step(model, ph.precision.batch(x), opt, ph.precision, scaler)
+            loss = fit_gates_step(model, ph.precision.batch(x), opt, ph.precision, scaler, net)
             m = sums.add(model, i, {"loss": loss, "bce": loss}, gated=True)
             if m is not None:
                 progress.step(sums.batches, m)
@@ -373,16 +412,22 @@ def _fit_gates(ph: "_Phase", progress: Progress) -> TrainReport:
 def finetune(run_dir: Path | str, data: str, cfg: Optional[FinetuneConfig] = None, *, resume: bool = False,
              val_split: Optional[float] = None, train_samples: Optional[int] = None, dense_control: bool = False,
              progress: Optional[Progress] = None, tensorboard: bool = False, device: str = "auto", amp: str = "auto",
-             channels_last: Optional[bool] = None) -> TrainReport:
+             channels_last: Optional[bool] = None, sync_bn: bool = False) -> TrainReport:
     """Train the backbone under hard masks (task loss) while the gates keep learning (BCE, their own optimiser).
     ``dense_control`` trains the backbone with every gate open and no gate loss: the same extra training,
     without gating, for a fair accuracy comparison. ``resume``, ``device``, ``amp``, ``channels_last`` as for
-    ``fit_gates``."""
+    ``fit_gates``; ``sync_bn`` (under torchrun on GPUs) computes BatchNorm statistics over all processes' batches."""
     read_meta(run_dir)
     precision = resolve_precision(device, amp, channels_last)
-    with run_lock(Path(run_dir), "ftwt finetune"):
-        progress = progress or _Silent()
-        ph = _Phase("finetune", FinetuneConfig, run_dir, data, cfg, resume, val_split, train_samples, progress, precision)
+    with process_group(precision.device) as (d, dev), \
+            run_lock(Path(run_dir), "ftwt finetune") if d.main else nullcontext():
+        precision = dataclasses.replace(precision, device=dev)
+        progress = (progress or _Silent()) if d.main else _Silent()
+        ph = _Phase("finetune", FinetuneConfig, run_dir, data, cfg, resume, val_split, train_samples, progress, precision, d)
+        if sync_bn:
+            if dev.type != "cuda":
+                raise FtwtError("--sync-bn needs CUDA GPUs (SyncBatchNorm does not train on the CPU)", "drop --sync-bn")
+            nn.SyncBatchNorm.convert_sync_batchnorm(ph.model)    # the gating hooks follow the new modules
         with ph.logging(tensorboard):
             return _finetune(ph, dense_control, progress)
 
@@ -404,6 +449,9 @@ def _finetune(ph: "_Phase", dense_control: bool, progress: Progress) -> TrainRep
         gate_opt.load_state_dict(ph.ck["opt_gates"])
     teacher = _teacher(ph) if cfg.distill > 0 else None
     scaler = ph.scaler()          # float16: one scaler for both optimisers, one update() a step
+    if dense_control:
+        model.gates.requires_grad_(False)  # open gates never run: nothing of theirs for DDP to wait for
+    net = ph.wrap()
     steps_per_epoch = len(make_loader(ph.data.train, cfg.batch_size, train=True, workers=0))
     freeze_step = round(cfg.freeze_gates_at * cfg.epochs * steps_per_epoch)   # gates learn before this step
     for epoch in range(ph.start_epoch + 1, cfg.epochs + 1):
@@ -417,7 +465,7 @@ def _finetune(ph: "_Phase", dense_control: bool, progress: Progress) -> TrainRep
             for group in backbone_opt.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(cfg, step, steps_per_epoch)
             with model.collecting(decoupled=decoupled) if not dense_control else nullcontext(), ph.precision.autocast():
-                out = model(x)
+                out = net(x)
             ce = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
             task = ce
             if teacher is not None:
@@ -426,7 +474,9 @@ def _finetune(ph: "_Phase", dense_control: bool, progress: Progress) -> TrainRep
                 task = (1.0 - cfg.distill) * ce + cfg.distill * distill_loss(out, t_out, cfg.distill_temp)
             bce = gate_loss(model.last_logits, model.last_targets) if not dense_control else out.new_zeros(())
             gates_learn = not dense_control and step < freeze_step
-            loss = task + cfg.bce_weight * bce if gates_learn else task
+            # frozen gates stay in the loss with weight 0 (as FTWT does): every gate gets a (zero) gradient each step,
+            # which DistributedDataParallel expects
+            loss = task + (cfg.bce_weight if gates_learn else 0.0) * bce
             backbone_opt.zero_grad(set_to_none=True)
             gate_opt.zero_grad(set_to_none=True)
             if scaler is not None:

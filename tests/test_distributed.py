@@ -1,0 +1,87 @@
+"""Many processes through torchrun, on the CPU with gloo (CI has no GPU): the documented commands as written, one
+DDP model whose gradients are all-reduced, rank 0 alone writing, and exact distributed evaluation."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import ftwt_cli
+from ftwt_cli.attach import attach
+from ftwt_cli.eval import evaluate_run
+from ftwt_cli.io import read_meta
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+FIT = ["--data", "digits", "--epochs", "1", "--train-samples", "256", "--workers", "0", "--r", "0.9", "--lr", "0.05"]
+
+
+def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N --no-python ftwt -- ARGS``: the documented form."""
+    p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(n), "--no-python",
+                        str(BIN / "ftwt"), "--", *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture
+def runs(tmp_path):
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pth")
+    out = []
+    for name in ("two", "one"):       # without augmentation, so that one and two processes see the same images
+        attach(tmp_path / "r18.pth", arch="torchvision:resnet18", input_size=(3, 16, 16), augment="none",
+               run_dir=tmp_path / name)
+        out.append(tmp_path / name)
+    return out
+
+
+def test_two_processes_fit_like_one_with_the_same_global_batch(runs):
+    two, one = runs
+    p = torchrun(2, "fit-gates", "--run", str(two), "--batch-size", "32", *FIT)
+    assert p.stdout.count("gates fitted at r=0.9") == 1                    # rank 0 alone prints
+    torchrun(1, "fit-gates", "--run", str(one), "--batch-size", "64", *FIT)
+    a, b = ftwt_cli.load(two).state_dict(), ftwt_cli.load(one).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a if k.startswith("gates."))
+    assert any(not torch.equal(a[k], torch.full_like(a[k], 3.0)) for k in a if k.endswith("fc.bias"))  # they learned
+    files = read_meta(two).files
+    assert {q.name for q in two.iterdir()} == {"ftwt.json", "metrics.jsonl", files.weights, files.checkpoint}
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_ranks_hold_the_same_weights_after_finetune_with_frozen_gates(runs, tmp_path):
+    two, _ = runs
+    torchrun(2, "fit-gates", "--run", str(two), "--batch-size", "32", *FIT)
+    script = tmp_path / "ft.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, torch
+        from ftwt_cli.train import FinetuneConfig, finetune
+        rep = finetune({str(two)!r}, "digits", FinetuneConfig(epochs=2, batch_size=32, workers=0, freeze_gates_at=0.5),
+                       train_samples=256)
+        torch.save(rep.model.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
+    """))
+    p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", str(script)], env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), [k for k in r0 if not torch.equal(r0[k], r1[k])][:5]
+    saved = ftwt_cli.load(two).state_dict()
+    assert all(torch.equal(r0[k], saved[k]) for k in r0), [k for k in r0 if not torch.equal(r0[k], saved[k])][:5]
+
+
+def test_distributed_evaluation_counts_every_image_once(runs):
+    two, _ = runs
+    torchrun(2, "fit-gates", "--run", str(two), "--batch-size", "32", *FIT)
+    torchrun(2, "evaluate", "--run", str(two), "--data", "digits", "--workers", "0")     # 359 images: odd
+    dist = json.loads((two / "report.json").read_text())
+    single = evaluate_run(two, "digits", workers=0)
+    assert dist["samples"] == single.samples == 359
+    assert dist["top1"] == single.top1 and dist["top1_open"] == single.top1_open
+    assert dist["macs_mean"] == pytest.approx(single.macs_mean, rel=1e-12)
+    assert dist["macs_p50"] == pytest.approx(single.macs_p50, rel=1e-12)
