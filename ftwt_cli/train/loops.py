@@ -452,7 +452,7 @@ def _finetune(ph: "_Phase", dense_control: bool, progress: Progress) -> TrainRep
     if dense_control:
         model.gates.requires_grad_(False)  # open gates never run: nothing of theirs for DDP to wait for
     net = ph.wrap()
-    steps_per_epoch = len(make_loader(ph.data.train, cfg.batch_size, train=True, workers=0))
+    steps_per_epoch = len(ph.train_loader(ph.start_epoch + 1))     # this process's batches (a shard under torchrun)
     freeze_step = round(cfg.freeze_gates_at * cfg.epochs * steps_per_epoch)   # gates learn before this step
     for epoch in range(ph.start_epoch + 1, cfg.epochs + 1):
         loader = ph.train_loader(epoch)
