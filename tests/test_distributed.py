@@ -85,3 +85,38 @@ def test_distributed_evaluation_counts_every_image_once(runs):
     assert dist["top1"] == single.top1 and dist["top1_open"] == single.top1_open
     assert dist["macs_mean"] == pytest.approx(single.macs_mean, rel=1e-12)
     assert dist["macs_p50"] == pytest.approx(single.macs_p50, rel=1e-12)
+
+
+def test_resume_under_torchrun_ends_where_an_uninterrupted_run_ends(runs, tmp_path):
+    two, one = runs                      # both start from the same attached run; `one` serves as the interrupted copy
+    script = tmp_path / "fit.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import ftwt_cli.train.loops as loops
+        from ftwt_cli.train import FitGatesConfig, fit_gates
+        cfg = FitGatesConfig(r=0.9, epochs=2, lr=0.05, batch_size=32, workers=0)
+        if sys.argv[2] == "interrupt":           # Ctrl-C reaches every process once epoch 1 is committed
+            barrier = loops.barrier
+            def interrupted(d):
+                barrier(d)
+                raise KeyboardInterrupt
+            loops.barrier = interrupted
+            try:
+                fit_gates(sys.argv[1], "digits", cfg, train_samples=256)
+            except KeyboardInterrupt:
+                pass
+        else:
+            fit_gates(sys.argv[1], "digits", None if sys.argv[2] == "resume" else cfg, train_samples=256,
+                      resume=sys.argv[2] == "resume")
+    """))
+
+    def launch(run, how):
+        p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", str(script), str(run), how],
+                           env=ENV, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    launch(two, "full")
+    launch(one, "interrupt")
+    assert len(read_meta(one).training["fit-gates"].epochs) == 1
+    launch(one, "resume")
+    a, b = ftwt_cli.load(two).state_dict(), ftwt_cli.load(one).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
