@@ -69,8 +69,12 @@ class DemoResult:
 
 
 def train_classifier(model: nn.Module, data: DataSplits, epochs: int, *, lr: float = 0.05, batch_size: int = 128,
-                     workers: Optional[int] = None, log: Callable[[str], None] = print) -> nn.Module:
+                     workers: Optional[int] = None, log: Callable[[str], None] = print,
+                     device: str = "cpu") -> nn.Module:
     """Plain supervised training (SGD + Nesterov, cosine): how a user's baseline checkpoint would be made."""
+    from .train.device import resolve_device
+    dev = resolve_device(device)
+    model = model.to(dev)
     torch.manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = max(1, epochs * (len(data.train) // batch_size))
@@ -79,18 +83,19 @@ def train_classifier(model: nn.Module, data: DataSplits, epochs: int, *, lr: flo
         model.train()
         t0, total, n = time.time(), 0.0, 0
         for x, y in make_loader(data.train, batch_size, train=True, workers=workers, seed=0, epoch=epoch):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x.to(dev)), y.to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total, n = total + float(loss.detach()), n + 1
         log(f"baseline epoch {epoch}/{epochs}: loss {total / max(n, 1):.3f} ({time.time() - t0:.0f}s)")
-    return model.eval()
+    return model.eval().cpu()
 
 
 def run_demo(folder: Path | str = "ftwt-demo", *, data: Optional[str] = None, force: bool = False, workers: Optional[int] = None,
-             log: Callable[[str], None] = print, progress: Optional[Progress] = None) -> DemoResult:
+             log: Callable[[str], None] = print, progress: Optional[Progress] = None, device: str = "auto",
+             amp: str = "auto") -> DemoResult:
     import torchvision
     t0 = time.time()
     folder = Path(folder)
@@ -112,22 +117,22 @@ def run_demo(folder: Path | str = "ftwt-demo", *, data: Optional[str] = None, fo
     log(f"1/6 training a ResNet-18 baseline on {splits.source} ({len(splits.train)} images, 32 px)")
     torch.manual_seed(0)                 # the baseline's initial weights too: every demo run trains the same one
     model = train_classifier(torchvision.models.resnet18(num_classes=10), splits, s.baseline_epochs,
-                             batch_size=s.batch_size, workers=workers, log=log)
+                             batch_size=s.batch_size, workers=workers, log=log, device=device)
     ckpt = folder / "baseline-resnet18.pth"
     torch.save(model.state_dict(), ckpt)
     run = folder / "run"
     log(f"2/6 ftwt attach {ckpt}")
     rep = attach(ckpt, arch="torchvision:resnet18", input_size=(3, 32, 32), mean=cfg.mean, std=cfg.std, run_dir=run)
-    base = evaluate_run(run, s.data, gates="open", workers=workers)
+    base = evaluate_run(run, s.data, gates="open", workers=workers, device=device, amp=amp)
     log(f"    {rep.arch}: {len(rep.layers)} gated layers, {rep.dense_macs / 1e6:.1f} M MACs dense, baseline top-1 {base.top1:.2%}")
     log(f"3/6 ftwt fit-gates --r {s.r}")
     fit_gates(run, s.data, FitGatesConfig(r=s.r, epochs=s.fit_epochs, batch_size=s.batch_size, workers=workers),
-              train_samples=s.train_samples, progress=progress)
+              train_samples=s.train_samples, progress=progress, device=device, amp=amp)
     log("4/6 ftwt finetune")
     finetune(run, s.data, FinetuneConfig(epochs=s.ft_epochs, batch_size=s.batch_size, workers=workers),
-             train_samples=s.train_samples, progress=progress)
+             train_samples=s.train_samples, progress=progress, device=device, amp=amp)
     log("5/6 ftwt evaluate")
-    ev = evaluate_run(run, s.data, gates="predict", workers=workers)
+    ev = evaluate_run(run, s.data, gates="predict", workers=workers, device=device, amp=amp)
     write_report(ev, run)
     log("6/6 ftwt export")
     out = export(run, folder / "resnet18-ftwt.safetensors")

@@ -11,7 +11,7 @@ from typing_extensions import Annotated
 from ..demo import run_demo
 from ..eval.report import fmt_macs as _m
 from .application import command, console
-from .options import Workers
+from .options import Amp, Device, Workers, value
 from .progress import EpochProgress
 
 __all__ = ["demo_cli"]
@@ -22,10 +22,12 @@ def demo_cli(
     dir: Annotated[Path, typer.Option(help="Folder for the baseline, the run and the export.")] = Path("ftwt-demo"),
     data: Annotated[Optional[str], typer.Option(help="fashion-mnist (default when installed) or digits.")] = None,
     workers: Workers = None,
+    device: Device = "auto",
+    amp: Amp = "auto",
     force: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
 ) -> None:
     """Train a small baseline on a bundled dataset, then attach → fit-gates → finetune → evaluate → export."""
-    res = run_demo(dir, data=data, force=force, workers=workers,
+    res = run_demo(dir, data=data, force=force, workers=workers, device=device, amp=value(amp),
                    log=lambda s: console.print(s, markup=False, highlight=False), progress=EpochProgress())
     ev = res.report
     t = Table(title=f"ftwt demo: {ev.arch} on {ev.data} (test split, {ev.samples} images)")
