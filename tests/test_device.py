@@ -64,9 +64,9 @@ def test_bf16_autocast_keeps_masks_and_fits(run):
 
 
 def test_fp16_with_a_grad_scaler_steps_both_optimisers(run):
-    fit_gates(run, "digits", FitGatesConfig(**FIT), train_samples=256, amp="fp16")
+    fit_gates(run, "digits", FitGatesConfig(**FIT), train_samples=128, amp="fp16")
     before = {k: v.clone() for k, v in ftwt_cli.load(run).state_dict().items()}
-    rep = finetune(run, "digits", FinetuneConfig(epochs=1, batch_size=64, workers=0), train_samples=256, amp="fp16")
+    rep = finetune(run, "digits", FinetuneConfig(epochs=1, batch_size=64, workers=0), train_samples=128, amp="fp16")
     assert math.isfinite(rep.epochs[0].loss)
     after = ftwt_cli.load(run).state_dict()
     moved = {k.split(".")[0] for k in after if not torch.equal(before[k], after[k])}

@@ -321,3 +321,12 @@ def test_resume_through_the_library_names_the_conflict(run):
         fit_gates(run, "digits", FitGatesConfig(**FIT), train_samples=128, progress=StopAfter(1))
     with pytest.raises(FtwtError, match="seed=3 conflicts with the interrupted run's seed=0. Fix: drop it"):
         fit_gates(run, "digits", FitGatesConfig(**{**FIT, "seed": 3}), resume=True, train_samples=128)
+
+
+def test_flags_are_checked_before_torch_is_imported():
+    """The command line (every command registered) imports nothing heavy: a bad choice fails at once."""
+    code = "import sys, ftwt_cli.cli as c; c._app(); print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision')))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+    p = subprocess.run([sys.executable, "-m", "ftwt_cli", "fit-gates", "--gt", "best", "--data", "x"], capture_output=True, text=True)
+    assert p.returncode == 2 and "'best' is not one of 'mass', 'uniform'" in p.stderr

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import FtwtError
+from ..settings import AUGMENTS, INTERPOLATIONS
 
 __all__ = [
     "ArchSpec", "DataConfig", "Detection", "parse_arch", "build_model", "detect_arch", "resolve_data_config",
@@ -95,8 +96,7 @@ class DataConfig:
         return DataConfig.from_dict(d)
 
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-AUGMENTS = ("auto", "small", "imagenet", "none")
+
 
 
 @dataclass(frozen=True)

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.table import Table
 from typing_extensions import Annotated
 
-from ..attach import AttachReport, attach, parse_input_size
-from ..eval.report import fmt_macs as _g
 from .application import command, console
 from .options import Augment, Interpolation, value
+
+if TYPE_CHECKING:
+    from ..attach import AttachReport
 
 __all__ = ["attach_cli", "print_attach_report"]
 
@@ -27,7 +28,8 @@ def _floats(text: Optional[str], flag: str) -> Optional[List[float]]:
 
 
 
-def print_attach_report(r: AttachReport) -> None:
+def print_attach_report(r: "AttachReport") -> None:
+    from ..eval.report import fmt_macs as _g
     t = Table(title=f"gated layers of {r.arch} at {r.input_size[1]}×{r.input_size[2]}")
     for col, j in (("layer", "left"), ("C_in→C_out", "right"), ("kernel", "right"), ("groups", "right"),
                    ("dense MACs", "right"), ("gate MACs", "right")):
@@ -78,6 +80,7 @@ def attach_cli(
     gate_shortcuts: Annotated[bool, typer.Option(help="Also gate 1×1 shortcut/downsample convs.")] = False,
 ) -> None:
     """Load a checkpoint, find its architecture and insert a decision gate before every gateable conv."""
+    from ..attach import attach, parse_input_size
     report = attach(checkpoint, arch=arch, num_classes=num_classes, in_chans=in_chans,
                     input_size=parse_input_size(input_size), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
                     run_dir=run, force=force, trust_pickle=trust_pickle, use_ema=use_ema,

@@ -4,16 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 from rich.table import Table
 from typing_extensions import Annotated
 
-from ..arch.registry import DataConfig
-from ..attach import parse_input_size
 from ..errors import FtwtError
-from ..fast.bench import bench, oracle_masks
-from ..io.load import load
 from .application import command, console
 from .options import DATA_HELP, Run
 
@@ -34,6 +29,12 @@ def bench_cli(
     json_out: Annotated[bool, typer.Option("--json", help="Print the measurements as JSON.")] = False,
 ) -> None:
     """Latency (p50/p90) of dense, gated-masked and gated-compact execution, with the MACs ratio beside it."""
+    import torch
+
+    from ..arch.registry import DataConfig
+    from ..attach import parse_input_size
+    from ..fast.bench import bench, oracle_masks
+    from ..io.load import load
     model = load(file if file is not None else run)
     dc = model.meta.data_config
     size = parse_input_size(input_size) or tuple(dc.input_size)

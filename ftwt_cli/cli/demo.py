@@ -8,8 +8,6 @@ import typer
 from rich.table import Table
 from typing_extensions import Annotated
 
-from ..demo import run_demo
-from ..eval.report import fmt_macs as _m
 from .application import command, console
 from .options import Amp, Device, Workers, value
 from .progress import EpochProgress
@@ -27,6 +25,8 @@ def demo_cli(
     force: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
 ) -> None:
     """Train a small baseline on a bundled dataset, then attach → fit-gates → finetune → evaluate → export."""
+    from ..demo import run_demo
+    from ..eval.report import fmt_macs as _m
     res = run_demo(dir, data=data, force=force, workers=workers, device=device, amp=value(amp),
                    log=lambda s: console.print(s, markup=False, highlight=False), progress=EpochProgress())
     ev = res.report

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.progress import (
@@ -18,18 +18,19 @@ from rich.table import Table
 from typing_extensions import Annotated
 
 from ..errors import FtwtError
-from ..eval.evaluate import EvalReport, evaluate_run
-from ..eval.report import fmt_macs as _m
-from ..eval.report import ood_summary, write_report
-from ..io.rundir import check_writable, read_meta, run_lock
 from .application import command, console
 from .options import DATA_HELP, Amp, ChannelsLast, Device, GateMode, Run, Workers, value
+
+if TYPE_CHECKING:
+    from ..eval.evaluate import EvalReport
 
 __all__ = ["evaluate_cli", "print_eval_report"]
 
 
 
-def print_eval_report(rep: EvalReport) -> None:
+def print_eval_report(rep: "EvalReport") -> None:
+    from ..eval.report import fmt_macs as _m
+    from ..eval.report import ood_summary
     t = Table(title=f"{rep.arch} on {rep.data} ({rep.samples} images), gates {rep.gates}" + (f" r={rep.r}" if rep.r else ""))
     t.add_column("")
     t.add_column("gated", justify="right")
@@ -84,6 +85,9 @@ def evaluate_cli(
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Report accuracy, exact dynamic MACs, gate behaviour and (with --ood) robustness; writes report.* into the run."""
+    from ..eval.evaluate import evaluate_run
+    from ..eval.report import write_report
+    from ..io.rundir import check_writable, read_meta, run_lock
     if gates == GateMode.oracle and r is None:
         raise FtwtError("--gates oracle needs --r", "pass e.g. --r 0.95")
     meta = read_meta(run)

@@ -7,7 +7,6 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..io.export import export
 from .application import command, console
 from .options import Run
 
@@ -22,6 +21,7 @@ def export_cli(
     force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Write one portable .safetensors file (backbone + gates + metadata) and report.json/report.md beside it."""
+    from ..io.export import export
     rep = export(run, out, backbone_only=backbone_only, force=force)
     what = "backbone state dict" if rep.backbone_only else "gated model"
     console.print(f"wrote {what} {rep.path} ({rep.tensors} tensors, {rep.bytes / 1e6:.1f} MB)"

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..train import FinetuneConfig, finetune, load_recipe, resolve_config
+from ..train.config import FinetuneConfig, load_recipe, resolve_config
 from .application import command, console
 from .options import (
     Amp,
@@ -77,6 +77,7 @@ def finetune_cli(
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Fine-tune the backbone with hard masks (cross-entropy) while the gates keep training (BCE)."""
+    from ..train.loops import finetune
     rec = load_recipe(recipe) if recipe else None
     cfg = resolve_config(FinetuneConfig, rec, "finetune",
                          dict(epochs=epochs, lr=lr, gate_lr=gate_lr, momentum=momentum, mode=value(mode), schedule=value(schedule),

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..train import FitGatesConfig, fit_gates, load_recipe, resolve_config
+from ..train.config import FitGatesConfig, load_recipe, resolve_config
 from .application import command, console
 from .options import (
     Amp,
@@ -58,6 +58,7 @@ def fit_gates_cli(
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Train the decision gates on the frozen backbone (BCE against self-supervised heatmap-mass masks)."""
+    from ..train.loops import fit_gates
     rec = load_recipe(recipe) if recipe else None
     cfg = resolve_config(FitGatesConfig, rec, "fit_gates",
                          dict(r=r, gt=value(gt), epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, workers=workers, seed=seed), partial=resume)

@@ -7,8 +7,6 @@ import typer
 from rich.table import Table
 from typing_extensions import Annotated
 
-from ..eval.report import fmt_macs as _m
-from ..io.load import load
 from .application import command, console
 
 __all__ = ["info_cli"]
@@ -18,6 +16,8 @@ __all__ = ["info_cli"]
 def info_cli(path: Annotated[Path, typer.Argument(help="A run directory or an exported .safetensors file.")] = Path("ftwt-run"),
              json_out: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False) -> None:
     """Show what a run or exported file holds: architecture, gated layers, r, training history, last results."""
+    from ..eval.report import fmt_macs as _m
+    from ..io.load import load
     meta = load(path).meta
     if json_out:
         import json

@@ -9,11 +9,15 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ..arch.registry import AUGMENTS, INTERPOLATIONS
-from ..gating.model import GATE_MODES
-from ..gating.targets import GT_RULES
-from ..train.config import FINETUNE_MODES, SCHEDULES
-from ..train.device import AMP_MODES
+from ..settings import (
+    AMP_MODES,
+    AUGMENTS,
+    FINETUNE_MODES,
+    GATE_MODES,
+    GT_RULE_NAMES,
+    INTERPOLATIONS,
+    SCHEDULES,
+)
 
 __all__ = ["GateMode", "GtRule", "FinetuneMode", "Schedule", "Interpolation", "Augment", "default_of", "Data", "Run", "Workers", "Seed", "BatchSize", "Recipe",
            "Resume", "ValSplit", "TrainSamples", "Device", "Amp", "ChannelsLast", "DATA_HELP", "value", "DataOrRecipe", "data_arg", "int_list"]
@@ -27,7 +31,7 @@ def _choices(name: str, values) -> type:
 
 
 GateMode = _choices("GateMode", GATE_MODES)                    # who decides the masks
-GtRule = _choices("GtRule", GT_RULES)                          # mass: smallest top-k reaching r; uniform: a fraction r
+GtRule = _choices("GtRule", GT_RULE_NAMES)                          # mass: smallest top-k reaching r; uniform: a fraction r
 FinetuneMode = _choices("FinetuneMode", FINETUNE_MODES)
 Schedule = _choices("Schedule", SCHEDULES)
 Interpolation = _choices("Interpolation", INTERPOLATIONS)

@@ -1,7 +1,7 @@
 """Training progress: a rich bar per epoch in a terminal, one plain line per epoch otherwise."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 from rich.progress import (
     BarColumn,
@@ -12,13 +12,15 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ..train import EpochStats
 from .application import console
+
+if TYPE_CHECKING:
+    from ..train import EpochStats
 
 __all__ = ["EpochProgress", "print_epoch"]
 
 
-def print_epoch(s: EpochStats) -> None:
+def print_epoch(s: "EpochStats") -> None:
     extra = f" ce {s.ce:.3f}" if s.phase == "finetune" else ""
     console.print(f"{s.phase} epoch {s.epoch}: loss {s.loss:.3f}{extra} bce {s.bce:.3f} | agreement {s.agreement:.1%} "
                   f"keep {s.keep_ratio:.1%} MACs cut {s.macs_cut:.1%} (train) | val top-1 {s.val_top1:.2%} "
@@ -52,7 +54,7 @@ class EpochProgress:
     def note(self, text: str) -> None:
         console.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True)
 
-    def end(self, stats: EpochStats) -> None:
+    def end(self, stats: "EpochStats") -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None

@@ -30,13 +30,13 @@ import torch.nn as nn
 
 from ..arch.trace import Plan, Unit
 from ..errors import FtwtError
+from ..settings import GATE_MODES
 from .gate import Gate, gate_key
 from .macs import MacsBreakdown, count_macs
 from .targets import GT_RULES, check_r, ground_truth, ground_truth_many
 
 __all__ = ["GatedModel", "ForwardStats", "GATE_MODES"]
 
-GATE_MODES = ("open", "predict", "oracle")
 # Activations that are monotone (non-decreasing): max |f(y)| over a map sits where y is largest or smallest.
 _MONOTONE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.Tanh, nn.Identity)
 

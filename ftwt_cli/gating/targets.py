@@ -18,6 +18,7 @@ from typing import Callable, Dict, Mapping
 import torch
 
 from ..errors import FtwtError
+from ..settings import GT_RULE_NAMES, check_r
 
 __all__ = ["heatmap_mass", "uniform", "ground_truth", "ground_truth_many", "GT_RULES", "check_r"]
 
@@ -26,10 +27,6 @@ __all__ = ["heatmap_mass", "uniform", "ground_truth", "ground_truth_many", "GT_R
 _EPS = 1e-9
 
 
-def check_r(r: float) -> float:
-    if not isinstance(r, (int, float)) or math.isnan(r) or not 0.0 < r <= 1.0:
-        raise FtwtError(f"r={r} is outside (0, 1]", "pass --r in (0, 1], e.g. --r 0.95 (1.0 drops only dead channels)")
-    return float(r)
 
 
 def _sorted_asc(s: torch.Tensor) -> torch.Tensor:
@@ -77,6 +74,7 @@ def uniform(scores: torch.Tensor, r: float) -> torch.Tensor:
 
 
 GT_RULES: Dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {"mass": heatmap_mass, "uniform": uniform}
+assert tuple(GT_RULES) == GT_RULE_NAMES      # the names the command line accepts are the rules that exist
 
 
 def _rule(kind: str) -> Callable[[torch.Tensor, float], torch.Tensor]:

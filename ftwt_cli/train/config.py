@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar
 
 from ..errors import FtwtError
-from ..gating.targets import GT_RULES, check_r
+from ..settings import FINETUNE_MODES, GT_RULE_NAMES, SCHEDULES, check_r
 
 __all__ = ["FitGatesConfig", "FinetuneConfig", "load_recipe", "resolve_config", "SCHEDULES", "FINETUNE_MODES"]
 
-SCHEDULES = ("cosine", "step", "constant")
-FINETUNE_MODES = ("decoupled", "joint")
 _RECIPE_TOP = ("description", "data", "fit_gates", "finetune")   # description: free text for people
 
 
@@ -34,8 +32,8 @@ class FitGatesConfig:
 
     def validate(self) -> None:
         check_r(self.r)
-        if self.gt not in GT_RULES:
-            raise FtwtError(f"unknown ground-truth rule '{self.gt}'", f"use one of {', '.join(GT_RULES)}")
+        if self.gt not in GT_RULE_NAMES:
+            raise FtwtError(f"unknown ground-truth rule '{self.gt}'", f"use one of {', '.join(GT_RULE_NAMES)}")
         _positive(self, "epochs", "lr", "batch_size")
         _non_negative(self, "weight_decay")
         _workers(self)
@@ -72,8 +70,8 @@ class FinetuneConfig:
             raise FtwtError(f"unknown schedule '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
         if self.r is not None:
             check_r(self.r)
-        if self.gt is not None and self.gt not in GT_RULES:
-            raise FtwtError(f"unknown ground-truth rule '{self.gt}'", f"use one of {', '.join(GT_RULES)}")
+        if self.gt is not None and self.gt not in GT_RULE_NAMES:
+            raise FtwtError(f"unknown ground-truth rule '{self.gt}'", f"use one of {', '.join(GT_RULE_NAMES)}")
         _positive(self, "epochs", "lr", "gate_lr", "batch_size", "distill_temp", "gamma")
         _non_negative(self, "momentum", "weight_decay")
         if not 0.0 <= self.label_smoothing < 1.0:

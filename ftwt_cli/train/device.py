@@ -14,10 +14,10 @@ from typing import ContextManager, Optional
 import torch
 
 from ..errors import FtwtError
+from ..settings import AMP_MODES
 
 __all__ = ["AMP_MODES", "Precision", "resolve_device", "resolve_precision"]
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

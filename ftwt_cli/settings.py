@@ -1,0 +1,26 @@
+"""The valid values of ftwt's settings: choice lists and range checks, in one place that imports nothing heavy,
+so that the command line can check a flag before torch is imported. The modules that act on a setting import its
+list from here."""
+from __future__ import annotations
+
+import math
+
+from .errors import FtwtError
+
+__all__ = ["GATE_MODES", "GT_RULE_NAMES", "FINETUNE_MODES", "SCHEDULES", "INTERPOLATIONS", "AUGMENTS", "AMP_MODES",
+           "check_r"]
+
+GATE_MODES = ("open", "predict", "oracle")                   # who decides the masks
+GT_RULE_NAMES = ("mass", "uniform")                          # ground truth: heatmap mass, or a fixed fraction
+FINETUNE_MODES = ("decoupled", "joint")
+SCHEDULES = ("cosine", "step", "constant")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+AUGMENTS = ("auto", "small", "imagenet", "none")             # training augmentation
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def check_r(r: float) -> float:
+    """r in (0, 1]: the heatmap mass to keep (the fraction of channels for the uniform rule)."""
+    if not isinstance(r, (int, float)) or isinstance(r, bool) or math.isnan(r) or not 0.0 < r <= 1.0:
+        raise FtwtError(f"r={r} is outside (0, 1]", "pass --r in (0, 1], e.g. --r 0.95 (1.0 drops only dead channels)")
+    return float(r)
