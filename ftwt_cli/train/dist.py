@@ -11,6 +11,7 @@ set without padding and gathers every sample exactly once.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List
@@ -42,10 +43,15 @@ def process_group(device: torch.device) -> Iterator[tuple]:
     """(Dist, device) for the length of a command: joins the process group under torchrun, and leaves it at the end
     (a process that exits with its group alive can abort in gloo's destructor)."""
     d, dev = setup(device)
+    ok = False
     try:
         yield d, dev
+        ok = True
     finally:
         if d.active and dist.is_initialized():
+            gc.collect()                # DDP's reducer (in reference cycles) goes before its process group
+            if ok:
+                dist.barrier()          # every process done with its collectives
             dist.destroy_process_group()
 
 
