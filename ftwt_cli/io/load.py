@@ -45,6 +45,8 @@ def load(path: str | Path, *, compact: bool = False, calibrate: bool = True, dev
         model = gated_from_meta(meta_from_export(path), read_weights(path))
     elif path.is_dir() or not path.exists():
         meta = read_meta(path)
+        if not (path / meta.files.weights).is_file():      # a training epoch committed meanwhile: its new state
+            meta = read_meta(path)
         model = gated_from_meta(meta, read_weights(path / meta.files.weights))
     else:
         raise FtwtError(f"{path} is neither a run directory nor an exported file",
