@@ -375,15 +375,26 @@ def fit_gates(run_dir: Path | str, data: str, cfg: Optional[FitGatesConfig] = No
     """Train only the gates on the frozen backbone (eval mode, no gradients), with predicted masks applied.
     ``resume`` continues an interrupted run with its own settings (``cfg`` may be None, or must agree with them).
     ``device``, ``amp`` and ``channels_last``: see ``train.device``."""
+    with _session("fit-gates", FitGatesConfig, run_dir, data, cfg, resume, val_split, train_samples, progress,
+                  tensorboard, device, amp, channels_last) as (ph, progress):
+        return _fit_gates(ph, progress)
+
+
+@contextlib.contextmanager
+def _session(phase: str, cls: type, run_dir, data: str, cfg, resume: bool, val_split: Optional[float],
+             train_samples: Optional[int], progress: Optional[Progress], tensorboard: bool, device: str, amp: str,
+             channels_last: Optional[bool]):
+    """One training command's surroundings: the process group joined (under torchrun), the run locked by rank 0,
+    the phase set up, logging on; yields (phase, the progress this process reports to)."""
     read_meta(run_dir)                                        # a missing or damaged run fails before the lock
     precision = resolve_precision(device, amp, channels_last)
     with process_group(precision.device) as (d, dev), \
-            run_lock(Path(run_dir), "ftwt fit-gates") if d.main else nullcontext():
-        precision = dataclasses.replace(precision, device=dev)
+            run_lock(Path(run_dir), f"ftwt {phase}") if d.main else nullcontext():
         progress = (progress or _Silent()) if d.main else _Silent()
-        ph = _Phase("fit-gates", FitGatesConfig, run_dir, data, cfg, resume, val_split, train_samples, progress, precision, d)
+        ph = _Phase(phase, cls, run_dir, data, cfg, resume, val_split, train_samples, progress,
+                    dataclasses.replace(precision, device=dev), d)
         with ph.logging(tensorboard):
-            return _fit_gates(ph, progress)
+            yield ph, progress
 
 
 def _fit_gates(ph: "_Phase", progress: Progress) -> TrainReport:
@@ -417,19 +428,13 @@ def finetune(run_dir: Path | str, data: str, cfg: Optional[FinetuneConfig] = Non
     ``dense_control`` trains the backbone with every gate open and no gate loss: the same extra training,
     without gating, for a fair accuracy comparison. ``resume``, ``device``, ``amp``, ``channels_last`` as for
     ``fit_gates``; ``sync_bn`` (under torchrun on GPUs) computes BatchNorm statistics over all processes' batches."""
-    read_meta(run_dir)
-    precision = resolve_precision(device, amp, channels_last)
-    with process_group(precision.device) as (d, dev), \
-            run_lock(Path(run_dir), "ftwt finetune") if d.main else nullcontext():
-        precision = dataclasses.replace(precision, device=dev)
-        progress = (progress or _Silent()) if d.main else _Silent()
-        ph = _Phase("finetune", FinetuneConfig, run_dir, data, cfg, resume, val_split, train_samples, progress, precision, d)
+    with _session("finetune", FinetuneConfig, run_dir, data, cfg, resume, val_split, train_samples, progress,
+                  tensorboard, device, amp, channels_last) as (ph, progress):
         if sync_bn:
-            if dev.type != "cuda":
+            if ph.precision.device.type != "cuda":
                 raise FtwtError("--sync-bn needs CUDA GPUs (SyncBatchNorm does not train on the CPU)", "drop --sync-bn")
             nn.SyncBatchNorm.convert_sync_batchnorm(ph.model)    # the gating hooks follow the new modules
-        with ph.logging(tensorboard):
-            return _finetune(ph, dense_control, progress)
+        return _finetune(ph, dense_control, progress)
 
 
 def _finetune(ph: "_Phase", dense_control: bool, progress: Progress) -> TrainReport:
