@@ -130,7 +130,10 @@ class _MaskHook(_Hook):
             forced = g._ctl.forced
             mask = forced[name] if forced is not None else rec.logits[name].detach() > 0
         rec.masks[name] = mask
-        return out * mask.to(out.dtype)[:, :, None, None]
+        m = mask.to(out.dtype)[:, :, None, None]
+        if not out.requires_grad and out.data_ptr() != args[0].data_ptr():
+            return out.mul_(m)      # nothing differentiates through it and it is not the module's input: no copy
+        return out * m
 
 
 class _PositionHook(_Hook):
