@@ -124,7 +124,7 @@ class _ActNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        acts = [nn.ReLU(inplace=True), nn.ReLU6(), nn.LeakyReLU(0.3), nn.Tanh(), nn.SiLU(), nn.Hardswish()]
+        acts = [nn.ReLU(inplace=True), nn.ReLU6(), nn.LeakyReLU(0.3), nn.Tanh(), nn.SiLU(inplace=True), nn.Hardswish()]
         self.layers = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), a) for a in acts)
         self.res = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
         self.head = nn.Conv2d(4, 2, 1)        # the model's output itself is never gated

@@ -100,21 +100,23 @@ class _MaskHook(_Hook):
     def _scores(self, out: torch.Tensor) -> torch.Tensor:
         """(B, C) float32 spatial max of |activation(unit output)|: what the ground truth ranks channels by.
 
-        For a monotone activation f the maximum of |f(y)| over a map is reached where y is largest or smallest,
-        so f on the (B, C) spatial max and min gives it exactly, without another pass over the full tensor;
-        for ReLU the max alone suffices. Other activations (SiLU, GELU, ...) run on the whole output."""
-        y = out.detach().float()
+        A maximum is exact in any dtype, so the spatial max and min are taken on the output as it is (bf16 under
+        autocast: no float32 copy of the whole map) and only the (B, C) results are made float32. For a monotone
+        activation f the maximum of |f(y)| over a map is reached where y is largest or smallest, so f on the spatial
+        max and min gives it exactly, without another pass over the full tensor; for ReLU the max alone suffices.
+        Other activations (SiLU, GELU, ...) run on a float32 copy of the whole output."""
+        y = out.detach()
         act = self.unit.act
-        if act is None:
-            return y.abs().amax(dim=(2, 3))
+        if act is None:                              # max |y| = max(max y, −min y), without an |y| copy
+            return torch.maximum(y.amax(dim=(2, 3)), y.amin(dim=(2, 3)).neg()).float()
         if act == "relu":
-            return y.amax(dim=(2, 3)).relu()
+            return y.amax(dim=(2, 3)).float().relu()
         module = self.owner.backbone.get_submodule(act)
         if isinstance(module, nn.ReLU):
-            return y.amax(dim=(2, 3)).relu()
+            return y.amax(dim=(2, 3)).float().relu()
         if isinstance(module, _MONOTONE):
-            return torch.maximum(module(y.amax(dim=(2, 3))).abs(), module(y.amin(dim=(2, 3))).abs())
-        return module(y.clone()).abs().amax(dim=(2, 3))       # on a copy: the activation may be in-place
+            return torch.maximum(module(y.amax(dim=(2, 3)).float()).abs(), module(y.amin(dim=(2, 3)).float()).abs())
+        return module(y.to(torch.float32, copy=True)).abs().amax(dim=(2, 3))   # a copy: the activation may be in-place
 
     def __call__(self, module: nn.Module, args, out: torch.Tensor):
         g, name, rec = self.owner, self.unit.name, self.owner._rec
