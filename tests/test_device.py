@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 import ftwt_cli
 from ftwt_cli.arch import trace_plan
-from ftwt_cli.attach import attach
 from ftwt_cli.cli import app
 from ftwt_cli.gating import GatedModel
 from ftwt_cli.io import read_meta
@@ -21,13 +20,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 FIT = dict(r=0.9, epochs=1, lr=0.05, batch_size=64, workers=0)
 
 
-@pytest.fixture
-def run(tmp_path):
-    torch.manual_seed(0)
-    p = tmp_path / "r18.pth"
-    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), p)
-    attach(p, arch="torchvision:resnet18", input_size=(3, 16, 16), run_dir=tmp_path / "run")
-    return tmp_path / "run"
 
 
 @pytest.mark.parametrize("device", DEVICES)

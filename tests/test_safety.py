@@ -35,19 +35,8 @@ def _tree(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def ckpt(tmp_path):
-    torch.manual_seed(0)
-    p = tmp_path / "r18.pth"
-    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), p)
-    return p
 
 
-@pytest.fixture
-def run(tmp_path, ckpt):
-    run = tmp_path / "run"
-    attach(ckpt, arch="torchvision:resnet18", input_size=(3, 16, 16), run_dir=run)
-    return run
 
 
 def _one_line_error(res, expect):

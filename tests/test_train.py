@@ -24,14 +24,6 @@ runner = CliRunner()
 FIT = dict(r=0.9, epochs=2, lr=0.05, batch_size=64, workers=0)
 
 
-@pytest.fixture
-def run(tmp_path):
-    torch.manual_seed(0)
-    p = tmp_path / "r18.pth"
-    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), p)
-    run = tmp_path / "run"
-    attach(p, arch="torchvision:resnet18", input_size=(3, 16, 16), run_dir=run)
-    return run
 
 
 def _gates(run):
