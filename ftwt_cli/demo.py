@@ -24,7 +24,7 @@ from .errors import FtwtError
 from .eval.evaluate import EvalReport, evaluate_run
 from .eval.report import write_report
 from .io.export import export
-from .io.rundir import atomic_write_text
+from .io.rundir import atomic_write_text, inside
 from .train.config import FinetuneConfig, FitGatesConfig
 from .train.loops import Progress, finetune, fit_gates
 
@@ -105,7 +105,7 @@ def run_demo(folder: Path | str = "ftwt-demo", *, data: Optional[str] = None, fo
         if not (folder / DEMO_MARKER).is_file():
             raise FtwtError(f"{folder} exists and was not made by `ftwt demo`; --force replaces only demo folders",
                             "choose another --dir, or move the folder away yourself")
-        if folder.resolve() == Path.cwd().resolve() or folder.resolve() in Path.cwd().resolve().parents:
+        if inside(Path.cwd(), folder):
             raise FtwtError(f"--dir {folder} is the current folder or holds it", "pass a subfolder, e.g. --dir ftwt-demo")
     s = demo_settings(data)
     cfg = DataConfig((3, 32, 32), (s.mean,) * 3, (s.std,) * 3, "bilinear", 1.0, "center")

@@ -22,8 +22,8 @@ from .options import (
     TrainSamples,
     ValSplit,
     Workers,
+    config_option,
     data_arg,
-    default_of,
     int_list,
     value,
 )
@@ -32,9 +32,8 @@ from .progress import EpochProgress
 __all__ = ["finetune_cli"]
 
 
-def _opt(help: str, name: str, type_=None):
-    """A finetune option whose --help shows FinetuneConfig's default."""
-    return typer.Option(help=help, show_default=default_of(FinetuneConfig, name))
+def _opt(help: str, name: str):
+    return config_option(FinetuneConfig, name, help)
 
 
 @command("finetune")

@@ -21,8 +21,8 @@ from .options import (
     TrainSamples,
     ValSplit,
     Workers,
+    config_option,
     data_arg,
-    default_of,
     value,
 )
 from .progress import EpochProgress
@@ -30,23 +30,21 @@ from .progress import EpochProgress
 __all__ = ["fit_gates_cli"]
 
 
+def _opt(help: str, name: str):
+    return config_option(FitGatesConfig, name, help)
+
+
 @command("fit-gates")
 def fit_gates_cli(
     data: DataOrRecipe = None,
-    r: Annotated[Optional[float], typer.Option(help="Heatmap-mass threshold in (0, 1]; 1 drops only dead channels.",
-                                               show_default=default_of(FitGatesConfig, "r"))] = None,
-    gt: Annotated[Optional[GtRule], typer.Option(help="Ground-truth rule (uniform keeps a fraction r per layer).",
-                                                 show_default=default_of(FitGatesConfig, "gt"))] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs.", show_default=default_of(FitGatesConfig, "epochs"))] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of the gates.",
-                                                show_default=default_of(FitGatesConfig, "lr"))] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Adam weight decay of the gates.",
-                                                          show_default=default_of(FitGatesConfig, "weight_decay"))] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size per process.",
-                                                      show_default=default_of(FitGatesConfig, "batch_size"))] = None,
+    r: Annotated[Optional[float], _opt("Heatmap-mass threshold in (0, 1]; 1 drops only dead channels.", "r")] = None,
+    gt: Annotated[Optional[GtRule], _opt("Ground-truth rule (uniform keeps a fraction r per layer).", "gt")] = None,
+    epochs: Annotated[Optional[int], _opt("Epochs.", "epochs")] = None,
+    lr: Annotated[Optional[float], _opt("Adam learning rate of the gates.", "lr")] = None,
+    weight_decay: Annotated[Optional[float], _opt("Adam weight decay of the gates.", "weight_decay")] = None,
+    batch_size: Annotated[Optional[int], _opt("Batch size per process.", "batch_size")] = None,
     workers: Workers = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for shuffling and augmentation.",
-                                                show_default=default_of(FitGatesConfig, "seed"))] = None,
+    seed: Annotated[Optional[int], _opt("Seed for shuffling and augmentation.", "seed")] = None,
     val_split: ValSplit = None,
     train_samples: TrainSamples = None,
     recipe: Recipe = None,

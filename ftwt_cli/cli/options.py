@@ -19,7 +19,7 @@ from ..settings import (
     SCHEDULES,
 )
 
-__all__ = ["GateMode", "GtRule", "FinetuneMode", "Schedule", "Interpolation", "Augment", "default_of", "Data", "Run", "Workers", "Seed", "BatchSize", "Recipe",
+__all__ = ["GateMode", "GtRule", "FinetuneMode", "Schedule", "Interpolation", "Augment", "default_of", "config_option", "Run", "Workers", "Recipe",
            "Resume", "ValSplit", "TrainSamples", "Device", "Amp", "ChannelsLast", "DATA_HELP", "value", "DataOrRecipe", "data_arg", "int_list"]
 
 DATA_HELP = "ImageFolder DIR, a CIFAR-10/100 folder, 'fashion-mnist' (or its idx folder), or 'digits'."
@@ -46,12 +46,17 @@ def default_of(cls, name: str) -> str:
     return "machine's default" if v is None and name == "workers" else ("the run's" if v is None else str(v))
 
 
+def config_option(cls, name: str, help: str):
+    """A typer option for a config field whose ``--help`` shows the field's default; the option itself defaults to None,
+    so that a recipe may set the field."""
+    return typer.Option(help=help, show_default=default_of(cls, name))
+
+
 def value(choice: Optional[Enum]) -> Optional[str]:
     """An enum option's string (None stays None: the recipe or the default decides)."""
     return None if choice is None else choice.value
 
 
-Data = Annotated[str, typer.Option(help=DATA_HELP)]
 DataOrRecipe = Annotated[Optional[str], typer.Option(help=DATA_HELP + " Default: the recipe's `data`.")]
 
 
@@ -79,8 +84,6 @@ def int_list(text: Optional[str], flag: str) -> Optional[list]:
 Run = Annotated[Path, typer.Option(help="Run directory.")]
 Workers = Annotated[Optional[int], typer.Option(min=0, help="DataLoader worker processes (default: 0 on a 2-core CPU, "
                                                              "else half the cores, at most 4).")]
-Seed = Annotated[Optional[int], typer.Option(help="Seed for shuffling and augmentation.")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Batch size.")]
 Recipe = Annotated[Optional[Path], typer.Option(help="YAML recipe; flags override it.")]
 ValSplit = Annotated[Optional[float], typer.Option(help="Hold out this fraction of DIR/CLASS images for validation.")]
 TrainSamples = Annotated[Optional[int], typer.Option(help="Train on a fixed random subset of this many images.")]

@@ -30,7 +30,7 @@ from ..errors import FtwtError
 from .meta import RUN_FORMAT, RunMeta
 
 __all__ = ["META_FILE", "WEIGHTS_FILE", "LOCK_FILE", "read_meta", "write_new_run", "commit", "run_lock", "is_run",
-           "atomic_write_bytes", "atomic_write_text", "save_weights", "read_weights", "require_run", "check_writable"]
+           "atomic_write_bytes", "atomic_write_text", "save_weights", "read_weights", "require_run", "check_writable", "inside"]
 
 META_FILE = "ftwt.json"
 WEIGHTS_FILE = "weights.safetensors"       # the weights of a run fresh from attach
@@ -207,7 +207,8 @@ def _clean_siblings(run_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies within it."""
     path, folder = Path(path).resolve(), Path(folder).resolve()
     return path == folder or folder in path.parents
 
@@ -248,13 +249,13 @@ def check_replaceable(run_dir: Path, *, force: bool, inputs: Sequence[Path] = ()
         return
     if not force:
         raise FtwtError(f"{run_dir} already exists", "pass --force to replace it, or choose another --run")
-    if _inside(Path.cwd(), run_dir):
+    if inside(Path.cwd(), run_dir):
         raise FtwtError(f"--run {run_dir} is the current folder or holds it", "pass a subfolder, e.g. --run ftwt-run")
     if not is_run(run_dir):
         raise FtwtError(f"{run_dir} exists and is not an ftwt run; --force replaces only runs ftwt wrote",
                         "choose another --run, or move the folder away yourself")
     for p in inputs:
-        if _inside(p, run_dir):
+        if inside(p, run_dir):
             raise FtwtError(f"{p} lies inside the run {run_dir} that --force would replace",
                             "copy it out of the run first, or choose another --run")
 
