@@ -17,10 +17,10 @@ from typing import Any
 
 __version__ = "0.2.0"
 
-__all__ = ["__version__", "load", "GatedModel", "Gate", "ForwardStats", "RunMeta", "FtwtError"]
+__all__ = ["__version__", "load", "load_static", "GatedModel", "Gate", "ForwardStats", "RunMeta", "FtwtError"]
 
 _WHERE = {"load": ".io", "RunMeta": ".io", "GatedModel": ".gating", "Gate": ".gating", "ForwardStats": ".gating",
-          "FtwtError": ".errors"}
+          "FtwtError": ".errors", "load_static": ".static"}
 
 
 def __getattr__(name: str) -> Any:

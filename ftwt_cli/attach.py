@@ -98,6 +98,7 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
     gateable unit. Input config precedence: the architecture's reference weights < what the checkpoint states (a
     timm train.py checkpoint's args, a pretrained_cfg, a hub config.json) < the arguments given here."""
     run_dir = Path(run_dir)
+    input_size = tuple(input_size) if input_size is not None else None
     check_replaceable(run_dir, force=force, inputs=[Path(checkpoint)])     # fail before any slow work
     ckpt = read_checkpoint(checkpoint, use_ema=use_ema, trust_pickle=trust_pickle)
     det = _arch_for(ckpt.state_dict, arch, ckpt.hub_config, ckpt.arch)

@@ -47,6 +47,14 @@ class DataSplits:
         """The validation split with the eval transform plus ``corruption`` on [0, 1] images."""
         return with_transform(self.val, build_transform(cfg, train=False, small=self.small, corruption=corruption))
 
+    def calibration(self, cfg: DataConfig, samples: int, seed: int = 0) -> Dataset:
+        """A fixed random subset of ``samples`` training images with the eval transform (no augmentation): what a
+        MACs budget or a static pruning criterion is measured on, never the validation split."""
+        ds = with_transform(self.train, build_transform(cfg, train=False, small=self.small))
+        if samples >= len(ds):
+            return ds
+        return Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:samples].tolist())
+
 
 def with_transform(ds: Dataset, transform: Callable) -> Dataset:
     """A shallow copy of ``ds`` (or of the dataset a Subset wraps) with another transform."""

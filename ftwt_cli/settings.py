@@ -8,7 +8,7 @@ import math
 from .errors import FtwtError
 
 __all__ = ["GATE_MODES", "GT_RULE_NAMES", "FINETUNE_MODES", "SCHEDULES", "INTERPOLATIONS", "AUGMENTS", "AMP_MODES",
-           "check_r"]
+           "STATIC_IMPORTANCES", "check_r", "check_cut"]
 
 GATE_MODES = ("open", "predict", "oracle")                   # who decides the masks
 GT_RULE_NAMES = ("mass", "uniform")                          # ground truth: heatmap mass, or a fixed fraction
@@ -17,6 +17,7 @@ SCHEDULES = ("cosine", "step", "constant")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 AUGMENTS = ("auto", "small", "imagenet", "none")             # training augmentation
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+STATIC_IMPORTANCES = ("l1", "l2", "taylor", "fpgm")          # Torch-Pruning's filter importance for static twins
 
 
 def check_r(r: float) -> float:
@@ -24,3 +25,10 @@ def check_r(r: float) -> float:
     if not isinstance(r, (int, float)) or isinstance(r, bool) or math.isnan(r) or not 0.0 < r <= 1.0:
         raise FtwtError(f"r={r} is outside (0, 1]", "pass --r in (0, 1], e.g. --r 0.95 (1.0 drops only dead channels)")
     return float(r)
+
+
+def check_cut(cut: float, flag: str = "--target-cut") -> float:
+    """A share of MACs to cut, in (0, 1)."""
+    if not isinstance(cut, (int, float)) or isinstance(cut, bool) or math.isnan(cut) or not 0.0 < cut < 1.0:
+        raise FtwtError(f"{flag} {cut} is outside (0, 1)", f"pass the share of MACs to cut, e.g. {flag} 0.4")
+    return float(cut)

@@ -120,3 +120,25 @@ def test_resume_under_torchrun_ends_where_an_uninterrupted_run_ends(runs, tmp_pa
     launch(one, "resume")
     a, b = ftwt_cli.load(two).state_dict(), ftwt_cli.load(one).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_sweep_under_torchrun_matches_its_points_and_rank_0_alone_writes(tmp_path):
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pth")
+    out = tmp_path / "sw"
+    (tmp_path / "fast.yaml").write_text("fit_gates: {lr: 0.05, batch_size: 32}\nfinetune: {batch_size: 32}\n")
+    p = torchrun(2, "sweep", str(tmp_path / "r18.pth"), "--data", "digits", "--rs", "0.9", "--target-cuts", "0.5",
+                 "--recipe", str(tmp_path / "fast.yaml"),
+                 "--static", "l1", "--fit-epochs", "2", "--finetune-epochs", "1", "--train-samples", "256", "--workers", "0",
+                 "--calib-samples", "128", "--device", "cpu", "--arch", "torchvision:resnet18", "--input-size", "3,16,16",
+                 "--out", str(out))
+    assert p.stdout.count("wrote sweep.json") == 1
+    pts = {q["name"]: q for q in json.loads((out / "sweep.json").read_text())["points"]}
+    assert all(q["status"] == "done" for q in pts.values()), pts
+    for name in ("dynamic-r0.9", "dynamic-cut0.5"):
+        assert abs(pts[f"static-l1-{name[8:]}"]["macs_mean"] - pts[name]["macs_mean"]) <= 0.01 * pts[name]["macs_mean"]
+    # the distributed evaluation the sweep recorded is the single-process one
+    single = evaluate_run(out / "dynamic-r0.9", "digits", device="cpu")
+    assert single.top1 == pts["dynamic-r0.9"]["top1"] and single.macs_mean == pytest.approx(pts["dynamic-r0.9"]["macs_mean"])
+    assert {q.name for q in out.iterdir()} == {"sweep.json", "sweep.md", "pareto.png", "dense", "dynamic-r0.9",
+                                               "static-l1-r0.9", "dynamic-cut0.5", "static-l1-cut0.5"}

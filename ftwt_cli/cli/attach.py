@@ -2,30 +2,35 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 from typing_extensions import Annotated
 
 from .application import command, console
-from .options import Augment, Interpolation, value
+from .options import (
+    Arch,
+    AugmentOpt,
+    CropPct,
+    Exclude,
+    GateShortcuts,
+    InChans,
+    Include,
+    InputSize,
+    InterpolationOpt,
+    Mean,
+    NumClasses,
+    Std,
+    TrustPickle,
+    UseEma,
+    attach_kwargs,
+)
 
 if TYPE_CHECKING:
     from ..attach import AttachReport
 
 __all__ = ["attach_cli", "print_attach_report"]
-
-
-def _floats(text: Optional[str], flag: str) -> Optional[List[float]]:
-    if text is None:
-        return None
-    from ..errors import FtwtError
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise FtwtError(f"{flag} {text} is not a comma-separated list of numbers", f"e.g. {flag} 0.485,0.456,0.406") from None
-
 
 
 def print_attach_report(r: "AttachReport") -> None:
@@ -59,31 +64,27 @@ def print_attach_report(r: "AttachReport") -> None:
 @command("attach")
 def attach_cli(
     checkpoint: Annotated[Path, typer.Argument(help="State dict (.pth/.pt/.bin), timm/Lightning checkpoint, .safetensors, or hub folder.")],
-    arch: Annotated[Optional[str], typer.Option(help="timm:NAME or torchvision:NAME (bare NAME tries both); detected when omitted.")] = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="Expected number of classes (checked against the head).")] = None,
-    in_chans: Annotated[Optional[int], typer.Option(help="Expected input channels (checked against the stem).")] = None,
-    input_size: Annotated[Optional[str], typer.Option(help="C,H,W the model sees, e.g. 3,224,224.")] = None,
-    mean: Annotated[Optional[str], typer.Option(help="Normalisation mean per channel, comma-separated.")] = None,
-    std: Annotated[Optional[str], typer.Option(help="Normalisation std per channel, comma-separated.")] = None,
-    interpolation: Annotated[Optional[Interpolation], typer.Option(help="Resize interpolation.", show_default="the checkpoint's, else the architecture's")] = None,
-    crop_pct: Annotated[Optional[float], typer.Option(help="Evaluation center-crop fraction in (0, 1] (ImageNet-like images).",
-                                                      show_default="the checkpoint's, else the architecture's")] = None,
-    augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation: small (pad-crop + flip), imagenet "
-                                                            "(random-resized-crop + flip), none, auto (by the images' size).",
-                                                       show_default="auto")] = None,
+    arch: Arch = None,
+    num_classes: NumClasses = None,
+    in_chans: InChans = None,
+    input_size: InputSize = None,
+    mean: Mean = None,
+    std: Std = None,
+    interpolation: InterpolationOpt = None,
+    crop_pct: CropPct = None,
+    augment: AugmentOpt = None,
     run: Annotated[Path, typer.Option(help="Run directory to create.")] = Path("ftwt-run"),
     force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow unpickling code (a whole saved nn.Module). Only for files you trust.")] = False,
-    use_ema: Annotated[bool, typer.Option(help="Take the EMA weights of a timm train.py checkpoint.")] = False,
-    include: Annotated[Optional[List[str]], typer.Option(help="Gate only layers matching this glob (repeatable).")] = None,
-    exclude: Annotated[Optional[List[str]], typer.Option(help="Do not gate layers matching this glob (repeatable).")] = None,
-    gate_shortcuts: Annotated[bool, typer.Option(help="Also gate 1×1 shortcut/downsample convs.")] = False,
+    trust_pickle: TrustPickle = False,
+    use_ema: UseEma = False,
+    include: Include = None,
+    exclude: Exclude = None,
+    gate_shortcuts: GateShortcuts = False,
 ) -> None:
     """Load a checkpoint, find its architecture and insert a decision gate before every gateable conv."""
-    from ..attach import attach, parse_input_size
-    report = attach(checkpoint, arch=arch, num_classes=num_classes, in_chans=in_chans,
-                    input_size=parse_input_size(input_size), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-                    run_dir=run, force=force, trust_pickle=trust_pickle, use_ema=use_ema,
-                    include=include or (), exclude=exclude or (), gate_shortcuts=gate_shortcuts,
-                    interpolation=value(interpolation), crop_pct=crop_pct, augment=value(augment))
+    from ..attach import attach
+    report = attach(checkpoint, run_dir=run, force=force, **attach_kwargs(
+        arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size, mean=mean, std=std,
+        interpolation=interpolation, crop_pct=crop_pct, augment=augment, trust_pickle=trust_pickle, use_ema=use_ema,
+        include=include, exclude=exclude, gate_shortcuts=gate_shortcuts))
     print_attach_report(report)

@@ -73,6 +73,9 @@ def evaluate_cli(
     data: Annotated[Optional[str], typer.Option(help=DATA_HELP + " Default: the data the run was trained on.")] = None,
     gates: Annotated[GateMode, typer.Option(help="Who decides the masks; oracle gives the r rule's reduction before training.")] = GateMode.predict,
     r: Annotated[Optional[float], typer.Option(help="r for --gates oracle (and for the agreement of predicted gates).")] = None,
+    target_cut: Annotated[Optional[float], typer.Option(
+        help="With --gates oracle, instead of --r: the r whose oracle masks cut this share of MACs on --calib-samples training images.")] = None,
+    calib_samples: Annotated[int, typer.Option(min=1, help="Training images --target-cut is measured on.")] = 2048,
     ood: Annotated[bool, typer.Option(help="Also evaluate under ImageNet-C-style corruptions at severities 1-5.")] = False,
     corruption: Annotated[Optional[List[str]], typer.Option(help="Only these corruptions (repeatable); implies --ood.")] = None,
     ood_data: Annotated[Optional[str], typer.Option(help="Another dataset with the same classes.")] = None,
@@ -88,8 +91,15 @@ def evaluate_cli(
     from ..eval.evaluate import evaluate_run
     from ..eval.report import write_report
     from ..io.rundir import check_writable, read_meta, run_lock
-    if gates == GateMode.oracle and r is None:
-        raise FtwtError("--gates oracle needs --r", "pass e.g. --r 0.95")
+    if target_cut is not None:
+        from ..settings import check_cut
+        check_cut(target_cut)
+        if gates != GateMode.oracle:
+            raise FtwtError("--target-cut applies to --gates oracle", "pass --gates oracle, or fit gates with `ftwt fit-gates --target-cut`")
+        if r is not None:
+            raise FtwtError("--r and --target-cut both given", "pass one of them")
+    if gates == GateMode.oracle and r is None and target_cut is None:
+        raise FtwtError("--gates oracle needs --r or --target-cut", "pass e.g. --r 0.95, or --target-cut 0.4")
     meta = read_meta(run)
     if data is None:
         trained = meta.training
@@ -107,7 +117,8 @@ def evaluate_cli(
         with (progress or _Null()):
             rep = evaluate_run(run, data, gates=gates.value, r=r, ood=ood, ood_data=ood_data, corruptions=corruption or (),
                                ood_samples=ood_samples or None, batch_size=batch_size, workers=workers,
-                               on_stage=_Stages(progress), device=device, amp=value(amp), channels_last=channels_last)
+                               on_stage=_Stages(progress), device=device, amp=value(amp), channels_last=channels_last,
+                               target_cut=target_cut, calib_samples=calib_samples)
         if not main:
             return
         for n in rep.notes:

@@ -38,6 +38,10 @@ def _opt(help: str, name: str):
 def fit_gates_cli(
     data: DataOrRecipe = None,
     r: Annotated[Optional[float], _opt("Heatmap-mass threshold in (0, 1]; 1 drops only dead channels.", "r")] = None,
+    target_cut: Annotated[Optional[float], typer.Option(
+        help="Instead of --r: the share of MACs to cut (e.g. 0.4); fit-gates first finds the r whose oracle masks cut it "
+             "on --calib-samples training images, then fits at that r.")] = None,
+    calib_samples: Annotated[Optional[int], _opt("Training images (eval transform) --target-cut is measured on.", "calib_samples")] = None,
     gt: Annotated[Optional[GtRule], _opt("Ground-truth rule (uniform keeps a fraction r per layer).", "gt")] = None,
     epochs: Annotated[Optional[int], _opt("Epochs.", "epochs")] = None,
     lr: Annotated[Optional[float], _opt("Adam learning rate of the gates.", "lr")] = None,
@@ -56,10 +60,17 @@ def fit_gates_cli(
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Train the decision gates on the frozen backbone (BCE against self-supervised heatmap-mass masks)."""
+    from ..errors import FtwtError
+    from ..settings import check_cut
+    if r is not None and target_cut is not None:
+        raise FtwtError("--r and --target-cut both given", "pass one: --r sets the rule, --target-cut finds the r that cuts that share")
+    if target_cut is not None:
+        check_cut(target_cut)
     from ..train.loops import fit_gates
     rec = load_recipe(recipe) if recipe else None
     cfg = resolve_config(FitGatesConfig, rec, "fit_gates",
-                         dict(r=r, gt=value(gt), epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, workers=workers, seed=seed), partial=resume)
+                         dict(r=r, gt=value(gt), epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, workers=workers,
+                              seed=seed, target_cut=target_cut, calib_samples=calib_samples), partial=resume)
     rep = fit_gates(run, data_arg(data, rec), cfg, resume=resume, val_split=val_split, train_samples=train_samples, progress=EpochProgress(), tensorboard=tensorboard,
                    device=device, amp=value(amp), channels_last=channels_last)
     f = rep.final

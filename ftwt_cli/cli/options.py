@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -17,10 +17,13 @@ from ..settings import (
     GT_RULE_NAMES,
     INTERPOLATIONS,
     SCHEDULES,
+    STATIC_IMPORTANCES,
 )
 
 __all__ = ["GateMode", "GtRule", "FinetuneMode", "Schedule", "Interpolation", "Augment", "default_of", "config_option", "Run", "Workers", "Recipe",
-           "Resume", "ValSplit", "TrainSamples", "Device", "Amp", "ChannelsLast", "DATA_HELP", "value", "DataOrRecipe", "data_arg", "int_list"]
+           "Resume", "ValSplit", "TrainSamples", "Device", "Amp", "ChannelsLast", "DATA_HELP", "value", "DataOrRecipe", "data_arg", "int_list",
+           "float_list", "Arch", "NumClasses", "InChans", "InputSize", "Mean", "Std", "InterpolationOpt", "CropPct", "AugmentOpt",
+           "TrustPickle", "UseEma", "Include", "Exclude", "GateShortcuts", "attach_kwargs", "StaticImportance"]
 
 DATA_HELP = "ImageFolder DIR, a CIFAR-10/100 folder, 'fashion-mnist' (or its idx folder), or 'digits'."
 
@@ -36,6 +39,7 @@ FinetuneMode = _choices("FinetuneMode", FINETUNE_MODES)
 Schedule = _choices("Schedule", SCHEDULES)
 Interpolation = _choices("Interpolation", INTERPOLATIONS)
 Augment = _choices("Augment", AUGMENTS)                        # auto: by the images' size; small; imagenet
+StaticImportance = _choices("StaticImportance", STATIC_IMPORTANCES)   # Torch-Pruning's filter importance
 
 
 def default_of(cls, name: str) -> str:
@@ -81,6 +85,49 @@ def int_list(text: Optional[str], flag: str) -> Optional[list]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise FtwtError(f"{flag} {text} is not a comma-separated list of epochs", f"e.g. {flag} 30,60") from None
+def float_list(text: Optional[str], flag: str, example: str = "0.485,0.456,0.406") -> Optional[list]:
+    """"0.9,0.8" → [0.9, 0.8]."""
+    from ..errors import FtwtError
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise FtwtError(f"{flag} {text} is not a comma-separated list of numbers", f"e.g. {flag} {example}") from None
+
+
+# attach's options: what `ftwt attach` and `ftwt sweep` take to read the user's checkpoint
+Arch = Annotated[Optional[str], typer.Option(help="timm:NAME or torchvision:NAME (bare NAME tries both); detected when omitted.")]
+NumClasses = Annotated[Optional[int], typer.Option(help="Expected number of classes (checked against the head).")]
+InChans = Annotated[Optional[int], typer.Option(help="Expected input channels (checked against the stem).")]
+InputSize = Annotated[Optional[str], typer.Option(help="C,H,W the model sees, e.g. 3,224,224.")]
+Mean = Annotated[Optional[str], typer.Option(help="Normalisation mean per channel, comma-separated.")]
+Std = Annotated[Optional[str], typer.Option(help="Normalisation std per channel, comma-separated.")]
+InterpolationOpt = Annotated[Optional[Interpolation], typer.Option(help="Resize interpolation.",
+                                                                   show_default="the checkpoint's, else the architecture's")]
+CropPct = Annotated[Optional[float], typer.Option(help="Evaluation center-crop fraction in (0, 1] (ImageNet-like images).",
+                                                  show_default="the checkpoint's, else the architecture's")]
+AugmentOpt = Annotated[Optional[Augment], typer.Option(help="Training augmentation: small (pad-crop + flip), imagenet "
+                                                            "(random-resized-crop + flip), none, auto (by the images' size).",
+                                                       show_default="auto")]
+TrustPickle = Annotated[bool, typer.Option(help="Allow unpickling code (a whole saved nn.Module). Only for files you trust.")]
+UseEma = Annotated[bool, typer.Option(help="Take the EMA weights of a timm train.py checkpoint.")]
+Include = Annotated[Optional[List[str]], typer.Option(help="Gate only layers matching this glob (repeatable).")]
+Exclude = Annotated[Optional[List[str]], typer.Option(help="Do not gate layers matching this glob (repeatable).")]
+GateShortcuts = Annotated[bool, typer.Option(help="Also gate 1×1 shortcut/downsample convs.")]
+
+
+def attach_kwargs(*, arch, num_classes, in_chans, input_size, mean, std, interpolation, crop_pct, augment, trust_pickle,
+                  use_ema, include, exclude, gate_shortcuts) -> dict:
+    """attach's options as ``ftwt_cli.attach.attach`` keyword arguments (JSON-ready: a sweep saves them)."""
+    from ..attach import parse_input_size
+    size = parse_input_size(input_size)
+    return dict(arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=list(size) if size else None,
+                mean=float_list(mean, "--mean"), std=float_list(std, "--std"), interpolation=value(interpolation),
+                crop_pct=crop_pct, augment=value(augment), trust_pickle=trust_pickle, use_ema=use_ema,
+                include=list(include or ()), exclude=list(exclude or ()), gate_shortcuts=gate_shortcuts)
+
+
 Run = Annotated[Path, typer.Option(help="Run directory.")]
 Workers = Annotated[Optional[int], typer.Option(min=0, help="DataLoader worker processes (default: 0 on a 2-core CPU, "
                                                              "else half the cores, at most 4).")]

@@ -172,8 +172,11 @@ def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[floa
                  ood_data: Optional[str] = None, corruptions: Sequence[str] = (), severities: Sequence[int] = (1, 2, 3, 4, 5),
                  ood_samples: Optional[int] = 2000, batch_size: int = 256, workers: Optional[int] = None,
                  on_stage: Optional[Callable[[str, int], Callable[[int], None]]] = None, device: str = "auto",
-                 amp: str = "auto", channels_last: Optional[bool] = None) -> EvalReport:
+                 amp: str = "auto", channels_last: Optional[bool] = None, target_cut: Optional[float] = None,
+                 calib_samples: int = 2048) -> EvalReport:
     """Accuracy, exact MACs and gate behaviour of a run on ``data``'s validation split (and shifts of it).
+    ``target_cut`` (oracle gates only): r is the one whose oracle masks cut that share of the MACs on
+    ``calib_samples`` training images (``eval.budget.find_r``).
     ``on_stage(label, samples)`` may return a per-batch callback for progress display. Under torchrun each process
     evaluates its shard and every process returns the whole report."""
     from ..train.device import resolve_precision
@@ -182,11 +185,11 @@ def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[floa
     precision = resolve_precision(device, amp, channels_last)
     with process_group(precision.device) as (d, dev):
         return _evaluate_run(run_dir, data, gates, r, ood, ood_data, corruptions, severities, ood_samples, batch_size,
-                             workers, on_stage, d, dataclasses.replace(precision, device=dev))
+                             workers, on_stage, d, dataclasses.replace(precision, device=dev), target_cut, calib_samples)
 
 
 def _evaluate_run(run_dir, data, gates, r, ood, ood_data, corruptions, severities, ood_samples, batch_size, workers,
-                  on_stage, d, precision) -> EvalReport:
+                  on_stage, d, precision, target_cut=None, calib_samples=2048) -> EvalReport:
     from torch.utils.data import Subset
 
     from ..data import check_classes, make_loader, open_data, size_note
@@ -204,6 +207,14 @@ def _evaluate_run(run_dir, data, gates, r, ood, ood_data, corruptions, severitie
     check_classes(meta.classes, splits)
     notes = tuple(n for n in (size_note(splits, cfg),) if n)
     stage = on_stage or (lambda label, n: None)
+    if target_cut is not None:
+        if gates != "oracle":
+            raise FtwtError("--target-cut applies to --gates oracle", "pass --gates oracle, or fit gates with `ftwt fit-gates --target-cut`")
+        from .budget import calibration_batches, find_r
+        choice = find_r(model, calibration_batches(splits.calibration(cfg, calib_samples), batch_size, workers, d), target_cut,
+                        precision=precision, dist=d)
+        r = choice.r
+        notes += (choice.describe(),)
 
     def run(mode: str, ds, label: str, agreement: bool = False) -> EvalResult:
         model.set_gates(mode, r=r if r is not None else model.r)

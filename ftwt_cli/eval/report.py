@@ -9,7 +9,7 @@ from typing import Dict, List
 from ..io.rundir import atomic_write_bytes, atomic_write_text
 from .evaluate import EvalReport
 
-__all__ = ["write_report", "report_markdown", "REPORT_FILES", "PLOT_FILES", "fmt_macs", "ood_summary"]
+__all__ = ["write_report", "report_markdown", "REPORT_FILES", "PLOT_FILES", "fmt_macs", "ood_summary", "png_bytes"]
 
 PLOT_FILES = ("keep_ratio.png", "macs_hist.png", "ood.png")
 REPORT_FILES = ("report.json", "report.md", *PLOT_FILES)
@@ -98,7 +98,7 @@ def _by_severity(rep: EvalReport):
     return out
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -119,7 +119,7 @@ def _plots(rep: EvalReport) -> Dict[str, bytes]:
     ax.set_ylabel("kept filters (mean ± std)")
     ax.set_title(f"{rep.arch}: keep ratio per gated layer ({rep.gates} gates)")
     ax.set_xticks(list(xs), [l.name for l in rep.layers], rotation=90, fontsize=6)
-    out["keep_ratio.png"] = _png(fig)
+    out["keep_ratio.png"] = png_bytes(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist([m / 1e6 for m in rep.macs_per_sample], bins=40, color="#55a868")
@@ -128,7 +128,7 @@ def _plots(rep: EvalReport) -> Dict[str, bytes]:
     ax.set_ylabel("samples")
     ax.legend()
     ax.set_title(f"per-sample MACs: mean {rep.reduction:.1%} below dense")
-    out["macs_hist.png"] = _png(fig)
+    out["macs_hist.png"] = png_bytes(fig)
 
     sev = _by_severity(rep)
     if sev:
@@ -145,7 +145,7 @@ def _plots(rep: EvalReport) -> Dict[str, bytes]:
         a2.set_ylabel("MACs per sample (M)")
         a2.legend()
         fig.suptitle("accuracy and compute under corruption (mean over corruptions)")
-        out["ood.png"] = _png(fig)
+        out["ood.png"] = png_bytes(fig)
     return out
 
 

@@ -35,7 +35,7 @@ from .gate import Gate, gate_key
 from .macs import MacsBreakdown, count_macs
 from .targets import GT_RULES, check_r, ground_truth, ground_truth_many
 
-__all__ = ["GatedModel", "ForwardStats", "GATE_MODES"]
+__all__ = ["GatedModel", "ForwardStats", "GATE_MODES", "model_macs"]
 
 # Activations that are monotone (non-decreasing): max |f(y)| over a map sits where y is largest or smallest.
 _MONOTONE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.Tanh, nn.Identity)
@@ -324,3 +324,15 @@ class GatedModel(nn.Module):
     def gate_macs_dense(self) -> int:
         """Cost of all gates when every input channel is active."""
         return sum(u.in_channels * u.out_channels for u in self.units)
+
+
+def model_macs(module: nn.Module, input_size: Sequence[int]) -> float:
+    """MACs of a plain model at ``input_size`` (C, H, W) in ftwt's count (conv and linear layers, per sample)."""
+    from ..arch.trace import trace_plan
+    was = module.training
+    g = GatedModel(module, trace_plan(module, tuple(input_size)), gated=[]).train(was)
+    try:
+        return float(g.dense_macs(tuple(input_size)).total[0])
+    finally:
+        g._remove_hooks()
+        module.train(was)

@@ -26,6 +26,7 @@ def export_metadata(meta: RunMeta, evaluation: Optional[Dict[str, Any]]) -> Dict
         "arch": json.dumps(d["arch"]), "source": json.dumps(d["source"]), "data_config": json.dumps(d["data_config"]),
         "gate_config": json.dumps(gate_config), "training": json.dumps(d["training"]), "evaluation": json.dumps(evaluation),
         "classes": json.dumps(d["classes"]), "environment": json.dumps(d["environment"]),
+        **({"static": json.dumps(d["static"])} if d.get("static") else {}),
     }
 
 
@@ -53,6 +54,7 @@ def meta_from_export(path: Path) -> RunMeta:
              "gating": {k: gate.get(k) for k in _GATE_KEYS}, "plan": gate["plan"],
              "training": json.loads(md.get("training", "{}")), "evaluation": json.loads(md.get("evaluation", "null")),
              "classes": json.loads(md.get("classes", "null")), "environment": json.loads(md.get("environment", "{}")),
+             "static": json.loads(md.get("static", "null")),
              "ftwt_version": md.get("ftwt_version", ""), "format": EXPORT_FORMAT, "format_version": FORMAT_VERSION}
     except (KeyError, json.JSONDecodeError) as e:
         raise FtwtError(f"{path} has incomplete ftwt metadata ({e})", "export it again with `ftwt export`") from None

@@ -20,6 +20,9 @@ __all__ = ["load", "gated_from_meta"]
 def gated_from_meta(meta: RunMeta, state_dict: Mapping[str, torch.Tensor]) -> GatedModel:
     a = meta.arch
     backbone = build_model(ArchSpec(a.source, a.name), a.num_classes, a.in_chans)
+    if meta.static is not None:            # a statically pruned model: its shapes from the pruning plan
+        from ..static.plan import PruningPlan, apply_plan
+        apply_plan(backbone, PruningPlan.from_dict(meta.static.plan))
     model = GatedModel(backbone, meta.plan, meta.gating.gated)
     sd = OrderedDict(state_dict)
     # safetensors keeps no module versions; the weights were saved from this very architecture, so its own apply

@@ -14,9 +14,9 @@ from ..arch.trace import Plan
 from ..errors import FtwtError
 
 __all__ = ["FORMAT_VERSION", "RUN_FORMAT", "environment", "RunFiles", "ArchInfo", "SourceInfo", "GatingInfo", "MacsInfo", "EvalSummary",
-           "TrainingRecord", "RunMeta"]
+           "TrainingRecord", "StaticInfo", "RunMeta"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: may hold a static model (``static``); 1 otherwise
 RUN_FORMAT = "ftwt-run"
 
 T = TypeVar("T")
@@ -115,6 +115,19 @@ class RunFiles:
 
 
 @dataclass
+class StaticInfo:
+    """A statically pruned model (a sweep's static twin): how it was pruned, and its pruning plan
+    (``static.PruningPlan.to_dict()``), which rebuilds its shapes from the source architecture."""
+    importance: str
+    target_macs: float                 # the MACs it was pruned to (a dynamic point's mean)
+    macs: float                        # its MACs (ftwt's count)
+    tp_macs: float                     # Torch-Pruning's count of its conv and linear layers
+    ratio: float                       # per-layer share of channels removed
+    source_macs: float                 # the unpruned model's MACs
+    plan: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RunMeta:
     arch: ArchInfo
     source: SourceInfo
@@ -129,17 +142,23 @@ class RunMeta:
     files: RunFiles = field(default_factory=RunFiles)
     classes: Optional[List[str]] = None            # class names in label order, once a command has seen data
     environment: Dict[str, str] = field(default_factory=dict)   # versions and device of the last command that wrote
+    static: Optional[StaticInfo] = None            # a statically pruned model (its plan); None for a gated run
     ftwt_version: str = ""
     format: str = RUN_FORMAT
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1            # written as 2 when the run holds a static model
 
     def to_dict(self) -> Dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["data_config"] = self.data_config.to_dict()
         d["plan"] = self.plan.to_dict()
-        for k in ("arch", "source", "gating", "macs", "last_eval", "files"):
+        for k in ("arch", "source", "gating", "macs", "last_eval", "files", "static"):
             d[k] = dataclasses.asdict(d[k]) if d[k] is not None else None
         d["training"] = {k: dataclasses.asdict(v) for k, v in self.training.items()}
+        if self.static is None:        # what 0.2.0 wrote: a release without static runs reads it
+            d.pop("static")
+            d["format_version"] = 1
+        else:                          # older releases refuse it with "upgrade ftwt"
+            d["format_version"] = 2
         return d
 
     @classmethod
@@ -165,4 +184,6 @@ class RunMeta:
         d["training"] = {k: _build(TrainingRecord, t, f"{where}: training.{k}") for k, t in (d.get("training") or {}).items()}
         if "files" in d:
             d["files"] = _build(RunFiles, d["files"], f"{where}: files")
+        if d.get("static") is not None:
+            d["static"] = _build(StaticInfo, d["static"], f"{where}: static")
         return _build(cls, d, where)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar
 
 from ..errors import FtwtError
-from ..settings import FINETUNE_MODES, GT_RULE_NAMES, SCHEDULES, check_r
+from ..settings import FINETUNE_MODES, GT_RULE_NAMES, SCHEDULES, check_cut, check_r
 
 __all__ = ["FitGatesConfig", "FinetuneConfig", "load_recipe", "resolve_config", "SCHEDULES", "FINETUNE_MODES"]
 
@@ -29,9 +29,16 @@ class FitGatesConfig:
     batch_size: int = 128
     workers: Optional[int] = None   # DataLoader processes; None: the machine's default (0 on a 2-core CPU)
     seed: int = 0
+    # instead of r: the share of MACs the oracle masks should cut on a calibration subset of the training data;
+    # fit-gates finds that r by bisection first and saves it as ``r``
+    target_cut: Optional[float] = None
+    calib_samples: int = 2048
 
     def validate(self) -> None:
         check_r(self.r)
+        if self.target_cut is not None:
+            check_cut(self.target_cut)
+        _positive(self, "calib_samples")
         if self.gt not in GT_RULE_NAMES:
             raise FtwtError(f"unknown ground-truth rule '{self.gt}'", f"use one of {', '.join(GT_RULE_NAMES)}")
         _positive(self, "epochs", "lr", "batch_size")

@@ -41,14 +41,16 @@ class Dist:
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[tuple]:
     """(Dist, device) for the length of a command: joins the process group under torchrun, and leaves it at the end
-    (a process that exits with its group alive can abort in gloo's destructor)."""
+    (a process that exits with its group alive can abort in gloo's destructor). Nested inside another
+    ``process_group`` (``ftwt sweep`` runs several commands in one job) it joins the outer group and leaves it alone."""
+    owned = not (dist.is_available() and dist.is_initialized())
     d, dev = setup(device)
     ok = False
     try:
         yield d, dev
         ok = True
     finally:
-        if d.active and dist.is_initialized():
+        if owned and d.active and dist.is_initialized():
             gc.collect()                # DDP's reducer (in reference cycles) goes before its process group
             if ok:
                 dist.barrier()          # every process done with its collectives

@@ -333,7 +333,7 @@ class _Phase:
         buf = io.BytesIO()
         torch.save({"phase": self.phase, "epoch": epoch, "config": dataclasses.asdict(self.cfg), "history": self.history,
                     "model": self.model.state_dict(), **self.extra_state,
-                    **{f"opt_{k}": o.state_dict() for k, o in optimizers.items() if k != "scaler"},
+                    **{f"opt_{k}": o.state_dict() for k, o in optimizers.items() if k != "scaler" and o is not None},
                     **({"scaler": scaler.state_dict()} if (scaler := optimizers.get("scaler")) is not None else {})}, buf)
         g = self.meta.gating
         if self.model.mode == "predict":
@@ -399,6 +399,10 @@ def _session(phase: str, cls: type, run_dir, data: str, cfg, resume: bool, val_s
 
 def _fit_gates(ph: "_Phase", progress: Progress) -> TrainReport:
     cfg, model = ph.cfg, ph.model
+    if not model.units:
+        raise FtwtError(f"{ph.run_dir} has no gates (a statically pruned model)", "fine-tune it with `ftwt finetune --dense-control`")
+    if cfg.target_cut is not None and ph.ck is None:     # on resume the r found before is in the saved config
+        cfg = ph.cfg = dataclasses.replace(cfg, r=_r_for_cut(ph, cfg, progress).r)
     model.set_gates("predict", r=cfg.r, gt=cfg.gt)
     model.backbone.requires_grad_(False)   # autograd then records only the gates: GAP → Linear
     net = ph.wrap()
@@ -418,6 +422,16 @@ def _fit_gates(ph: "_Phase", progress: Progress) -> TrainReport:
                 progress.step(sums.batches, m)
         ph.finish_epoch(epoch, sums, time.perf_counter() - t0, {"gates": opt, "scaler": scaler}, progress)
     return ph.report()
+
+
+def _r_for_cut(ph: "_Phase", cfg: FitGatesConfig, progress: Progress):
+    """The r whose oracle masks cut ``cfg.target_cut`` of the MACs on a calibration subset of the training data."""
+    from ..eval.budget import calibration_batches, find_r
+    ds = ph.data.calibration(ph.meta.data_config, cfg.calib_samples, cfg.seed)
+    batches = calibration_batches(ds, cfg.batch_size, cfg.workers, ph.dist)
+    choice = find_r(ph.model, batches, cfg.target_cut, precision=ph.precision, dist=ph.dist)
+    progress.note(choice.describe())
+    return choice
 
 
 def finetune(run_dir: Path | str, data: str, cfg: Optional[FinetuneConfig] = None, *, resume: bool = False,
@@ -442,16 +456,19 @@ def _finetune(ph: "_Phase", dense_control: bool, progress: Progress) -> TrainRep
     g = ph.meta.gating
     if dense_control:
         model.set_gates("open")
+    elif not model.units:
+        raise FtwtError(f"{ph.run_dir} has no gates (a statically pruned model)", "fine-tune it with --dense-control")
     else:
         if g.mode != "predict" and not ph.ck:
             raise FtwtError(f"the gates in {ph.run_dir} are not fitted yet", "run `ftwt fit-gates --data ...` first")
         model.set_gates("predict", r=cfg.r if cfg.r is not None else g.r or 0.95, gt=cfg.gt or g.gt or "mass")
     decoupled = cfg.mode == "decoupled"
     backbone_opt = torch.optim.SGD(model.backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    gate_opt = gate_optimizer(model, cfg.gate_lr)
+    gate_opt = gate_optimizer(model, cfg.gate_lr) if model.units else None     # a static model has no gates
     if ph.ck:
         backbone_opt.load_state_dict(ph.ck["opt_backbone"])
-        gate_opt.load_state_dict(ph.ck["opt_gates"])
+        if gate_opt is not None:
+            gate_opt.load_state_dict(ph.ck["opt_gates"])
     teacher = _teacher(ph) if cfg.distill > 0 else None
     scaler = ph.scaler()          # float16: one scaler for both optimisers, one update() a step
     if dense_control:
@@ -483,7 +500,8 @@ def _finetune(ph: "_Phase", dense_control: bool, progress: Progress) -> TrainRep
             # which DistributedDataParallel expects
             loss = task + (cfg.bce_weight if gates_learn else 0.0) * bce
             backbone_opt.zero_grad(set_to_none=True)
-            gate_opt.zero_grad(set_to_none=True)
+            if gate_opt is not None:
+                gate_opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(backbone_opt)

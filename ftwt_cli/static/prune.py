@@ -1,0 +1,135 @@
+"""Prune a copy of a model to a target number of MACs with Torch-Pruning (the static twin of a dynamic point).
+
+Torch-Pruning has no MACs target; its ImageNet recipe steps a pruner until its MACs count reaches one. Here the
+per-layer pruning ratio is found by a bracketed search instead (each try prunes a fresh copy once, at one ratio, layer by
+layer, the classifier's outputs left whole), so the result lands within ``tol`` of the target in ftwt's own MACs
+count rather than one step past it. Importance: L1 / L2 filter norms, first-order Taylor (|w · ∂L/∂w| on a
+calibration batch) or FPGM (distance to the geometric median), each over Torch-Pruning's coupled groups.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import FtwtError
+from ..settings import STATIC_IMPORTANCES
+from .plan import PruningPlan
+
+__all__ = ["IMPORTANCES", "StaticResult", "prune_to_macs", "prune_at_ratio"]
+
+IMPORTANCES = STATIC_IMPORTANCES
+MAX_RATIO = 0.95           # at most this share of a layer's channels is removed
+
+
+@dataclass(frozen=True)
+class StaticResult:
+    model: nn.Module       # the pruned copy, eval mode
+    plan: PruningPlan
+    macs: float            # ftwt's count (ptflops' aten convention)
+    tp_macs: float         # Torch-Pruning's own count of its conv and linear layers, for comparison
+    ratio: float           # the per-layer pruning ratio found
+    target_macs: float
+
+
+def _importance(name: str):
+    import torch_pruning as tp
+    if name not in IMPORTANCES:
+        raise FtwtError(f"unknown static importance '{name}'", f"use one of {', '.join(IMPORTANCES)}")
+    return {"l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+            "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+            "taylor": lambda: tp.importance.GroupTaylorImportance(),
+            "fpgm": lambda: tp.importance.FPGMImportance()}[name]()
+
+
+def prune_at_ratio(source: nn.Module, example: torch.Tensor, ratio: float, importance: str = "l1",
+                   ignored: Sequence[str] = (), calib: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                   ) -> Tuple[nn.Module, PruningPlan]:
+    """A pruned copy of ``source`` with ``ratio`` of every prunable group's channels removed, and its plan.
+    ``calib`` = (images, labels) for the Taylor importance's gradients."""
+    import torch_pruning as tp
+    model = copy.deepcopy(source).eval()
+    names = {m: n for n, m in model.named_modules()}
+    imp = _importance(importance)
+    entered: List[str] = []           # the layers the tracing forward reached: the last one is where it broke
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: entered.append(n)) for n, m in model.named_modules() if n]
+    try:
+        pruner = tp.pruner.BasePruner(model, example, importance=imp, pruning_ratio=ratio, max_pruning_ratio=MAX_RATIO,
+                                      ignored_layers=[model.get_submodule(n) for n in ignored], round_to=None,
+                                      global_pruning=False)
+    except Exception as e:
+        where = f" at layer {entered[-1]}" if entered else ""
+        raise FtwtError(f"Torch-Pruning cannot trace this model{where} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no message'})",
+                        "static twins need a model Torch-Pruning supports; the dynamic points do not") from None
+    finally:
+        for h in hooks:
+            h.remove()
+    if importance == "taylor":
+        if calib is None:
+            raise FtwtError("the taylor importance needs a calibration batch", "pass calib=(images, labels)")
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            F.cross_entropy(model(calib[0]), calib[1]).backward()
+    dg = pruner.DG
+    sizes = {}
+    for m, n in names.items():
+        if dg.get_pruner_of_module(m) is not None and m in dg.module2node:
+            sizes[n] = {"out": dg.get_out_channels(m), "in": dg.get_in_channels(m)}
+    layers = {}
+    for group in pruner.step(interactive=True):
+        for dep, idxs in group:
+            name = names.get(dep.target.module)
+            if name is None or name not in sizes:      # functional ops (add, reshape): nothing stored
+                continue
+            kind = "out" if dep.handler.__name__ == "prune_out_channels" else "in"
+            if sizes[name][kind] is None:
+                continue
+            drop = set(tp._helpers.to_plain_idxs(idxs) if idxs and isinstance(idxs[0], tp._helpers._HybridIndex) else idxs)
+            kept = layers.setdefault(name, {}).setdefault(kind, list(range(sizes[name][kind])))
+            layers[name][kind] = [k for i, k in enumerate(kept) if i not in drop]
+        group.prune()
+    model.zero_grad(set_to_none=True)
+    plan = PruningPlan(importance, layers, {n: {k: int(sizes[n][k]) for k in d} for n, d in layers.items()})
+    return model.eval(), plan
+
+
+def prune_to_macs(source: nn.Module, input_size: Tuple[int, int, int], target_macs: float, importance: str = "l1", *,
+                  ignored: Sequence[str] = (), calib: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                  tol: float = 0.005, count: Optional[Callable[[nn.Module], float]] = None) -> StaticResult:
+    """Search the per-layer pruning ratio until ftwt's MACs count of the pruned copy is within ``tol`` (relative)
+    of ``target_macs``; the closest try is returned if no ratio lands that close (channel counts are integers)."""
+    import torch_pruning as tp
+
+    from ..eval.budget import solve_monotone
+    from ..gating.model import model_macs
+    count = count or (lambda m: model_macs(m, input_size))
+    dev = next(source.parameters()).device
+    example = torch.zeros(1, *input_size, device=dev)
+    best: list = []              # the closest try so far: [ratio, model, plan, macs] (one pruned copy in memory)
+
+    def macs_at(ratio: float) -> float:
+        model, plan = prune_at_ratio(source, example, ratio, importance, ignored, calib)
+        macs = count(model)
+        if not best or abs(macs - target_macs) < abs(best[3] - target_macs):
+            best[:] = [ratio, model, plan, macs]
+        return macs
+
+    dense = count(source)
+    least = macs_at(MAX_RATIO)
+    if least > target_macs * (1 + tol):
+        raise FtwtError(f"static pruning cannot reach {target_macs / 1e6:.2f} M MACs: removing {MAX_RATIO:.0%} of every "
+                        f"layer's channels leaves {least / 1e6:.2f} M", "aim the dynamic point at a smaller cut (a larger r)")
+    if target_macs >= dense:
+        raise FtwtError(f"the static target {target_macs / 1e6:.2f} M MACs is not below the model's {dense / 1e6:.2f} M",
+                        "aim at fewer MACs than the dense model")
+    solve_monotone(macs_at, 0.0, MAX_RATIO, dense, least, target_macs, tol * target_macs, max_tries=24, x_tol=1e-4)
+    ratio, model, plan, macs = best
+    # Torch-Pruning's count restricted to conv and linear layers (its total also counts norms and activations)
+    _, _, per_layer, _ = tp.utils.count_ops_and_params(model, example, layer_wise=True)
+    tp_macs = sum(v for m, v in per_layer.items() if v and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)))
+    return StaticResult(model, plan, float(macs), float(tp_macs), float(ratio), float(target_macs))

@@ -1,0 +1,100 @@
+"""A sweep's table (``sweep.md``) and plot (``pareto.png``): top-1 against mean MACs per sample for the dense model,
+the dense control, the dynamic points (their oracle estimate drawn faintly) and their static twins."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from ..eval.report import fmt_macs, png_bytes
+from ..io.rundir import atomic_write_bytes, atomic_write_text
+
+__all__ = ["write_sweep_report", "sweep_markdown", "pareto_front", "SWEEP_FILES"]
+
+SWEEP_FILES = ("sweep.md", "pareto.png")
+
+
+def _pct(x: Optional[float]) -> str:
+    return "–" if x is None else f"{x:.2%}"
+
+
+def pareto_front(points: Sequence) -> List:
+    """The points no other point beats on both MACs (fewer) and top-1 (higher), by increasing MACs."""
+    done = sorted((p for p in points if p.top1 is not None and p.macs_mean is not None), key=lambda p: (p.macs_mean, -p.top1))
+    front, best = [], -1.0
+    for p in done:
+        if p.top1 > best:
+            front.append(p)
+            best = p.top1
+    return front
+
+
+def sweep_markdown(points: Sequence) -> str:
+    by = {p.name: p for p in points}
+    control = next((p for p in points if p.kind == "control" and p.status == "done"), None)
+    dense = by.get("dense")
+    lines = ["# Sweep", "",
+             "Top-1 on the validation split; MACs are exact means per sample (gates included for dynamic points, the "
+             "pruned network for static ones); cut is against the dense source model. *oracle*: the r rule's masks on "
+             "the source model before any training.", "",
+             "| point | kind | r | MACs | cut | top-1 | Δ vs control (pt) | oracle: MACs / top-1 | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        delta = "–" if control is None or p.top1 is None else f"{(p.top1 - control.top1) * 100:+.2f}"
+        oracle = "–" if p.oracle_macs is None else f"{fmt_macs(p.oracle_macs)} / {_pct(p.oracle_top1)}"
+        status = p.status if p.status != "failed" else f"failed: {p.error}"
+        lines.append(f"| {p.name} | {p.kind} | {'–' if p.r is None else f'{p.r:g}'} | "
+                     f"{'–' if p.macs_mean is None else fmt_macs(p.macs_mean)} | {_pct(p.cut)} | {_pct(p.top1)} | {delta} | "
+                     f"{oracle} | {status} |")
+    pairs = [(by[p.twin], p) for p in points if p.kind == "static" and p.twin in by]
+    pairs = [(d, s) for d, s in pairs if d.top1 is not None and s.top1 is not None]
+    if pairs:
+        lines += ["", "## Dynamic against static at equal MACs", "",
+                  "| dynamic point | static importance | MACs dynamic / static | top-1 dynamic | top-1 static | Δ dynamic − static (pt) |",
+                  "|---|---|---|---|---|---|"]
+        for d, s in pairs:
+            lines.append(f"| {d.name} | {s.importance} | {fmt_macs(d.macs_mean)} / {fmt_macs(s.macs_mean)} | {_pct(d.top1)} | {_pct(s.top1)} | "
+                         f"{(d.top1 - s.top1) * 100:+.2f} |")
+    if dense is not None and dense.top1 is not None:
+        lines += ["", f"Dense source model: top-1 {_pct(dense.top1)} at {fmt_macs(dense.macs_mean)}."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(points: Sequence) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    series = [("dynamic (FTWT)", [p for p in points if p.kind == "dynamic"], dict(color="tab:blue", marker="o"))]
+    colours, markers = ("tab:orange", "tab:red", "tab:purple", "tab:brown"), ("s", "^", "v", "P")
+    for i, imp in enumerate(sorted({p.importance for p in points if p.kind == "static"})):
+        series.append((f"static (Torch-Pruning, {imp})", [p for p in points if p.kind == "static" and p.importance == imp],
+                       dict(color=colours[i % 4], marker=markers[i % 4])))
+    for label, pts, st in series:
+        pts = sorted((p for p in pts if p.top1 is not None), key=lambda p: p.macs_mean)
+        if pts:
+            ax.plot([p.macs_mean / 1e6 for p in pts], [p.top1 * 100 for p in pts], linestyle="-", label=label, **st)
+    oracle = sorted((p for p in points if p.kind == "dynamic" and p.oracle_macs is not None), key=lambda p: p.oracle_macs)
+    if oracle:
+        ax.plot([p.oracle_macs / 1e6 for p in oracle], [p.oracle_top1 * 100 for p in oracle], color="tab:blue", alpha=0.3,
+                marker="o", markerfacecolor="none", linestyle="--", label="oracle estimate (before training)")
+    for kind, st in {"dense": dict(color="black", marker="*", markersize=12, label="dense source"),
+                     "control": dict(color="tab:green", marker="D", label="dense control")}.items():
+        for p in points:
+            if p.kind == kind and p.top1 is not None:
+                ax.plot([p.macs_mean / 1e6], [p.top1 * 100], linestyle="none", **st)
+    ax.set_xlabel("MACs per sample (M)")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return png_bytes(fig)
+
+
+def write_sweep_report(out: Path, points: Sequence) -> List[Path]:
+    """``sweep.md`` and ``pareto.png`` in ``out`` (atomically)."""
+    out = Path(out)
+    atomic_write_text(out / "sweep.md", sweep_markdown(points))
+    files = [out / "sweep.md"]
+    if any(p.top1 is not None for p in points):
+        atomic_write_bytes(out / "pareto.png", _plot(points))
+        files.append(out / "pareto.png")
+    return files

@@ -1,0 +1,85 @@
+"""ftwt sweep: dynamic points, static twins at equal MACs, the dense control; resumable, one line per bad input."""
+import json
+
+import pytest
+from helpers import StopAfter
+from typer.testing import CliRunner
+
+from ftwt_cli.cli import app
+from ftwt_cli.errors import FtwtError
+from ftwt_cli.sweep import Point, run_sweep
+from ftwt_cli.sweep.report import pareto_front, sweep_markdown
+from ftwt_cli.train.config import FinetuneConfig, FitGatesConfig
+
+runner = CliRunner()
+ATTACH = dict(arch="torchvision:resnet18", input_size=[3, 16, 16])
+
+
+@pytest.mark.integration
+def test_a_sweep_runs_resumes_and_keeps_finished_points_when_one_fails(ckpt, tmp_path):
+    out = tmp_path / "sweep"
+    kw = dict(rs=[0.9], target_cuts=[0.999], static="l1", dense_control=True, attach_options=ATTACH,
+              fit_cfg=FitGatesConfig(epochs=2, batch_size=64, workers=0, calib_samples=64),
+              finetune_cfg=FinetuneConfig(epochs=1, batch_size=64, workers=0), train_samples=256, device="cpu")
+    with pytest.raises(KeyboardInterrupt):            # Ctrl-C after the first fit-gates epoch of the first dynamic point
+        run_sweep(ckpt, "digits", out, progress=StopAfter(1), **kw)
+    doc = json.loads((out / "sweep.json").read_text())
+    assert [p["status"] for p in doc["points"]][:2] == ["done", "pending"]
+    events = []
+    with pytest.raises(FtwtError, match="cannot be reached"):     # the 0.999 cut fails at the end, after the others ran
+        run_sweep(ckpt, "digits", out, on_event=events.append, **kw)
+    assert "dynamic-r0.9: fit-gates (resuming after epoch 1)" in events and "dense: attach" not in events
+    doc = json.loads((out / "sweep.json").read_text())
+    pts = {p["name"]: p for p in doc["points"]}
+    assert {k: p["status"] for k, p in pts.items()} == {"dense": "done", "dynamic-r0.9": "done", "static-l1-r0.9": "done",
+                                                          "dynamic-cut0.999": "failed", "static-l1-cut0.999": "failed",
+                                                          "control": "done"}
+    dyn, st, ctl = pts["dynamic-r0.9"], pts["static-l1-r0.9"], pts["control"]
+    for p in (dyn, st, ctl, pts["dense"]):
+        assert {"kind", "r", "macs_mean", "top1", "run"} <= set(p) and 0 <= p["top1"] <= 1
+    assert dyn["kind"] == "dynamic" and dyn["r"] == 0.9 and dyn["macs_mean"] < pts["dense"]["macs_mean"]
+    assert abs(st["macs_mean"] - dyn["macs_mean"]) <= 0.01 * dyn["macs_mean"]       # equal MACs, within 1%
+    assert abs(st["tp_macs"] - st["macs_mean"]) <= 0.01 * st["macs_mean"]
+    assert ctl["macs_mean"] == pts["dense"]["macs_mean"]
+    assert "cannot be reached" in pts["dynamic-cut0.999"]["error"] and "Fix: pass --target-cut between" in pts["dynamic-cut0.999"]["error"]
+    # every point is a run of its own; the static twin and the control were fine-tuned with the dynamic point's budget
+    for name in ("dynamic-r0.9", "static-l1-r0.9", "control"):
+        meta = json.loads((out / name / "ftwt.json").read_text())
+        assert meta["training"]["finetune"]["config"]["epochs"] == 1
+        assert meta["training"]["finetune"]["config"]["lr"] == FinetuneConfig().lr
+    assert (out / "pareto.png").stat().st_size > 1000 and "Δ dynamic − static" in (out / "sweep.md").read_text()
+    # a third run re-does only what failed
+    events.clear()
+    with pytest.raises(FtwtError):
+        run_sweep(ckpt, "digits", out, on_event=events.append, **kw)
+    assert not any(e.startswith(("dynamic-r0.9", "static-l1-r0.9", "control", "dense")) for e in events)
+
+
+def test_sweep_bad_input_is_one_line_and_writes_nothing(ckpt, tmp_path):
+    out = tmp_path / "sw"
+    for args, text in ((["--rs", "1.2"], "--rs value 1.2"), (["--rs", ""], "no dynamic point"), (["--rs", "a,b"], "comma-separated"),
+                       (["--rs", "0.9", "--target-cuts", "1"], "--target-cuts 1.0 is outside"),
+                       (["--rs", "0.9", "--static", "magic"], "'magic' is not one of")):
+        res = runner.invoke(app, ["sweep", str(ckpt), "--data", "digits", "--out", str(out), *args])
+        assert res.exit_code == 2 and res.output.startswith("error: ") and text in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1
+    assert not out.exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(FtwtError, match="holds no sweep"):
+        run_sweep(ckpt, "digits", tmp_path / "mine", rs=[0.9], attach_options=ATTACH)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_the_report_pairs_each_dynamic_point_with_its_static_twin():
+    pts = [Point("dense", "dense", status="done", top1=0.92, macs_mean=100.0, dense_macs=100.0),
+           Point("dynamic", "dynamic-r0.9", r=0.9, status="done", top1=0.91, macs_mean=60.0, dense_macs=100.0, oracle_macs=55.0,
+                 oracle_top1=0.5),
+           Point("static", "static-l1-r0.9", r=0.9, twin="dynamic-r0.9", importance="l1", status="done", top1=0.905,
+                 macs_mean=60.3, dense_macs=100.0),
+           Point("control", "control", status="done", top1=0.925, macs_mean=100.0, dense_macs=100.0)]
+    md = sweep_markdown(pts)
+    assert "| dynamic-r0.9 | 60.00 M / 60.30 M" not in md        # MACs are printed in M: tiny here
+    assert "| dynamic-r0.9 |" in md and "+0.50 |" in md and "40.00%" in md and "-1.50" in md
+    front = [p.name for p in pareto_front(pts)]
+    assert front[0] == "dynamic-r0.9" and "static-l1-r0.9" not in front
