@@ -48,11 +48,14 @@ def test_a_sweep_runs_resumes_and_keeps_finished_points_when_one_fails(ckpt, tmp
         assert meta["training"]["finetune"]["config"]["epochs"] == 1
         assert meta["training"]["finetune"]["config"]["lr"] == FinetuneConfig().lr
     assert (out / "pareto.png").stat().st_size > 1000 and "Δ dynamic − static" in (out / "sweep.md").read_text()
-    # a third run re-does only what failed
+    # a third run re-does only what failed; with bench, finished points get their latency at batch 1
     events.clear()
     with pytest.raises(FtwtError):
-        run_sweep(ckpt, "digits", out, on_event=events.append, **kw)
+        run_sweep(ckpt, "digits", out, on_event=events.append, bench=True, **kw)
     assert not any(e.startswith(("dynamic-r0.9", "static-l1-r0.9", "control", "dense")) for e in events)
+    pts = {p["name"]: p for p in json.loads((out / "sweep.json").read_text())["points"]}
+    assert all(pts[n]["latency_ms"] > 0 for n in ("dense", "dynamic-r0.9", "static-l1-r0.9", "control"))
+    assert "latency, batch 1 (ms)" in (out / "sweep.md").read_text()
 
 
 def test_sweep_bad_input_is_one_line_and_writes_nothing(ckpt, tmp_path):

@@ -56,6 +56,7 @@ def sweep_cli(
     static: Annotated[Optional[StaticImportance], typer.Option(help="Also a static twin per dynamic point: Torch-Pruning "
                                                                     "with this filter importance, pruned to the point's mean MACs.")] = None,
     dense_control: Annotated[bool, typer.Option(help="Also the source fine-tuned with the same budget, every gate open.")] = False,
+    bench: Annotated[bool, typer.Option(help="Also each point's median latency at batch 1 on this machine (as `ftwt bench`).")] = False,
     recipe: Recipe = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for shuffling and augmentation (every point).")] = None,
     workers: Workers = None,
@@ -117,17 +118,18 @@ def sweep_cli(
     points = run_sweep(checkpoint, data_arg(data, rec), out, rs=r_list, target_cuts=cut_list, static=value(static),
                        dense_control=dense_control, attach_options=opts, fit_cfg=fit, finetune_cfg=ft, val_split=val_split,
                        train_samples=train_samples, device=device, amp=value(amp), on_event=say,
-                       progress=EpochProgress() if main else None)
+                       progress=EpochProgress() if main else None, bench=bench)
     if not main:
         return
     from rich.table import Table
 
     from ..eval.report import fmt_macs
     t = Table(title=f"sweep in {out}")
-    for c in ("point", "r", "MACs", "cut", "top-1"):
+    for c in ("point", "r", "MACs", "cut", "top-1") + (("ms, batch 1",) if bench else ()):
         t.add_column(c, justify="left" if c == "point" else "right")
     for p in points:
         t.add_row(p.name, "–" if p.r is None else f"{p.r:g}", "–" if p.macs_mean is None else fmt_macs(p.macs_mean),
-                  "–" if p.cut is None else f"{p.cut:.1%}", "–" if p.top1 is None else f"{p.top1:.2%}")
+                  "–" if p.cut is None else f"{p.cut:.1%}", "–" if p.top1 is None else f"{p.top1:.2%}",
+                  *((("–" if p.latency_ms is None else f"{p.latency_ms:.2f}"),) if bench else ()))
     console.print(t)
     console.print(f"wrote sweep.json, sweep.md and pareto.png into {out}", markup=False, highlight=False, soft_wrap=True)

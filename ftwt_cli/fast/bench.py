@@ -84,7 +84,8 @@ def bench(model: GatedModel, x: torch.Tensor, *, masks: Optional[Mapping[str, to
     try:
         gated = copy.deepcopy(model).eval().set_gates("predict")
         dense = model.plain_backbone()        # the plain source network: no gates, no hooks
-        compact = make_compact(gated, calibrate=calibrate, input_size=tuple(x.shape[1:]))
+        # a model without gates (a static twin) has nothing to compact: only its dense rows are timed
+        compact = make_compact(gated, calibrate=calibrate, input_size=tuple(x.shape[1:])) if model.units else None
         folded = folded_backbone(model)
 
         def masked():
@@ -94,16 +95,16 @@ def bench(model: GatedModel, x: torch.Tensor, *, masks: Optional[Mapping[str, to
         stats = gated.last_stats
         keep = float(torch.stack([m.float().mean() for m in stats.masks.values()]).mean()) if stats.masks else 1.0
         rows = []
-        for name, fn, macs in (("dense", lambda: dense(x), stats.dense_macs),
-                               ("dense-folded", lambda: folded(x), stats.dense_macs),
-                               ("masked", masked, float(stats.macs.mean())),
-                               ("compact", lambda: compact(x, masks), float(stats.macs.mean()))):
+        variants = [("dense", lambda: dense(x), stats.dense_macs), ("dense-folded", lambda: folded(x), stats.dense_macs)]
+        if compact is not None:
+            variants += [("masked", masked, float(stats.macs.mean())), ("compact", lambda: compact(x, masks), float(stats.macs.mean()))]
+        for name, fn, macs in variants:
             p50, p90 = _timeit(fn, warmup, reps)
             rows.append(BenchRow(name, p50, p90, macs))
         counts: Dict[str, int] = {}
-        for s in compact.strategies.values():
+        for s in (compact.strategies.values() if compact is not None else ()):
             counts[s] = counts.get(s, 0) + 1
         return BenchReport(str(model.meta.arch) if model.meta is not None else "?", x.shape[0], tuple(x.shape[1:]),
-                           torch.get_num_threads(), keep, tuple(rows), counts, len(compact.chains))
+                           torch.get_num_threads(), keep, tuple(rows), counts, len(compact.chains) if compact is not None else 0)
     finally:
         torch.set_num_threads(old_threads)

@@ -32,19 +32,22 @@ def sweep_markdown(points: Sequence) -> str:
     by = {p.name: p for p in points}
     control = next((p for p in points if p.kind == "control" and p.status == "done"), None)
     dense = by.get("dense")
+    bench = any(getattr(p, "latency_ms", None) is not None for p in points)
     lines = ["# Sweep", "",
              "Top-1 on the validation split; MACs are exact means per sample (gates included for dynamic points, the "
              "pruned network for static ones); cut is against the dense source model. *oracle*: the r rule's masks on "
              "the source model before any training.", "",
-             "| point | kind | r | MACs | cut | top-1 | Δ vs control (pt) | oracle: MACs / top-1 | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| point | kind | r | MACs | cut | top-1 | Δ vs control (pt) | oracle: MACs / top-1 |"
+             + (" latency, batch 1 (ms) |" if bench else "") + " status |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if bench else "") + "---|"]
     for p in points:
         delta = "–" if control is None or p.top1 is None else f"{(p.top1 - control.top1) * 100:+.2f}"
         oracle = "–" if p.oracle_macs is None else f"{fmt_macs(p.oracle_macs)} / {_pct(p.oracle_top1)}"
         status = p.status if p.status != "failed" else f"failed: {p.error}"
         lines.append(f"| {p.name} | {p.kind} | {'–' if p.r is None else f'{p.r:g}'} | "
                      f"{'–' if p.macs_mean is None else fmt_macs(p.macs_mean)} | {_pct(p.cut)} | {_pct(p.top1)} | {delta} | "
-                     f"{oracle} | {status} |")
+                     f"{oracle} |" + (f" {'–' if p.latency_ms is None else f'{p.latency_ms:.2f}'} |" if bench else "")
+                     + f" {status} |")
     pairs = [(by[p.twin], p) for p in points if p.kind == "static" and p.twin in by]
     pairs = [(d, s) for d, s in pairs if d.top1 is not None and s.top1 is not None]
     if pairs:

@@ -11,7 +11,6 @@ input is recorded with its reason and the others still run; the first such error
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from contextlib import nullcontext
@@ -62,19 +61,12 @@ class Point:
     oracle_top1: Optional[float] = None
     target_macs: Optional[float] = None    # static: what it was pruned to
     tp_macs: Optional[float] = None        # static: Torch-Pruning's count of its conv and linear layers
+    latency_ms: Optional[float] = None     # with bench: median latency at batch 1 on this machine (``ftwt bench``)
     seconds: float = 0.0
 
     @property
     def cut(self) -> Optional[float]:
         return None if self.macs_mean is None or not self.dense_macs else 1.0 - self.macs_mean / self.dense_macs
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _name(x: float) -> str:
@@ -126,10 +118,12 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
               static: Optional[str] = None, dense_control: bool = False, attach_options: Optional[Dict[str, Any]] = None,
               fit_cfg=None, finetune_cfg=None, val_split: Optional[float] = None, train_samples: Optional[int] = None,
               device: str = "auto", amp: str = "auto", on_event: Optional[Callable[[str], None]] = None,
-              progress=None) -> List[Point]:
+              progress=None, bench: bool = False) -> List[Point]:
     """Run (or continue) the sweep in ``out``; returns its points. ``fit_cfg`` / ``finetune_cfg``: resolved
     ``FitGatesConfig`` / ``FinetuneConfig`` shared by every point (their r / target cut set per point; finetune
-    ``epochs`` 0 skips finetuning). Under torchrun every process calls this; rank 0 alone writes."""
+    ``epochs`` 0 skips finetuning). ``bench``: also each point's median latency at batch 1 (``ftwt bench``: the
+    compact path with the gates' decisions for dynamic points, the BN-folded network for the others), on rank 0.
+    Under torchrun every process calls this; rank 0 alone writes."""
     from ..train.config import FinetuneConfig, FitGatesConfig
     from ..train.device import resolve_precision
     from ..train.dist import barrier, process_group
@@ -149,7 +143,8 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
     fit_cfg.validate()
     if finetune_cfg.epochs:
         finetune_cfg.validate()
-    settings = SweepSettings(str(checkpoint), _sha256(checkpoint) if checkpoint.is_file() else "", data,
+    from ..io.checkpoints import sha256_file
+    settings = SweepSettings(str(checkpoint), sha256_file(checkpoint) if checkpoint.is_file() else "", data,
                              dict(attach_options or {}), {k: v for k, v in dataclasses.asdict(fit_cfg).items() if k not in ("r", "target_cut")},
                              dataclasses.asdict(finetune_cfg), val_split, train_samples)
     emit = on_event or (lambda text: None)
@@ -159,29 +154,33 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
         if prior is not None:
             old = prior.get("settings", {})
             now = json.loads(json.dumps(dataclasses.asdict(settings)))
-            diff = [k for k in now if old.get(k) != now[k]]
+            diff = [k for k in now if old.get(k) != now[k]
+                    and not (k == "checkpoint" and now["checkpoint_sha256"] and old.get("checkpoint_sha256") == now["checkpoint_sha256"])]
             if diff:
                 raise FtwtError(f"{out} holds a sweep with other settings ({', '.join(diff)} differ)",
                                 "re-run it with the same checkpoint, data and options, or pass another --out")
         elif out.exists() and any(out.iterdir()):
             raise FtwtError(f"{out} exists and holds no sweep", "pass a new or empty --out folder")
-        done = {p["name"]: _point_from(p) for p in (prior or {}).get("points", [])}
-        points = planned_points(rs, target_cuts, static, dense_control)
-        # keep earlier points the new command does not list (a sweep grows); the listed ones in their order
-        listed = {p.name for p in points}
-        points = [done[n] for n in done if n not in listed] + [done.get(p.name) if done.get(p.name) and done[p.name].status == "done"
-                                                               else p for p in points]
+        # a sweep grows: earlier points stay in their order (finished ones as they are, unfinished ones listed again start
+        # afresh from their run's state); new points follow in the order planned
+        before = [_point_from(p) for p in (prior or {}).get("points", [])]
+        planned = {p.name: p for p in planned_points(rs, target_cuts, static, dense_control)}
+        listed = set(planned)
+        points = [q if q.status == "done" or q.name not in planned else planned[q.name] for q in before] + \
+                 [p for n, p in planned.items() if n not in {q.name for q in before}]
         barrier(d)                            # every process has read the folder before rank 0 writes to it
         if d.main:
             out.mkdir(parents=True, exist_ok=True)
         barrier(d)
         from ..io.rundir import run_lock
         with run_lock(out, "ftwt sweep") if d.main else nullcontext():
-            ctx = _Ctx(checkpoint, data, out, settings, fit_cfg, finetune_cfg, device, amp, d, emit, progress)
+            ctx = _Ctx(checkpoint, data, out, settings, fit_cfg, finetune_cfg, device, amp, d, emit, progress, bench)
             if d.main:
                 _write(out, settings, points)
             first_error: Optional[FtwtError] = None
             for p in points:
+                if p.status == "done" and bench and p.latency_ms is None and d.main:
+                    ctx.bench(p)              # a finished point gets the latency column it lacks
                 if p.status == "done" or p.name not in listed:
                     continue
                 t0 = time.perf_counter()
@@ -198,6 +197,7 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
                 barrier(d)
             if d.main:
                 from .report import write_sweep_report
+                _write(out, settings, points)
                 write_sweep_report(out, points)
         if first_error is not None:
             raise first_error
@@ -225,10 +225,20 @@ def _on_rank0(d, fn: Callable[[], Any]) -> None:
 class _Ctx:
     """What every point's steps need."""
 
-    def __init__(self, checkpoint, data, out, settings, fit_cfg, ft_cfg, device, amp, d, emit, progress) -> None:
+    def __init__(self, checkpoint, data, out, settings, fit_cfg, ft_cfg, device, amp, d, emit, progress, bench=False) -> None:
         self.checkpoint, self.data, self.out, self.settings = checkpoint, data, out, settings
         self.fit_cfg, self.ft_cfg, self.device, self.amp, self.d, self.emit = fit_cfg, ft_cfg, device, amp, d, emit
-        self.progress = progress
+        self.progress, self.with_bench = progress, bench
+
+    def bench(self, p: Point) -> None:
+        """Median latency at batch 1 of the point's model on one validation image (``fast.bench``)."""
+        from ..data import make_loader, open_data
+        from ..fast.bench import bench
+        from ..io.load import load
+        model = load(p.run)
+        x, _ = next(iter(make_loader(open_data(self.data, model.meta.data_config, **self._split()).val, 1, train=False, workers=0)))
+        rep = bench(model, x, warmup=5, reps=30)
+        p.latency_ms = rep.row("compact" if p.kind == "dynamic" else "dense-folded").p50_ms
 
     def _attach(self, run: Path) -> None:
         """The source checkpoint as a new run (rank 0), unless the run is there already."""
@@ -300,6 +310,9 @@ class _Ctx:
         self.emit(f"{p.name}: evaluate")
         res = self._evaluate(run, "predict" if p.kind == "dynamic" else "open")
         p.top1, p.top5, p.macs_mean = res.top1, res.top5, res.macs_mean
+        if self.with_bench and self.d.main:
+            self.emit(f"{p.name}: bench")
+            self.bench(p)
         p.dense_macs = by_name["dense"].dense_macs if p.kind != "dense" and by_name["dense"].dense_macs else res.dense_macs
 
     def _static_run(self, run: Path, p: Point) -> None:
