@@ -72,7 +72,7 @@ def main() -> int:
     ap.add_argument("--rs", default="0.95,0.92,0.9,0.86")
     ap.add_argument("--static", default="l1")
     ap.add_argument("--importance-check", type=float, default=None, help="also taylor and fpgm twins at this r (first seed)")
-    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (2: as RESULTS.md; 0 makes each epoch ~2× slower here)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite SWEEP.md from the finished sweeps")
     ap.add_argument("--out", default=str(HERE / "SWEEP.md"))
     args = ap.parse_args()
@@ -118,10 +118,12 @@ def main() -> int:
             continue
         by = {p["name"]: p for p in pts}
         pts = [p for p in pts if p["kind"] != "static" or p["importance"] == args.static]
+        ctl = by.get("control", {}).get("top1")
         lines += [f"## Seed {seed}", "",
                   f"Dense source: top-1 {by['dense']['top1']:.2%} at {by['dense']['macs_mean'] / 1e6:.2f} M MACs; dense control "
-                  f"(4 epochs): {by['control']['top1']:.2%}." if by.get("control", {}).get("top1") is not None else "", "",
-                  *table(pts, args.static), ""]
+                  + (f"(4 epochs): {ctl:.2%}." if ctl is not None else "not run yet."), "",
+                  *table(pts, args.static), "",
+                  "Points not finished: " + (", ".join(p["name"] for p in pts if p["status"] != "done") or "none") + ".", ""]
     both = [s for s in results if results[s]]
     if len(both) > 1:
         lines += ["## Mean over seeds", "", "| r | mean MACs cut (dynamic / static) | mean Δ dynamic − static (pt) | per seed |", "|---|---|---|---|"]
