@@ -22,11 +22,11 @@ from .. import __version__
 from ..errors import FtwtError
 from ..settings import STATIC_IMPORTANCES, check_cut, check_r
 
-__all__ = ["SweepSettings", "Point", "run_sweep", "SWEEP_FILE", "SWEEP_FORMAT_VERSION"]
+__all__ = ["SweepSettings", "Point", "run_sweep", "planned_points", "SWEEP_FILE", "SWEEP_FORMAT_VERSION", "KINDS"]
 
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT_VERSION = 1
-KINDS = ("dense", "control", "dynamic", "static")
+KINDS = ("dense", "control", "dynamic", "static")     # Point.kind
 
 
 @dataclass
@@ -44,7 +44,7 @@ class SweepSettings:
 
 @dataclass
 class Point:
-    kind: str                              # dense | control | dynamic | static
+    kind: str                              # one of KINDS
     name: str                              # its run directory under the sweep folder
     r: Optional[float] = None              # dynamic: the rule's r (found from target_cut if given); static: its twin's
     target_cut: Optional[float] = None
