@@ -104,11 +104,10 @@ def sweep_cli(
     )
     rec = load_recipe(recipe) if recipe else None
     fit = resolve_config(FitGatesConfig, rec, "fit_gates", dict(epochs=fit_epochs, seed=seed, workers=workers, calib_samples=calib_samples))
-    ft_epochs = finetune_epochs
-    ft = resolve_config(FinetuneConfig, rec, "finetune", dict(epochs=ft_epochs or None, seed=seed, workers=workers))
-    if ft_epochs == 0:
-        import dataclasses
-        ft = dataclasses.replace(ft, epochs=0)
+    # 0 (no finetune) is not a valid FinetuneConfig epoch count, so it is set after validation
+    ft = resolve_config(FinetuneConfig, rec, "finetune", dict(epochs=finetune_epochs or None, seed=seed, workers=workers))
+    if finetune_epochs == 0:
+        ft.epochs = 0
     opts = attach_kwargs(arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size, mean=mean, std=std,
                          interpolation=interpolation, crop_pct=crop_pct, augment=augment, trust_pickle=trust_pickle,
                          use_ema=use_ema, include=include, exclude=exclude, gate_shortcuts=gate_shortcuts)
