@@ -1,12 +1,13 @@
 """Real speed-up of the compact path at ImageNet resolution on this CPU (batch 1), for ResNet-18, ResNet-34 and
-MobileNetV2, with oracle masks replayed at r ∈ {0.97, 0.95, 0.92} on real images.
+MobileNetV2 (conv units), and ViT-Tiny, DeiT-Small and ConvNeXt-Tiny (MLP units: ``--models
+timm:vit_tiny_patch16_224,...``), with oracle masks replayed at r ∈ {0.97, 0.95, 0.92} on real images.
 
 No ImageNet weights or images can be fetched here, so: images are Fashion-MNIST test images resized to 224 px
 (real, but grayscale); ResNet-18 uses the Fashion-MNIST-trained weights of benchmarks/fashion_mnist.py when
 present, the others random-init torchvision weights (BN statistics at init). Keep ratios therefore differ from
 an ImageNet-trained model's; each row reports the keep ratio and MACs ratio it was measured at.
 
-    python benchmarks/speedup.py [--threads N] [--reps 30]   → writes benchmarks/SPEEDUP.md
+    python benchmarks/speedup.py [--threads N] [--reps 30] [--models ...] [--out FILE]   → benchmarks/SPEEDUP.md
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ HERE = Path(__file__).resolve().parent
 
 def model_for(name: str):
     torch.manual_seed(0)
+    if ":" in name:                    # any registry name, e.g. timm:vit_tiny_patch16_224 (random init)
+        from ftwt_cli.arch import build_model, parse_arch
+        return build_model(parse_arch(name)).eval(), "random init"
     ckpt = HERE / "_work" / "resnet18-fashion-mnist.pth"
     if name == "resnet18" and ckpt.exists():
         m = torchvision.models.resnet18(num_classes=10)
@@ -44,6 +48,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--models", default="resnet18,resnet34,mobilenet_v2")
     ap.add_argument("--rs", default="0.97,0.95,0.92")
+    ap.add_argument("--out", default=str(HERE / "SPEEDUP.md"))
     args = ap.parse_args()
     cfg = DataConfig((3, 224, 224), (0.286,) * 3, (0.353,) * 3, "bilinear", 1.0, "center")
     images = open_data("fashion-mnist", cfg).val
@@ -76,7 +81,7 @@ def main() -> int:
                          f"{rep.latency_ratio:.3f} | {rep.latency_ratio / rep.macs_ratio:.2f} | {'met' if ok else 'missed'} | "
                          f"{', '.join(f'{k} {v}' for k, v in sorted(rep.strategies.items()))} | {rep.chains} |")
             print(lines[-1], flush=True)
-    (HERE / "SPEEDUP.md").write_text("\n".join(lines) + "\n")
+    Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -39,10 +39,11 @@ def baseline(epochs: int) -> Path:
     return ckpt
 
 
-def sweep(ckpt: Path, out: Path, rs: str, seed: int, static: str, workers: int, extra=()) -> list:
+def sweep(ckpt: Path, out: Path, rs: str, seed: int, static: str, workers: int, extra=(),
+          arch: str = "torchvision:resnet18") -> list:
     cmd = [sys.executable, "-m", "ftwt_cli", "sweep", str(ckpt), "--recipe", str(HERE.parent / "recipes" / "resnet18-fashion-mnist.yaml"),
            "--rs", rs, "--static", static, "--dense-control", "--seed", str(seed), "--workers", str(workers), "--device", "cpu",
-           "--arch", "torchvision:resnet18", "--input-size", "3,32,32", "--mean", MEAN, "--std", STD, "--out", str(out), *extra]
+           "--arch", arch, "--input-size", "3,32,32", "--mean", MEAN, "--std", STD, "--out", str(out), *extra]
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=False)
     return json.loads((out / "sweep.json").read_text())["points"]

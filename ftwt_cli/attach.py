@@ -19,16 +19,19 @@ from .arch.registry import (
 )
 from .arch.trace import trace_plan
 from .errors import FtwtError
+from .gating.macs import gated_share
 from .gating.model import GatedModel
 from .io.checkpoints import read_checkpoint
 from .io.meta import ArchInfo, GatingInfo, MacsInfo, RunMeta, SourceInfo, environment
 from .io.rundir import check_replaceable, write_new_run
 
-__all__ = ["attach", "AttachReport", "LayerRow", "parse_input_size", "MIN_GATEABLE_SHARE"]
+__all__ = ["attach", "AttachReport", "LayerRow", "parse_input_size", "MIN_GATEABLE_SHARE", "LOW_GATEABLE_SHARE"]
 
-# Below this share of the model's MACs in gateable convs, gating cannot pay (a ViT's patch embedding holds
-# 0–4%, ConvNeXt's depthwise convs 3–7%); CNNs hold 40–99% even at small inputs.
-MIN_GATEABLE_SHARE = 0.25
+# Below this share of the model's MACs in gateable convs and MLPs, gating cannot pay for its gates (a model whose MLPs
+# are all gated GLUs: EVA-02 2%). CNNs hold 40–99% even at small inputs; a ViT's MLPs about 60%; efficient hybrids
+# (LeViT, TinyViT, MambaOut) 14–24%, where attach warns that the saving is capped at that share.
+MIN_GATEABLE_SHARE = 0.10
+LOW_GATEABLE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,9 @@ class LayerRow:
     out_channels: int
     kernel: Tuple[int, int]
     groups: int
-    dense_macs: float
+    dense_macs: float          # the MACs the unit's mask scales: its conv, or an MLP's fc1 and fc2
     gate_macs: int
+    kind: str = "conv"         # "conv" | "mlp"
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class AttachReport:
     alternatives: Tuple[str, ...] = ()
     data_config: Optional[DataConfig] = None
     input_source: str = ""     # where the input config came from
+    gated_share: float = 1.0   # share of the dense MACs that gating scales (gateable convs, MLP fc1 and fc2)
 
 
 def parse_input_size(text: Optional[str]) -> Optional[Tuple[int, int, int]]:
@@ -125,20 +130,21 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
                         "pass a larger --input-size") from None
     units = _select(plan.units, include, exclude)
     if not plan.units:
-        raise FtwtError(f"{det.arch} has nothing gateable: no Conv2d followed only by BatchNorm/activation feeds a later layer "
-                        "(ftwt gates CNN convolutions; transformers are not supported)", "use a convolutional architecture")
+        raise FtwtError(f"{det.arch} has nothing gateable: no Conv2d followed only by BatchNorm/activation feeds a later layer, "
+                        "and no fc1 → activation → fc2 MLP runs on tokens", "use a model built from convolutions or MLP blocks")
     if not units:
         raise FtwtError("--include/--exclude left no layer to gate", "loosen the patterns (they match layer names, e.g. 'layer*.conv*')")
 
     gated = GatedModel(model, plan, [u.name for u in units]).eval()
     dense = gated.dense_macs(dc.input_size)
-    share = sum(float(dense.per_op[u.name][0]) for u in plan.units if u.name in dense.per_op) / float(dense.total[0])
+    share = gated_share(plan.units, dense.per_op, float(dense.total[0]))
     if share < MIN_GATEABLE_SHARE:
         raise FtwtError(f"{det.arch} has nothing worth gating: only {share:.0%} of its MACs are in gateable convolutions "
-                        "(ftwt gates CNN convolutions; transformers and the like are not supported)", "use a convolutional architecture")
+                        "and MLPs (attention and other layers stay dense)", "use a model whose compute is in convolutions or MLP blocks")
 
     rows = tuple(LayerRow(u.name, u.in_channels, u.out_channels, tuple(u.kernel), u.groups,
-                          float(dense.per_op[u.name][0]), u.in_channels * u.out_channels) for u in units)
+                          sum(float(dense.per_op[n][0]) for n in (u.name, u.reader) if n in dense.per_op),
+                          u.in_channels * u.out_channels, u.kind) for u in units)
     meta = RunMeta(
         arch=ArchInfo(det.arch.source, det.arch.name, nc, det.in_chans),
         source=SourceInfo(str(ckpt.path), ckpt.sha256, ckpt.fmt),
@@ -157,4 +163,5 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
                         {n: w for n, w in plan.rejected.items()} | {u.name: "excluded by --include/--exclude" for u in plan.units if u not in units},
                         det.alternatives, dc,
                         "from the flags" if any(v is not None for v in (input_size, mean, std, interpolation, crop_pct, augment))
-                        else "as the checkpoint states" if ckpt.input_config else "the architecture's reference config")
+                        else "as the checkpoint states" if ckpt.input_config else "the architecture's reference config",
+                        share)

@@ -39,14 +39,12 @@ class MacsMeter:
 
     def _end_hook(self, conv):
         def hook(m, args, out):
-            self.out_active[conv] = out.flatten(2).ne(0).any(2)
+            self.out_active[conv] = _active(out, isinstance(m, nn.Linear))
         return hook
 
     def _op_hook(self, op):
         def hook(m, args, out):
-            x = args[0]
-            a_in = x.flatten(2).ne(0).any(2) if x.dim() > 2 else x.ne(0)
-            self.pending.append((op, a_in, out))
+            self.pending.append((op, _active(args[0], op.kind == "linear"), out))
         return hook
 
     def run(self, x):
@@ -59,7 +57,7 @@ class MacsMeter:
         for op, a_in, out in self.pending:
             a_out = self.out_active.get(op.name, torch.ones(B, op.out_channels, dtype=torch.bool)) if op.name in gated and self.g.mode != "open" \
                 else torch.ones(B, op.out_channels, dtype=torch.bool)
-            pos = out[0, 0].numel() if op.kind == "conv" else 1
+            pos = out.numel() // (B * op.out_channels)      # H·W, or tokens (Swin folds windows into dim 0)
             cin, cout = op.in_channels // op.groups, op.out_channels // op.groups
             for b in range(B):
                 for grp in range(op.groups):
@@ -68,7 +66,15 @@ class MacsMeter:
                     total[b] += i * o * op.kernel_area * pos
                 if op.name in gated and self.g.mode != "open":
                     total[b] += int(a_in[b].sum()) * op.out_channels     # the gate: GAP → Linear on the same input
-        return total
+        # attention's matrix products (dense, no weights to hook): the model's own per-size figure
+        return total + self.g.attention_macs(tuple(x.shape[1:]))
+
+
+def _active(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """(B, C) bool: channels (features) that are non-zero somewhere in the sample."""
+    if t.dim() == 2:
+        return t.ne(0)
+    return t.flatten(1, -2).ne(0).any(1) if channels_last else t.flatten(2).ne(0).any(2)
 
 
 class StopAfter:

@@ -117,9 +117,23 @@ def test_trust_pickle_loads_a_whole_module(tmp_path):
     assert res.exit_code == 0, res.output
 
 
-def test_transformer_is_refused(tmp_path):
+def test_vit_attaches_its_mlps_without_arch(tmp_path):
     import timm
     p = tmp_path / "vit.pth"
     torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=5).state_dict(), p)
-    res = runner.invoke(app, ["attach", str(p), "--arch", "timm:vit_tiny_patch16_224", "--run", str(tmp_path / "r")])
+    res = runner.invoke(app, ["attach", str(p), "--run", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "r" / "ftwt.json").read_text())
+    assert meta["format_version"] == 2            # releases without MLP units refuse it with "upgrade ftwt"
+    units = meta["plan"]["units"]
+    assert [u["name"] for u in units if u.get("kind") == "mlp"] == [f"blocks.{i}.mlp.fc1" for i in range(12)]
+    assert meta["plan"]["attention_macs"] == 12 * 3 * 2 * 197 * 197 * 64     # QKᵀ and AV, 3 heads of 64
+
+
+def test_model_with_only_glu_mlps_is_refused(tmp_path):
+    import timm
+    p = tmp_path / "eva.pth"
+    torch.save(timm.create_model("eva02_tiny_patch14_224", num_classes=5).state_dict(), p)
+    res = runner.invoke(app, ["attach", str(p), "--arch", "timm:eva02_tiny_patch14_224", "--run", str(tmp_path / "r")])
     assert res.exit_code == 2 and "nothing worth gating" in res.stderr
+    assert not (tmp_path / "r").exists()

@@ -1,7 +1,7 @@
 """Every supported architecture: gates attach, open gates reproduce the source exactly, MACs add up."""
 import pytest
 import torchvision
-from arch_coverage import TIMM_FAMILIES, TIMM_SAMPLE, TORCHVISION_SAMPLE, check_arch
+from arch_coverage import TIMM_FAMILIES, TIMM_SAMPLE, TIMM_TRANSFORMERS, TORCHVISION_SAMPLE, check_arch
 
 from ftwt_cli.attach import MIN_GATEABLE_SHARE
 
@@ -21,24 +21,19 @@ def test_timm_sample(name):
     _assert_ok(check_arch(f"timm:{name}"))
 
 
-@pytest.mark.parametrize("arch", ["timm:vit_tiny_patch16_224"])
-def test_transformers_are_refused_not_crashed(arch):
+@pytest.mark.parametrize("arch", ["timm:vit_tiny_patch16_224", "torchvision:convnext_tiny"])
+def test_transformers_attach_through_their_mlps(arch):
     r = check_arch(arch)
-    assert not r.ok and r.note.startswith("refused")
+    _assert_ok(r)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
 def test_every_torchvision_classifier(name):
-    # Transformers and ConvNeXt (depthwise convs, but linear MLPs hold 93-97% of its MACs) are refused by design.
-    if name.startswith(("vit_", "swin", "convnext")):
-        r = check_arch(f"torchvision:{name}", (3, 224, 224) if not name.startswith("convnext") else None)
-        assert not r.ok and r.note.startswith("refused")
-        return
-    _assert_ok(check_arch(f"torchvision:{name}", (3, 224, 224) if name.startswith("maxvit") else None))
+    _assert_ok(check_arch(f"torchvision:{name}"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in TIMM_FAMILIES if not n.startswith("vit_")])
+@pytest.mark.parametrize("name", list(dict.fromkeys(TIMM_FAMILIES + TIMM_TRANSFORMERS)))
 def test_timm_families(name):
     _assert_ok(check_arch(f"timm:{name}"))

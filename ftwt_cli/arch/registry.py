@@ -195,9 +195,9 @@ def head_and_stem(model: nn.Module, arch: ArchSpec) -> Tuple[Optional[str], Opti
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if arch.source == "timm":
         c = cfg.get("classifier")
-        head = c[0] if isinstance(c, (tuple, list)) else c
+        head = (c[0] if c else None) if isinstance(c, (tuple, list)) else c      # timm may state an empty list
         stem = cfg.get("first_conv")
-        stem = stem[0] if isinstance(stem, (tuple, list)) else stem
+        stem = (stem[0] if stem else None) if isinstance(stem, (tuple, list)) else stem
     names = dict(model.named_modules())
     if head not in names:
         lin = [n for n, m in names.items() if isinstance(m, nn.Linear)]
@@ -316,14 +316,10 @@ def _same_function(matches: list, sd: Mapping[str, torch.Tensor], hint: Optional
     for arch, (nc, ic) in matches:
         model = build_model(arch, nc, ic).eval()
         model.load_state_dict(sd, strict=False)
-        size = resolve_data_config(arch, model, ic).input_size
-        x = torch.randn(1, ic, *(min(s, 64) if not _fixed_size(arch) else s for s in size[1:]),
-                        generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            outs.append(model(x))
+        outs.append(_probe(model, ic, resolve_data_config(arch, model, ic).input_size, _fixed_size(arch)))
     groups: List[List[int]] = []          # candidates that compute the same function, by their first member
     for i, o in enumerate(outs):
-        same = next((g for g in groups if o.shape == outs[g[0]].shape and torch.allclose(
+        same = next((g for g in groups if o is not None and outs[g[0]] is not None and o.shape == outs[g[0]].shape and torch.allclose(
             o, outs[g[0]], rtol=1e-4, atol=1e-5 * float(outs[g[0]].abs().max()))), None)
         same.append(i) if same is not None else groups.append([i])
     if len(groups) == 1:
@@ -331,6 +327,20 @@ def _same_function(matches: list, sd: Mapping[str, torch.Tensor], hint: Optional
     names = " | ".join(" = ".join(str(matches[i][0]) for i in g) for g in groups)
     raise FtwtError(f"the weights fit {len(matches)} architectures that compute {len(groups)} different functions "
                     f"({names})", f"pass --arch, e.g. --arch {matches[0][0]}")
+
+
+def _probe(model: nn.Module, in_chans: int, size: Sequence[int], fixed: bool) -> Optional[torch.Tensor]:
+    """The model's output on one seeded random image: at most 64 px (fast), else at its reference size (models built
+    for one size); None if it runs at neither."""
+    sizes = [tuple(size[1:])] if fixed else list(dict.fromkeys([tuple(min(s, 64) for s in size[1:]), tuple(size[1:])]))
+    for hw in sizes:
+        x = torch.randn(1, in_chans, *hw, generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.no_grad():
+                return model(x)
+        except Exception:       # e.g. a patch grid fixed at the reference size
+            continue
+    return None
 
 
 def _fixed_size(arch: ArchSpec) -> bool:

@@ -7,6 +7,13 @@ autograd graph (the approach of Torch-Pruning's DependencyGraph). From it we der
   read only by an activation with f(0)=0 (optional). The mask goes on the last module of conv→norm; the
   activation keeps masked channels at zero because f(0)=0. Convs that no conv/linear reads downstream
   (classifier convs) are not gateable; 1×1 shortcut convs are marked so callers can skip them.
+* MLP units (``kind="mlp"``): a Linear (fc1) on tokens, channels last — (B, N, C) for a ViT, (B, H, W, C) for
+  ConvNeXt or Swin — whose output is read only by an activation with f(0)=0, whose output (through dropout or
+  identities, which leave no autograd node in eval mode) is read only by a Linear (fc2). The hidden units are the
+  filters: the mask goes on fc1's output, so the activation and fc2 see exact zeros. Gated GLU/SwiGLU MLPs (fc1's
+  output split, or the activation multiplied by a second branch) are refused with the reason.
+* attention's matrix products (``bmm``, ``scaled_dot_product_attention``, a ``mm`` of two activations): their
+  MACs per sample at the traced size (``attention_macs``); they stay dense.
 * for every conv/linear (and every gate), a sparsity expression saying which channels of the tensor it
   reads are structurally zero: the mask of a unit, carried through activations, pooling, padding and
   products, concatenated by ``cat``, sliced by ``split``; a sum is zero only where all its terms are.
@@ -24,7 +31,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["Unit", "MacOp", "Plan", "trace_plan", "Expr", "expr_width"]
+__all__ = ["Unit", "MacOp", "Plan", "trace_plan", "attention_macs", "Expr", "expr_width"]
 
 # An expression is a JSON-friendly nested list: ["dense", width] | ["unit", name, width] | ["cat", [e, ...]]
 # | ["slice", e, start, stop] | ["any", [e, ...]] (active where any term is) | ["all", [e, ...]]
@@ -43,6 +50,10 @@ _ZERO_PRESERVING = {
 }
 _RESHAPES = {"ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward0",
              "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "UnsqueezeBackward0", "FlattenBackward0"}
+# One mask per sample needs the samples in dim 0 (the trace runs one image, so dim 0 must be 1 there).
+_FOLDED = "runs on heads or windows folded into the batch dim: one mask per sample cannot reach them"
+# Functional activations (f(0)=0) between fc1 and fc2 of an MLP, by autograd node, as GatedModel names them.
+_FUNCTIONAL_ACTS = {"GeluBackward0": "gelu", "ReluBackward0": "relu", "SiluBackward0": "silu"}
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
                 nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Identity, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
 
@@ -73,6 +84,8 @@ class Unit:
     groups: int
     in_expr: Expr                 # sparsity of the conv's (and gate's) input
     shortcut: bool = False        # a 1×1 conv on a residual shortcut
+    kind: str = "conv"            # "conv" (channels at dim 1) | "mlp" (a Linear on tokens, channels last)
+    reader: Optional[str] = None  # mlp: the Linear (fc2) that reads the hidden units
 
 
 @dataclass(frozen=True)
@@ -94,15 +107,29 @@ class Plan:
     ops: List[MacOp]
     rejected: Dict[str, str] = field(default_factory=dict)   # conv path -> why it is not gateable
     input_size: Tuple[int, int, int] = (3, 224, 224)
+    attention_macs: float = 0.0   # per sample at input_size: attention's matrix products (always dense)
 
     def to_dict(self) -> dict:
-        return {"units": [asdict(u) for u in self.units], "ops": [asdict(o) for o in self.ops],
-                "rejected": self.rejected, "input_size": list(self.input_size)}
+        # a CNN's plan is written as releases before MLP units wrote it (no kind, reader or attention_macs), so they
+        # still read it
+        units = [{k: v for k, v in asdict(u).items() if u.kind != "conv" or k not in ("kind", "reader")}
+                 for u in self.units]
+        d = {"units": units, "ops": [asdict(o) for o in self.ops], "rejected": self.rejected,
+             "input_size": list(self.input_size)}
+        if self.attention_macs:
+            d["attention_macs"] = self.attention_macs
+        return d
+
+    @property
+    def has_new_features(self) -> bool:
+        """MLP units or attention products: what run format version 1 cannot hold."""
+        return bool(self.attention_macs) or any(u.kind != "conv" for u in self.units)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         units = [Unit(**{**u, "kernel": tuple(u["kernel"])}) for u in d["units"]]
-        return cls(units, [MacOp(**o) for o in d["ops"]], dict(d.get("rejected", {})), tuple(d["input_size"]))
+        return cls(units, [MacOp(**o) for o in d["ops"]], dict(d.get("rejected", {})), tuple(d["input_size"]),
+                   float(d.get("attention_macs", 0.0)))
 
 
 class _Recorder:
@@ -116,7 +143,8 @@ class _Recorder:
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             self.calls.setdefault(name, []).append(
                 {"in": (x.grad_fn, x.output_nr) if x is not None and x.grad_fn is not None else None,
-                 "in_shape": tuple(x.shape) if x is not None else None})
+                 "in_shape": tuple(x.shape) if x is not None else None,
+                 "in_is_input": x is not None and x.grad_fn is None and x.requires_grad})   # the image itself
         return hook
 
     def post(self, name: str):
@@ -154,12 +182,63 @@ def trace_plan(model: nn.Module, input_size: Tuple[int, int, int], *, gate_short
         with torch.enable_grad():
             out = _first_tensor(model(x))
             nodes, consumers = _graph(out.grad_fn)
+            attn = sum(_matmul_macs(n) for n in nodes)      # before the backward frees the saved tensors
             shapes = _node_shapes(nodes, out, x)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return _Analysis(model, modules, rec.calls, nodes, consumers, shapes, input_size, x, gate_shortcuts).plan()
+    plan = _Analysis(model, modules, rec.calls, nodes, consumers, shapes, input_size, x, gate_shortcuts).plan()
+    plan.attention_macs = float(attn)
+    return plan
+
+
+def attention_macs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
+    """MACs per sample of the matrix products between activations (attention's QKᵀ and AV) at ``input_size``:
+    one forward of a single image, in eval mode, read off its autograd graph. The model is left as it was."""
+    was = model.training
+    p = next(model.parameters(), None)
+    try:
+        model.eval()
+        x = torch.randn(1, *input_size, device=p.device if p is not None else None,
+                        dtype=p.dtype if p is not None else None, requires_grad=True)
+        with torch.inference_mode(False), torch.enable_grad():
+            out = _first_tensor(model(x))
+            return float(sum(_matmul_macs(n) for n in _graph(out.grad_fn)[0])) if out.grad_fn is not None else 0.0
+    finally:
+        model.train(was)
+
+
+def _is_param(node) -> bool:
+    """A weight (AccumulateGrad), maybe transposed or viewed: the operand of a Linear's mm, not an activation."""
+    while node is not None and type(node).__name__ in ("TBackward0", "TransposeBackward0", "PermuteBackward0",
+                                                        "ViewBackward0", "ExpandBackward0"):
+        node = node.next_functions[0][0]
+    return node is None or type(node).__name__ == "AccumulateGrad"
+
+
+def _matmul_macs(node) -> int:
+    """MACs of one autograd node if it is a product of two activations, else 0. SDPA, per head and batch:
+    QKᵀ costs L·S·E and AV costs L·S·E_v (ptflops and torch.utils.flop_counter count it the same way)."""
+    kind = type(node).__name__
+    try:
+        if kind.startswith("ScaledDotProduct"):
+            q, k, v = node._saved_query, node._saved_key, node._saved_value
+            return math.prod(q.shape[:-2]) * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        if kind == "BmmBackward0":
+            a, b = node._saved_self, node._saved_mat2
+        elif kind == "BaddbmmBackward0":
+            a, b = node._saved_batch1, node._saved_batch2
+        elif kind == "MmBackward0":
+            if any(_is_param(nx) for nx, _ in node.next_functions):
+                return 0
+            a, b = node._saved_self, node._saved_mat2
+            return a.shape[0] * a.shape[1] * b.shape[1]
+        else:
+            return 0
+        return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    except (AttributeError, RuntimeError):     # a saved tensor we cannot read: count nothing rather than guess
+        return 0
 
 
 def _graph(root) -> Tuple[List[Any], Dict[Any, List[Any]]]:
@@ -205,6 +284,8 @@ class _Analysis:
         self.node_ids = {n: i for i, n in enumerate(nodes)}
         self.unit_end_nodes: Dict[Any, Tuple[str, int]] = {}
         self.memo: Dict[Tuple[Any, int], Expr] = {}
+        self.fixed_exprs: Dict[str, Expr] = {}
+        self.from_image: Optional[set] = None
 
     # -- helpers
     def _once(self, name: str) -> Optional[dict]:
@@ -213,6 +294,22 @@ class _Analysis:
 
     def _modules_reading(self, node) -> List[str]:
         return [n for n, cs in self.calls.items() for c in cs if c["in"] and c["in"][0] is node]
+
+    def _reads_image(self, call: dict) -> bool:
+        """Whether a module's input depends on the image: a positional encoding computed from constants or
+        parameters alone has one value for every sample (and batch 1), so a per-sample mask cannot apply to it."""
+        if call["in"] is None:
+            return bool(call.get("in_is_input"))
+        if self.from_image is None:
+            leaf = next((n for n in self.nodes if type(n).__name__ == "AccumulateGrad" and n.variable is self.x), None)
+            seen, stack = set(), [leaf] if leaf is not None else []
+            while stack:
+                n = stack.pop()
+                if n not in seen:
+                    seen.add(n)
+                    stack.extend(self.consumers.get(n, []))
+            self.from_image = seen
+        return call["in"][0] in self.from_image
 
     def _width(self, node, nr: int) -> int:
         s = self.shapes.get(node, [None])
@@ -232,6 +329,15 @@ class _Analysis:
             else:
                 units.append(unit)
                 self.unit_end_nodes[self._once(unit.end)["out"][0]] = (unit.name, unit.out_channels)
+        for name, m in self.modules.items():
+            if isinstance(m, nn.Linear):
+                unit, why = self._mlp_unit(name, m)
+                if unit is not None:
+                    units.append(unit)
+                    # fc2 reads exactly fc1's hidden units (channels last, which the dim-1 walk below cannot follow)
+                    self.fixed_exprs[unit.reader] = ["unit", unit.name, unit.out_channels]
+                elif why:
+                    rejected[name] = why
         # Expressions need every unit's end node registered first, hence the second pass.
         units = [Unit(**{**asdict(u), "kernel": tuple(u.kernel), "in_expr": self._input_expr(u.name)}) for u in units]
         ops = []
@@ -268,6 +374,8 @@ class _Analysis:
         call = self._once(name)
         if call is None:
             return None, "called more than once (shared weights)" if self.calls.get(name) else "not used in forward"
+        if not self._reads_image(call):
+            return None, "its input does not depend on the image (a positional encoding): nothing per sample to gate"
         node, end, act = call["out"][0], name, None
         readers = self.consumers.get(node, [])
         norms = [n for n in self._modules_reading(node) if isinstance(self.modules[n], nn.modules.batchnorm._BatchNorm)]
@@ -291,6 +399,8 @@ class _Analysis:
                 act = "relu"
         end_node = self._once(end)["out"][0]
         out_shape = call.get("out_shape") or ()
+        if out_shape and out_shape[0] != self.x.shape[0]:
+            return None, _FOLDED
         if len(out_shape) == 4 and out_shape[2] * out_shape[3] == 1 and conv.kernel_size == (1, 1):
             # A 1×1 conv on a 1×1 map is a linear layer on a pooled vector (SE convs): its gate, GAP → Linear
             # with the same shape, would cost exactly as much as the conv it decides about.
@@ -303,6 +413,53 @@ class _Analysis:
         return Unit(name, end, act, conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups,
                     [], shortcut), ""
 
+    def _mlp_unit(self, name: str, fc1: nn.Linear) -> Tuple[Optional[Unit], str]:
+        """fc1 → activation (f(0)=0) → [dropout] → fc2 on tokens. Returns (None, "") for a Linear that is not the
+        first layer of an MLP at all (qkv, proj, heads), so only MLP-like refusals are listed."""
+        call = self._once(name)
+        if call is None or not self._reads_image(call):
+            return None, ""
+        node, hidden = call["out"][0], fc1.out_features
+        readers = self.consumers.get(node, [])
+        if len(readers) != 1:
+            return None, ""
+        kind = type(readers[0]).__name__
+        if kind in ("SplitBackward0", "SplitWithSizesBackward0", "ChunkBackward0", "SliceBackward0"):
+            # a GLU multiplies one part by the activation of the other; a qkv projection's parts go elsewhere
+            near = self.consumers.get(readers[0], [])
+            near = near + [c for n in near for c in self.consumers.get(n, [])]
+            if any(type(c).__name__ == "MulBackward0" for c in near):
+                return None, ("its output is split into value and gate halves (a gated GLU MLP); ftwt gates plain "
+                              "fc1 → activation → fc2 MLPs")
+            return None, ""
+        acts = [n for n in self._modules_reading(node)
+                if _is_activation(self.modules[n]) and not isinstance(self.modules[n], nn.Identity) and self._once(n)]
+        if acts:
+            act: Optional[str] = acts[0]
+            if not _zero_at_zero(self.modules[act], hidden):
+                return None, f"followed by {type(self.modules[act]).__name__}, which has f(0)≠0"
+            act_node = self._once(act)["out"][0]
+        elif kind in _FUNCTIONAL_ACTS:
+            act, act_node = _FUNCTIONAL_ACTS[kind], readers[0]
+        else:
+            return None, ""
+        after = self.consumers.get(act_node, [])
+        fc2 = [n for n in self._modules_reading(act_node) if isinstance(self.modules[n], nn.Linear)]
+        if len(after) != 1 or len(fc2) != 1:
+            if any(type(a).__name__ == "MulBackward0" for a in after):
+                return None, "its activation is multiplied by another branch (a gated GLU/SwiGLU MLP); not gated"
+            return None, "its activation is not read by exactly one Linear"
+        reader = fc2[0]
+        if self._once(reader) is None or self.modules[reader].in_features != hidden:
+            return None, f"{reader} is called more than once or does not read {hidden} features"
+        shape = call.get("out_shape") or ()
+        if shape and shape[0] != self.x.shape[0]:
+            return None, _FOLDED
+        if len(shape) < 3 or math.prod(shape[1:-1]) == 1:
+            # on one vector per sample (a classifier MLP) the gate, Linear(C_in → hidden), costs as much as fc1
+            return None, "a Linear on one vector per sample: its gate would cost as much as the layer"
+        return Unit(name, name, act, fc1.in_features, hidden, (1, 1), 1, [], kind="mlp", reader=reader), ""
+
     def _is_shortcut(self, in_node, end_node) -> bool:
         """Reads a branch point (maybe through pooling, as in ResNet-D) and feeds a sum directly."""
         feeds_add = any(type(c).__name__.startswith("AddBackward") for c in self.consumers.get(end_node, []))
@@ -314,11 +471,13 @@ class _Analysis:
 
     # -- sparsity expressions
     def _input_expr(self, name: str) -> Expr:
+        if name in self.fixed_exprs:
+            return self.fixed_exprs[name]
         call = self.calls[name][0]
         m = self.modules[name]
         width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
-        if not call["in"]:
-            return ["dense", width]
+        if not call["in"] or (isinstance(m, nn.Linear) and len(call.get("in_shape") or ()) > 2):
+            return ["dense", width]      # channels last: the walk below follows dim 1 only
         old = sys.getrecursionlimit()
         sys.setrecursionlimit(max(old, 20000))
         try:

@@ -34,13 +34,14 @@ __all__ = ["attach_cli", "print_attach_report"]
 
 
 def print_attach_report(r: "AttachReport") -> None:
+    from ..attach import LOW_GATEABLE_SHARE
     from ..eval.report import fmt_macs as _g
     t = Table(title=f"gated layers of {r.arch} at {r.input_size[1]}×{r.input_size[2]}")
     for col, j in (("layer", "left"), ("C_in→C_out", "right"), ("kernel", "right"), ("groups", "right"),
                    ("dense MACs", "right"), ("gate MACs", "right")):
         t.add_column(col, justify=j)
     for l in r.layers:
-        t.add_row(l.name, f"{l.in_channels}→{l.out_channels}", f"{l.kernel[0]}×{l.kernel[1]}", str(l.groups),
+        t.add_row(l.name, f"{l.in_channels}→{l.out_channels}", "MLP" if l.kind == "mlp" else f"{l.kernel[0]}×{l.kernel[1]}", str(l.groups),
                   _g(l.dense_macs), f"{l.gate_macs:,}")
     gated = sum(l.dense_macs for l in r.layers)
     t.add_section()
@@ -51,10 +52,14 @@ def print_attach_report(r: "AttachReport") -> None:
     console.print(f"input: {dc.input_size[1]}×{dc.input_size[2]}, mean {tuple(round(v, 3) for v in dc.mean)}, std "
                   f"{tuple(round(v, 3) for v in dc.std)}, {dc.interpolation}, crop {dc.crop_pct}, augment {dc.augment} "
                   f"({r.input_source})", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"dense MACs (convs + linear, ptflops 'aten' convention): {_g(r.dense_macs)}; "
-                  f"gated layers hold {gated / r.dense_macs:.1%}; gates add {r.gate_macs / r.dense_macs:.2%} when all run")
+    console.print(f"dense MACs (convs, linear layers and attention products, ptflops 'aten' convention): {_g(r.dense_macs)}; "
+                  f"gated layers hold {gated / r.dense_macs:.1%} (an MLP unit: fc1 and fc2); gates add "
+                  f"{r.gate_macs / r.dense_macs:.2%} when all run", markup=False, highlight=False, soft_wrap=True)
+    if r.gated_share < LOW_GATEABLE_SHARE:
+        console.print(f"note: only {r.gated_share:.0%} of the MACs are in gateable layers (the rest, e.g. attention or gated "
+                      f"GLU MLPs, stays dense), so gating can save at most that", markup=False, highlight=False, soft_wrap=True)
     if r.not_gated:
-        console.print(f"not gated: {len(r.not_gated)} convs (" + "; ".join(f"{k}: {v}" for k, v in list(r.not_gated.items())[:3])
+        console.print(f"not gated: {len(r.not_gated)} layers (" + "; ".join(f"{k}: {v}" for k, v in list(r.not_gated.items())[:3])
                       + (" …" if len(r.not_gated) > 3 else "") + ")", markup=False)
     if r.alternatives:
         console.print(f"note: the weights also fit {', '.join(r.alternatives)}; pass --arch to choose", markup=False)

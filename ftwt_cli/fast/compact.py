@@ -14,6 +14,10 @@ weights costs more than it saves. So ``calibrate`` times each strategy per layer
 and keeps the fastest. Weights are stored as (C_out, C_in, k, k) contiguous, so the output-row gather is a
 memcpy per row, and also as (C_in, C_out, k, k) for the input gather.
 
+MLP units (fc1 → activation → fc2 on tokens) need no calibration: fc1 computes only the kept rows of its weight and
+fc2 reads only the matching columns, the activation (and dropout) between them running on the narrow tensor. The
+gather is paid once per sample and spread over all its tokens (197 for a ViT at 224 px), so it pays at batch 1.
+
 Batch > 1: the union of the batch's masks is computed compactly, then each sample's own mask is applied, so the
 result equals the masked model's; the saving shrinks as masks differ across samples (batch 1 is the target case).
 """
@@ -27,12 +31,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..gating.gate import Gate, gate_key
+from ..gating.gate import Gate, gate_key, pool
 from ..gating.macs import active_channels
 from ..gating.model import GatedModel
 from .fold import fold_bn, norm_rest, replace_module
 
-__all__ = ["CompactModel", "CompactConv", "make_compact", "STRATEGIES"]
+__all__ = ["CompactModel", "CompactConv", "CompactFc1", "CompactFc2", "make_compact", "STRATEGIES"]
 
 STRATEGIES = ("dense", "out", "in_out")
 
@@ -160,10 +164,51 @@ class CompactConv(nn.Module):
         return self._conv(xs, self._rows_cols(out_idx, in_idx), b)
 
 
+class CompactFc1(nn.Module):
+    """fc1 of a gated MLP unit: the gate (pooled over tokens) picks the hidden units, and only their rows of the
+    weight run. Returns the narrow (..., k) tensor; its indices go to ``shared.idx`` for fc2."""
+
+    def __init__(self, name: str, fc1: nn.Linear, gate: Gate, shared: _Shared) -> None:
+        super().__init__()
+        self.name, self.gate, self.shared = name, gate, shared
+        self.register_buffer("weight", fc1.weight.detach().clone().contiguous())        # (hidden, C_in): a row per unit
+        b = fc1.bias.detach().clone() if fc1.bias is not None else fc1.weight.new_zeros(fc1.out_features)
+        self.register_buffer("bias", b)
+        self.out_channels = fc1.out_features
+        self.strategy = "mlp"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sh = self.shared
+        logits = self.gate.fc(pool(x, True))
+        mask = sh.forced[self.name] if sh.forced is not None and self.name in sh.forced else logits > 0
+        sh.masks[self.name] = mask
+        idx = (mask.any(0) if mask.shape[0] > 1 else mask[0]).nonzero().squeeze(1)
+        sh.idx[self.name] = idx
+        y = F.linear(x, self.weight.index_select(0, idx), self.bias.index_select(0, idx))
+        if mask.shape[0] > 1:                      # the union was computed: apply each sample's own mask
+            y = y * mask.index_select(1, idx).view(mask.shape[0], *([1] * (y.dim() - 2)), -1).to(y.dtype)
+        return y
+
+
+class CompactFc2(nn.Module):
+    """fc2 of a gated MLP unit: reads the narrow tensor of its fc1 and only the matching weight columns, stored
+    transposed (hidden, C_out) so that the gather copies contiguous rows."""
+
+    def __init__(self, producer: str, fc2: nn.Linear, shared: _Shared) -> None:
+        super().__init__()
+        self.producer, self.shared = producer, shared
+        self.register_buffer("weight_t", fc2.weight.detach().t().contiguous())
+        self.register_buffer("bias", fc2.bias.detach().clone() if fc2.bias is not None else None)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.weight_t.index_select(0, self.shared.idx[self.producer])       # (k, C_out)
+        return F.linear(h, w.t(), self.bias)
+
+
 class CompactModel(nn.Module):
     """A GatedModel's backbone with compact gated convs. Inference only (eval mode, no gradients)."""
 
-    def __init__(self, backbone: nn.Module, units: Dict[str, CompactConv], shared: _Shared, source: GatedModel) -> None:
+    def __init__(self, backbone: nn.Module, units: Dict[str, nn.Module], shared: _Shared, source: GatedModel) -> None:
         super().__init__()
         self.backbone = backbone
         self.compact_units = units
@@ -187,7 +232,10 @@ class CompactModel(nn.Module):
     @property
     def chains(self) -> Dict[str, str]:
         """producer -> consumer pairs that pass compact tensors."""
-        return {u.compact_in: n for n, u in self.compact_units.items() if u.compact_in is not None}
+        return {u.compact_in: n for n, u in self._convs().items() if u.compact_in is not None}
+
+    def _convs(self) -> Dict[str, CompactConv]:
+        return {n: u for n, u in self.compact_units.items() if isinstance(u, CompactConv)}
 
 
 def make_compact(gated: GatedModel, *, calibrate: bool = True, input_size: Optional[Tuple[int, int, int]] = None,
@@ -199,9 +247,14 @@ def make_compact(gated: GatedModel, *, calibrate: bool = True, input_size: Optio
     backbone = gated.plain_backbone()       # CompactConv gates itself: no GatedModel hooks
     gates = copy.deepcopy(gated.gates)
     shared = _Shared()
-    units: Dict[str, CompactConv] = {}
+    units: Dict[str, nn.Module] = {}
     mods = dict(backbone.named_modules())
     for u in gated.units:
+        if u.kind == "mlp":
+            units[u.name] = CompactFc1(u.name, mods[u.name], gates[gate_key(u.name)], shared)
+            replace_module(backbone, u.name, units[u.name])
+            replace_module(backbone, u.reader, CompactFc2(u.name, mods[u.reader], shared))
+            continue
         conv = mods[u.name]
         norm = mods[u.end] if u.end != u.name else None
         cu = CompactConv(u.name, conv, norm, gates[gate_key(u.name)], u.in_expr, shared)
@@ -242,7 +295,7 @@ def _chain(model: CompactModel, input_size: Tuple[int, ...]) -> None:
     ["unit", producer, C] with C the producer's width) and is an ungrouped conv; keep the pairs for which the
     output on random masks (batch 2, samples differ) is unchanged. A hidden second reader of the producer's
     output would see a narrower tensor and fail or differ, so such a pair is dropped."""
-    us = model.compact_units
+    us = model._convs()
     pairs = [(u.in_expr[1], n) for n, u in us.items()
              if u.in_expr and u.in_expr[0] == "unit" and u.in_expr[1] in us and u.groups == 1 and u.padding_mode == "zeros"
              and us[u.in_expr[1]].out_channels == u.in_channels and int(u.in_expr[2]) == u.in_channels]
@@ -292,14 +345,14 @@ def _calibrate(model: CompactModel, input_size: Tuple[int, ...], keep: float, re
     masks = _random_masks(model, 1, keep, g)
     seen: Dict[str, Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = {}
     handles = [u.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, (a[0].clone(), dict(model._shared.idx))))
-               for n, u in model.compact_units.items()]
+               for n, u in model._convs().items()]
     try:
         model(torch.randn(1, *input_size, generator=g).to(_device(model)), masks)
     finally:
         for h in handles:
             h.remove()
     _pad_tables(model, {n: v[0] for n, v in seen.items()}, max(3, reps // 2))
-    for name, u in model.compact_units.items():
+    for name, u in model._convs().items():
         if name not in seen or not (u.groups == 1 or u.depthwise):
             continue
         x, idx = seen[name]
@@ -344,7 +397,7 @@ def _pad_tables(model: CompactModel, inputs: Dict[str, torch.Tensor], reps: int)
     inputs read) and each input count (¾ of the outputs computed), and set pad_out / pad_in from the fastest
     count at or above each n. A chained producer pads to what its consumer reads fastest."""
     g = torch.Generator().manual_seed(1)
-    for name, u in model.compact_units.items():
+    for name, u in model._convs().items():
         if name not in inputs or u.groups != 1:
             continue
         h, w = inputs[name].shape[2:]

@@ -38,6 +38,8 @@ def folded_backbone(model: GatedModel) -> nn.Module:
     """The source network with each gated unit's norm folded into its conv, as the compact path does."""
     net = model.plain_backbone()
     for u in model.units:
+        if u.kind != "conv":           # an MLP unit's fc1 has no norm to fold
+            continue
         conv = net.get_submodule(u.name)
         norm = net.get_submodule(u.end) if u.end != u.name else None
         w, b = fold_bn(conv, norm)

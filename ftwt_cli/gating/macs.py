@@ -5,7 +5,8 @@ where active_in_g counts the input channels of group g that are not *structurall
 conv reads (a unit's mask carried through activations/pooling/concat; a residual sum is dense unless all
 its terms are zero), and active_out_g counts the output channels the conv computes (its own mask when it
 is gated). Depthwise convs (g = C) thus cost Σ_c in_c·out_c·k²·HW. A linear layer costs
-active_in · out_features per token. A gate costs active_in · C_out (GAP → Linear; pooling is not a MAC).
+active_in · active_out · tokens (an MLP's fc1 computes only its active hidden units, fc2 reads only them);
+attention's matrix products (QKᵀ and AV) cost L·S·(E + E_v) per head and stay dense. A gate costs active_in · C_out (GAP → Linear; pooling is not a MAC).
 Norms, activations and pooling are not counted: that is ptflops' ``aten`` convention.
 
 This module only does arithmetic on masks and shapes; it never runs a model. Counts are exact (integers held
@@ -20,7 +21,7 @@ import torch
 
 from ..arch.trace import Expr, MacOp, Unit, expr_width
 
-__all__ = ["active_channels", "op_macs", "count_macs", "MacsBreakdown"]
+__all__ = ["active_channels", "op_macs", "count_macs", "gated_share", "MacsBreakdown"]
 
 
 def active_channels(expr: Expr, masks: Mapping[str, torch.Tensor], batch: int) -> Optional[torch.Tensor]:
@@ -89,10 +90,11 @@ class MacsBreakdown:
 
 def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, torch.Tensor],
                positions: Mapping[str, int], batch: int, *, gates_run: bool,
-               device: Optional[torch.device | str] = None) -> MacsBreakdown:
+               device: Optional[torch.device | str] = None, attention: float = 0.0) -> MacsBreakdown:
     """Per-sample MACs of one forward. ``masks`` holds the (B, C_out) bool masks of gated units (missing =
     dense); ``positions`` the output positions each op saw in this forward (summed over calls); ``gates_run``
-    adds each gate's cost, active_in · C_out. Results live on the masks' device (else ``device``, else CPU).
+    adds each gate's cost, active_in · C_out. ``attention``: the per-sample MACs of attention's matrix products
+    (QKᵀ, AV), which stay dense. Results live on the masks' device (else ``device``, else CPU).
     A layer called more than once is counted dense on every call."""
     dev = torch.device(device) if device is not None else next((m.device for m in masks.values()), torch.device("cpu"))
     per_op: Dict[str, torch.Tensor] = {}
@@ -110,7 +112,14 @@ def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, 
             if u.name in masks:
                 a_in = _per_group(active_channels(u.in_expr, masks, batch), u.in_channels, 1, batch, dev)
                 gates += a_in.squeeze(1) * u.out_channels
-    total = gates.clone()
+    total = gates + attention
     for v in per_op.values():
         total += v
     return MacsBreakdown(total, gates, per_op)
+
+
+def gated_share(units: Sequence[Unit], per_op: Mapping[str, torch.Tensor], total: float) -> float:
+    """Share of a dense forward's MACs (sample 0) that gating scales down: each gated conv, and an MLP unit's
+    fc1 and fc2 (fc2 reads only the hidden units fc1 keeps)."""
+    names = {u.name for u in units} | {u.reader for u in units if u.reader}
+    return sum(float(v[0]) for n, v in per_op.items() if n in names) / total

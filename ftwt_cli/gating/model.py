@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..arch.trace import Plan, Unit
+from ..arch.trace import Plan, Unit, attention_macs
 from ..errors import FtwtError
 from ..settings import GATE_MODES
 from .gate import Gate, gate_key
@@ -39,6 +39,8 @@ __all__ = ["GatedModel", "ForwardStats", "GATE_MODES", "model_macs"]
 
 # Activations that are monotone (non-decreasing): max |f(y)| over a map sits where y is largest or smallest.
 _MONOTONE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.Tanh, nn.Identity)
+# Functional activations the tracer names (an MLP's F.gelu between fc1 and fc2).
+_FUNCTIONAL = {"gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class _Record:
     scores: Dict[str, torch.Tensor] = field(default_factory=dict)    # ranked into targets on first use
     targets: Dict[str, torch.Tensor] = field(default_factory=dict)
     positions: Dict[str, int] = field(default_factory=dict)
+    batch: int = 1                                                   # samples in the forward's input
 
 
 @dataclass
@@ -98,7 +101,8 @@ class _MaskHook(_Hook):
         self.owner, self.unit = owner, unit
 
     def _scores(self, out: torch.Tensor) -> torch.Tensor:
-        """(B, C) float32 spatial max of |activation(unit output)|: what the ground truth ranks channels by.
+        """(B, C) float32 spatial (or over tokens) max of |activation(unit output)|: what the ground truth ranks
+        channels (hidden units) by.
 
         A maximum is exact in any dtype, so the spatial max and min are taken on the output as it is (bf16 under
         autocast: no float32 copy of the whole map) and only the (B, C) results are made float32. For a monotone
@@ -106,17 +110,29 @@ class _MaskHook(_Hook):
         max and min gives it exactly, without another pass over the full tensor; for ReLU the max alone suffices.
         Other activations (SiLU, GELU, ...) run on a float32 copy of the whole output."""
         y = out.detach()
-        act = self.unit.act
+        act, dims = self.unit.act, self.dims(y)
         if act is None:                              # max |y| = max(max y, −min y), without an |y| copy
-            return torch.maximum(y.amax(dim=(2, 3)), y.amin(dim=(2, 3)).neg()).float()
+            return torch.maximum(y.amax(dim=dims), y.amin(dim=dims).neg()).float()
         if act == "relu":
-            return y.amax(dim=(2, 3)).float().relu()
+            return y.amax(dim=dims).float().relu()
+        if act in _FUNCTIONAL:
+            return _FUNCTIONAL[act](y.float()).abs().amax(dim=dims)
         module = self.owner.backbone.get_submodule(act)
         if isinstance(module, nn.ReLU):
-            return y.amax(dim=(2, 3)).float().relu()
+            return y.amax(dim=dims).float().relu()
         if isinstance(module, _MONOTONE):
-            return torch.maximum(module(y.amax(dim=(2, 3)).float()).abs(), module(y.amin(dim=(2, 3)).float()).abs())
-        return module(y.to(torch.float32, copy=True)).abs().amax(dim=(2, 3))   # a copy: the activation may be in-place
+            return torch.maximum(module(y.amax(dim=dims).float()).abs(), module(y.amin(dim=dims).float()).abs())
+        return module(y.to(torch.float32, copy=True)).abs().amax(dim=dims)   # a copy: the activation may be in-place
+
+    def dims(self, y: torch.Tensor) -> Tuple[int, ...]:
+        """The dims a unit's mask is shared over: H, W of a conv; the tokens of an MLP (channels last)."""
+        return (2, 3) if self.unit.kind == "conv" else tuple(range(1, y.dim() - 1))
+
+    def expand(self, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B, C) mask → broadcastable to the unit's output y."""
+        if self.unit.kind == "conv":
+            return mask[:, :, None, None]
+        return mask.view(mask.shape[0], *([1] * (y.dim() - 2)), mask.shape[1])
 
     def __call__(self, module: nn.Module, args, out: torch.Tensor):
         g, name, rec = self.owner, self.unit.name, self.owner._rec
@@ -132,7 +148,7 @@ class _MaskHook(_Hook):
             forced = g._ctl.forced
             mask = forced[name] if forced is not None else rec.logits[name].detach() > 0
         rec.masks[name] = mask
-        m = mask.to(out.dtype)[:, :, None, None]
+        m = self.expand(mask.to(out.dtype), out)
         if not out.requires_grad and out.data_ptr() != args[0].data_ptr():
             return out.mul_(m)      # nothing differentiates through it and it is not the module's input: no copy
         return out * m
@@ -143,8 +159,9 @@ class _PositionHook(_Hook):
         self.owner, self.name, self.kind, self.out_features = owner, name, kind, out_features
 
     def __call__(self, module: nn.Module, args, out: torch.Tensor) -> None:
-        # conv: H_out·W_out; linear: tokens per sample (1 for a (B, F) input)
-        n = math.prod(out.shape[2:]) if self.kind == "conv" else math.prod(out.shape[1:]) // self.out_features
+        # output positions per sample: H_out·W_out of a conv, tokens of a linear (1 for a (B, F) input). Counted from
+        # the whole output, as a layer may run on windows folded into the batch dim (Swin: (B·windows, 49, C)).
+        n = out.numel() // (self.out_features * self.owner._rec.batch)
         pos = self.owner._rec.positions
         pos[self.name] = pos.get(self.name, 0) + int(n)
 
@@ -162,7 +179,8 @@ class GatedModel(nn.Module):
         if unknown:
             raise FtwtError(f"not gateable: {', '.join(unknown[:3])}", "choose layers from the attach table")
         self.units: List[Unit] = [by_name[n] for n in names]
-        self.gates = nn.ModuleDict({gate_key(u.name): Gate(u.in_channels, u.out_channels) for u in self.units})
+        self.gates = nn.ModuleDict({gate_key(u.name): Gate(u.in_channels, u.out_channels, u.kind == "mlp")
+                                    for u in self.units})
         self.mode, self.r, self.gt = "open", 0.95, "mass"
         self.meta = None               # io.meta.RunMeta once loaded from a run or an export
         self._ctl = _Control()
@@ -170,6 +188,7 @@ class GatedModel(nn.Module):
         self._last: Optional[tuple] = None          # (record, batch, input size, gates ran) of the last forward
         self._last_stats: Optional[ForwardStats] = None
         self._dense_cache: Dict[tuple, float] = {}
+        self._attention_cache: Dict[tuple, float] = {}
         self._hooked: Dict[str, nn.Module] = {}
         self._handles: list = []
         self._install_hooks()
@@ -262,7 +281,7 @@ class GatedModel(nn.Module):
     def forward(self, x: torch.Tensor):
         if not self._hooks_current():
             self._install_hooks()
-        self._rec = _Record((self.r, self.gt))
+        self._rec = _Record((self.r, self.gt), batch=x.shape[0])
         out = self.backbone(x)
         # MACs are counted when someone asks (last_stats), not on every forward: inference pays nothing for them.
         self._last, self._last_stats = (self._rec, x.shape[0], tuple(x.shape[1:]), self.mode != "open"), None
@@ -301,9 +320,12 @@ class GatedModel(nn.Module):
     def _stats(self, rec: _Record, batch: int, size: tuple, gates_run: bool) -> ForwardStats:
         masks = {k: v.detach() for k, v in rec.masks.items()}
         dev = next(self.backbone.parameters()).device
-        b = count_macs(self.plan.ops, self.units, masks, rec.positions, batch, gates_run=gates_run, device=dev)
+        attn = self.attention_macs(size)
+        b = count_macs(self.plan.ops, self.units, masks, rec.positions, batch, gates_run=gates_run, device=dev,
+                       attention=attn)
         if size not in self._dense_cache:
-            self._dense_cache[size] = float(count_macs(self.plan.ops, self.units, {}, rec.positions, 1, gates_run=False).total[0])
+            self._dense_cache[size] = float(count_macs(self.plan.ops, self.units, {}, rec.positions, 1, gates_run=False,
+                                                       attention=attn).total[0])
         return ForwardStats(b.total, b.gates, self._dense_cache[size], masks, b.per_op)
 
     def dense_macs(self, input_size: Optional[tuple] = None) -> MacsBreakdown:
@@ -319,7 +341,24 @@ class GatedModel(nn.Module):
         finally:
             self.mode = mode
             self.train(was)
-        return count_macs(self.plan.ops, self.units, {}, self._rec.positions, 1, gates_run=False)
+        return count_macs(self.plan.ops, self.units, {}, self._rec.positions, 1, gates_run=False,
+                          attention=self.attention_macs(size))
+
+    def attention_macs(self, input_size: Sequence[int]) -> float:
+        """Per-sample MACs of attention's matrix products at ``input_size``: the plan's figure at its own size, else
+        measured once per size on the plain backbone (a model without attention at the plan's size has none)."""
+        size = tuple(input_size)
+        if size == tuple(self.plan.input_size):
+            return self.plan.attention_macs
+        if not self.plan.attention_macs:
+            return 0.0
+        if size not in self._attention_cache:
+            self._remove_hooks()
+            try:
+                self._attention_cache[size] = attention_macs(self.backbone, size)
+            finally:
+                self._install_hooks()
+        return self._attention_cache[size]
 
     def gate_macs_dense(self) -> int:
         """Cost of all gates when every input channel is active."""

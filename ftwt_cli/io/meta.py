@@ -16,7 +16,7 @@ from ..errors import FtwtError
 __all__ = ["FORMAT_VERSION", "RUN_FORMAT", "environment", "RunFiles", "ArchInfo", "SourceInfo", "GatingInfo", "MacsInfo", "EvalSummary",
            "TrainingRecord", "StaticInfo", "RunMeta"]
 
-FORMAT_VERSION = 2          # 2: may hold a static model (``static``); 1 otherwise
+FORMAT_VERSION = 2          # 2: may hold a static model (``static``), MLP units or attention MACs; 1 otherwise
 RUN_FORMAT = "ftwt-run"
 
 T = TypeVar("T")
@@ -145,7 +145,7 @@ class RunMeta:
     static: Optional[StaticInfo] = None            # a statically pruned model (its plan); None for a gated run
     ftwt_version: str = ""
     format: str = RUN_FORMAT
-    format_version: int = 1            # written as 2 when the run holds a static model
+    format_version: int = 1            # written as 2 when the run holds a static model, MLP units or attention MACs
 
     def to_dict(self) -> Dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -154,11 +154,11 @@ class RunMeta:
         for k in ("arch", "source", "gating", "macs", "last_eval", "files", "static"):
             d[k] = dataclasses.asdict(d[k]) if d[k] is not None else None
         d["training"] = {k: dataclasses.asdict(v) for k, v in self.training.items()}
-        if self.static is None:        # what 0.2.0 wrote: a release without static runs reads it
+        if self.static is None:
             d.pop("static")
-            d["format_version"] = 1
-        else:                          # older releases refuse it with "upgrade ftwt"
-            d["format_version"] = 2
+        # a CNN's run is written as 0.1.0 wrote it, so that release reads it; a static model, MLP units or attention
+        # products need version 2, which older releases refuse with "upgrade ftwt"
+        d["format_version"] = 2 if self.static is not None or self.plan.has_new_features else 1
         return d
 
     @classmethod

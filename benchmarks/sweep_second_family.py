@@ -1,0 +1,73 @@
+"""Dynamic against static pruning on a second model family: the same `ftwt sweep` as sweep_fashion_mnist.py (recipe,
+static L1 twin at equal MACs, dense control) on another architecture trained here on Fashion-MNIST at 32 px.
+
+    python benchmarks/sweep_second_family.py [--arch torchvision:mobilenet_v2] [--baseline-epochs 10] [--rs 0.9]
+
+Writes (or replaces) its section of benchmarks/SWEEP.md, keeping the rest of the file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ftwt_cli.arch import DataConfig, build_model, parse_arch
+from ftwt_cli.data import open_data
+from ftwt_cli.demo import train_classifier
+from sweep_fashion_mnist import HERE, MEAN, STD, WORK, sweep, table
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="torchvision:mobilenet_v2")
+    ap.add_argument("--baseline-epochs", type=int, default=10)
+    ap.add_argument("--rs", default="0.9")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default=str(HERE / "SWEEP.md"))
+    args = ap.parse_args()
+    WORK.mkdir(exist_ok=True)
+    spec = parse_arch(args.arch)
+    ckpt = WORK / f"{spec.name}-fashion-mnist-b{args.baseline_epochs}.pth"
+    if not ckpt.exists():
+        t0 = time.time()
+        cfg = DataConfig((3, 32, 32), (0.286,) * 3, (0.353,) * 3, "bilinear", 1.0, "center")
+        torch.manual_seed(0)
+        model = train_classifier(build_model(spec, 10), open_data("fashion-mnist", cfg, num_classes=10),
+                                 args.baseline_epochs, workers=args.workers)
+        torch.save(model.state_dict(), ckpt.with_suffix(".tmp"))
+        ckpt.with_suffix(".tmp").replace(ckpt)
+        print(f"baseline: {time.time() - t0:.0f} s", flush=True)
+    out = WORK / f"sweep-{spec.name}-b{args.baseline_epochs}-s{args.seed}"
+    points = sweep(ckpt, out, args.rs, args.seed, "l1", args.workers, arch=str(spec))
+    by = {p["name"]: p for p in points}
+    ctl = by.get("control", {}).get("top1")
+    title = f"## Second model family: {spec}"
+    lines = [title, "",
+             f"The same sweep (recipe, static L1 twin at the dynamic point's MACs, the same fine-tuning budget, dense control) "
+             f"on `{spec}` trained here for {args.baseline_epochs} epochs (SGD, cosine) on Fashion-MNIST at 32 px; "
+             f"seed {args.seed}.", "",
+             f"Dense source: top-1 {by['dense']['top1']:.2%} at {by['dense']['macs_mean'] / 1e6:.2f} M MACs; dense control "
+             + (f"(4 epochs): {ctl:.2%}." if ctl is not None else "not run yet."), "",
+             *table(points, "l1"), "",
+             "Points not finished: " + (", ".join(p["name"] for p in points if p["status"] != "done") or "none") + ".", ""]
+    section = "\n".join(lines)
+    print(section)
+    path = Path(args.out)
+    text = path.read_text()
+    if title in text:                            # replace this section, keep everything else
+        head, _, rest = text.partition(title)
+        nxt = rest.find("\n## ")
+        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
