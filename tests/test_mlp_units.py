@@ -208,6 +208,7 @@ def test_dense_macs_agree_with_ptflops_aten_on_transformers(name, monkeypatch):
     for blk in m.modules():
         if hasattr(blk, "fused_attn"):
             blk.fused_attn = False
+    assert float(GatedModel(m, trace_plan(m, size)).dense_macs().total[0]) == ours    # bmm or SDPA: the same count
     ref, _ = get_model_complexity_info(m, size, as_strings=False, print_per_layer_stat=False, backend=FLOPS_BACKEND.ATEN)
     assert abs(ours / ref - 1) < 0.01, (ours, ref)
 
