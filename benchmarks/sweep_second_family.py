@@ -28,6 +28,9 @@ def main() -> int:
     ap.add_argument("--rs", default="0.9")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--exclude", default="*.conv.1.0",
+                    help="attach --exclude: MobileNetV2's depthwise convs, whose gates (C×C MACs) cost more than the "
+                         "convs at 32 px ('' gates every unit)")
     ap.add_argument("--out", default=str(HERE / "SWEEP.md"))
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
@@ -42,15 +45,16 @@ def main() -> int:
         torch.save(model.state_dict(), ckpt.with_suffix(".tmp"))
         ckpt.with_suffix(".tmp").replace(ckpt)
         print(f"baseline: {time.time() - t0:.0f} s", flush=True)
-    out = WORK / f"sweep-{spec.name}-b{args.baseline_epochs}-s{args.seed}"
-    points = sweep(ckpt, out, args.rs, args.seed, "l1", args.workers, arch=str(spec))
+    out = WORK / (f"sweep-{spec.name}-b{args.baseline_epochs}-s{args.seed}" + ("" if args.exclude else "-all"))
+    points = sweep(ckpt, out, args.rs, args.seed, "l1", args.workers, arch=str(spec),
+                   extra=("--exclude", args.exclude) if args.exclude else ())
     by = {p["name"]: p for p in points}
     ctl = by.get("control", {}).get("top1")
     title = f"## Second model family: {spec}"
     lines = [title, "",
              f"The same sweep (recipe, static L1 twin at the dynamic point's MACs, the same fine-tuning budget, dense control) "
              f"on `{spec}` trained here for {args.baseline_epochs} epochs (SGD, cosine) on Fashion-MNIST at 32 px; "
-             f"seed {args.seed}.", "",
+             f"seed {args.seed}." + (f" Attached with `--exclude '{args.exclude}'`." if args.exclude else ""), "",
              f"Dense source: top-1 {by['dense']['top1']:.2%} at {by['dense']['macs_mean'] / 1e6:.2f} M MACs; dense control "
              + (f"(4 epochs): {ctl:.2%}." if ctl is not None else "not run yet."), "",
              *table(points, "l1"), "",

@@ -245,3 +245,47 @@ def test_cnn_plan_is_written_as_before_mlp_units():
     assert Plan.from_dict(d) == plan and not plan.has_new_features
     vit = _plan(TinyViT())
     assert Plan.from_dict(vit.to_dict()) == vit and vit.has_new_features
+
+
+class _PosAndHeads(nn.Module):
+    """A conv on a positional grid made from parameters alone (XCiT) and a conv on heads folded into the batch
+    dim (MViTv2's pooling): neither has one row per sample, so neither may be gated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.grid = nn.Parameter(torch.randn(1, 4, 16, 16))
+        self.pos = nn.Conv2d(4, 8, 1)
+        self.pool = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        B = x.shape[0]
+        h = torch.relu(self.stem(x)) + self.pos(self.grid)
+        h = self.pool(h.reshape(B * 2, 4, 16, 16)).reshape(B, 8, 16, 16)
+        return self.head(torch.relu(h)).mean((2, 3))
+
+
+def test_units_without_one_row_per_sample_are_refused():
+    m = _PosAndHeads().eval()
+    plan = trace_plan(m, SIZE)
+    assert "does not depend on the image" in plan.rejected["pos"]
+    assert "folded into the batch dim" in plan.rejected["pool"]
+    g = GatedModel(m, plan).eval().set_gates("oracle", r=0.8)
+    with torch.no_grad():
+        g(torch.randn(3, *SIZE))                  # batch > 1 runs, and every mask has one row per sample
+    assert all(v.shape[0] == 3 for v in g.last_stats.masks.values()) and g.last_stats.macs.shape == (3,)
+
+
+def test_functional_projections_are_counted():
+    # torchvision's ViT runs nn.MultiheadAttention, whose in- and out-projections are F.linear calls on its own
+    # parameters, not nn.Linear module calls: they count with attention's products
+    from torchvision.models.vision_transformer import VisionTransformer
+    d, mlp, layers, n = 32, 64, 2, 17            # 32 px / patch 8 = 16 patches + the class token
+    m = VisionTransformer(image_size=32, patch_size=8, num_layers=layers, num_heads=2, hidden_dim=d, mlp_dim=mlp,
+                          num_classes=5).eval()
+    g = GatedModel(m, trace_plan(m, (3, 32, 32)))
+    per_layer = n * 3 * d * d + n * d * d + 2 * n * n * d + 2 * n * d * mlp
+    expect = 3 * d * 64 * 16 + layers * per_layer + d * 5
+    assert float(g.dense_macs().total[0]) == expect
+    assert g.plan.attention_macs == layers * (n * 3 * d * d + n * d * d + 2 * n * n * d)

@@ -137,6 +137,7 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.calls: Dict[str, List[dict]] = {}
+        self.input: Optional[torch.Tensor] = None
 
     def pre(self, name: str):
         def hook(module, args):
@@ -144,7 +145,7 @@ class _Recorder:
             self.calls.setdefault(name, []).append(
                 {"in": (x.grad_fn, x.output_nr) if x is not None and x.grad_fn is not None else None,
                  "in_shape": tuple(x.shape) if x is not None else None,
-                 "in_is_input": x is not None and x.grad_fn is None and x.requires_grad})   # the image itself
+                 "in_is_input": x is not None and x is self.input})       # the image itself (a leaf, no grad_fn)
         return hook
 
     def post(self, name: str):
@@ -179,10 +180,12 @@ def trace_plan(model: nn.Module, input_size: Tuple[int, int, int], *, gate_short
                 handles.append(m.register_forward_hook(rec.post(name)))
         p = next(model.parameters(), None)
         x = torch.randn(1, *input_size, device=p.device if p is not None else None, requires_grad=True)
+        rec.input = x
         with torch.enable_grad():
             out = _first_tensor(model(x))
             nodes, consumers = _graph(out.grad_fn)
-            attn = sum(_matmul_macs(n) for n in nodes)      # before the backward frees the saved tensors
+            # before the backward frees the saved tensors
+            attn = _products_macs(nodes, _module_linear_nodes(modules, rec.calls))
             shapes = _node_shapes(nodes, out, x)
     finally:
         for h in handles:
@@ -194,19 +197,53 @@ def trace_plan(model: nn.Module, input_size: Tuple[int, int, int], *, gate_short
 
 
 def attention_macs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
-    """MACs per sample of the matrix products between activations (attention's QKᵀ and AV) at ``input_size``:
-    one forward of a single image, in eval mode, read off its autograd graph. The model is left as it was."""
-    was = model.training
+    """MACs per sample of attention computed outside conv/linear modules at ``input_size``: the products between
+    activations (QKᵀ, AV) and projections applied functionally (``nn.MultiheadAttention``'s in- and out-projection,
+    torchvision Swin's qkv). One forward of a single image, in eval mode, read off its autograd graph; the model is
+    left as it was."""
+    was, rec, handles = model.training, _Recorder(), []
+    modules = dict(model.named_modules())
     p = next(model.parameters(), None)
     try:
         model.eval()
+        for name, m in modules.items():
+            if isinstance(m, nn.Linear):
+                handles.append(m.register_forward_pre_hook(rec.pre(name)))
+                handles.append(m.register_forward_hook(rec.post(name)))
         x = torch.randn(1, *input_size, device=p.device if p is not None else None,
                         dtype=p.dtype if p is not None else None, requires_grad=True)
         with torch.inference_mode(False), torch.enable_grad():
             out = _first_tensor(model(x))
-            return float(sum(_matmul_macs(n) for n in _graph(out.grad_fn)[0])) if out.grad_fn is not None else 0.0
+            if out.grad_fn is None:
+                return 0.0
+            return float(_products_macs(_graph(out.grad_fn)[0], _module_linear_nodes(modules, rec.calls)))
     finally:
+        for h in handles:
+            h.remove()
         model.train(was)
+
+
+_PASS_THROUGH = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AddBackward0", "SqueezeBackward0",
+                 "SqueezeBackward1", "UnsqueezeBackward0", "ExpandBackward0")
+
+
+def _module_linear_nodes(modules: Dict[str, nn.Module], calls: Dict[str, List[dict]]) -> set:
+    """The mm/addmm autograd nodes that nn.Linear module calls produced (their MACs are the ops' own)."""
+    marked = set()
+    for name, cs in calls.items():
+        if not isinstance(modules.get(name), nn.Linear):
+            continue
+        for c in cs:
+            n = c.get("out", (None,))[0] if c.get("out") else None
+            while n is not None and type(n).__name__ in _PASS_THROUGH:
+                n = n.next_functions[0][0] if n.next_functions else None
+            if n is not None:
+                marked.add(n)
+    return marked
+
+
+def _products_macs(nodes, module_linear: set) -> int:
+    return sum(_matmul_macs(n) if n not in module_linear else 0 for n in nodes)
 
 
 def _is_param(node) -> bool:
@@ -218,10 +255,14 @@ def _is_param(node) -> bool:
 
 
 def _matmul_macs(node) -> int:
-    """MACs of one autograd node if it is a product of two activations, else 0. SDPA, per head and batch:
-    QKᵀ costs L·S·E and AV costs L·S·E_v (ptflops and torch.utils.flop_counter count it the same way)."""
+    """MACs of one autograd node that is a matrix product outside the conv/linear modules, else 0: a product of two
+    activations, or a linear layer applied functionally (an mm/addmm with a weight, not from an nn.Linear call).
+    SDPA, per head and batch: QKᵀ costs L·S·E and AV costs L·S·E_v (as ptflops and torch.utils.flop_counter)."""
     kind = type(node).__name__
     try:
+        if kind == "AddmmBackward0":              # F.linear(x, W, b) on a 2-D view; sizes are saved even for frozen W
+            a, b = node._saved_mat1_sym_sizes, node._saved_mat2_sym_sizes
+            return a[0] * a[1] * b[1]
         if kind.startswith("ScaledDotProduct"):
             q, k, v = node._saved_query, node._saved_key, node._saved_value
             return math.prod(q.shape[:-2]) * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
@@ -229,11 +270,9 @@ def _matmul_macs(node) -> int:
             a, b = node._saved_self, node._saved_mat2
         elif kind == "BaddbmmBackward0":
             a, b = node._saved_batch1, node._saved_batch2
-        elif kind == "MmBackward0":
-            if any(_is_param(nx) for nx, _ in node.next_functions):
-                return 0
-            a, b = node._saved_self, node._saved_mat2
-            return a.shape[0] * a.shape[1] * b.shape[1]
+        elif kind == "MmBackward0":                # two activations, or F.linear without a bias
+            a, b = node._saved_self_sym_sizes, node._saved_mat2_sym_sizes
+            return a[0] * a[1] * b[1]
         else:
             return 0
         return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
