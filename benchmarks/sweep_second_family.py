@@ -8,7 +8,6 @@ Writes (or replaces) its section of benchmarks/SWEEP.md, keeping the rest of the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ import torch
 from ftwt_cli.arch import DataConfig, build_model, parse_arch
 from ftwt_cli.data import open_data
 from ftwt_cli.demo import train_classifier
-from sweep_fashion_mnist import HERE, MEAN, STD, WORK, sweep, table
+from md_sections import write_section
+from sweep_fashion_mnist import HERE, WORK, sweep, table
 
 
 def main() -> int:
@@ -61,15 +61,7 @@ def main() -> int:
              "Points not finished: " + (", ".join(p["name"] for p in points if p["status"] != "done") or "none") + ".", ""]
     section = "\n".join(lines)
     print(section)
-    path = Path(args.out)
-    text = path.read_text()
-    if title in text:                            # replace this section, keep everything else
-        head, _, rest = text.partition(title)
-        nxt = rest.find("\n## ")
-        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    write_section(Path(args.out), title, section)
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 from ftwt_cli.arch import DataConfig, build_model, parse_arch
 from ftwt_cli.data import open_data
 from ftwt_cli.demo import train_classifier
+from md_sections import write_section
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
@@ -90,15 +91,7 @@ def main() -> int:
                      f"{'–' if oracle is None else f'{oracle:.1%}'} |")
     section = "\n".join(lines) + "\n"
     print(section)
-    path = Path(args.out)
-    text = path.read_text()
-    if SECTION in text:                      # replace this script's section, keep everything else
-        head, _, rest = text.partition(SECTION)
-        nxt = rest.find("\n## ")
-        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    write_section(Path(args.out), SECTION, section)
     return 0
 
 

@@ -20,7 +20,6 @@ removed only through their handles; ``copy.deepcopy(model)`` yields an independe
 from __future__ import annotations
 
 import copy
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
