@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torchvision
@@ -40,10 +41,14 @@ def sh(*args: str) -> float:
     return time.time() - t
 
 
-def train_baseline(path: Path, epochs: int, workers: int) -> float:
+def train_baseline(path: Path, epochs: int, workers: int, model: Optional[torch.nn.Module] = None,
+                   cfg: DataConfig = CFG) -> float:
+    """Train ``model`` (default: a torchvision ResNet-18) on Fashion-MNIST with ``cfg`` and save its state dict
+    atomically at ``path``; returns the seconds it took."""
     t0 = time.time()
-    data = open_data("fashion-mnist", CFG, num_classes=10)
-    model = train_classifier(torchvision.models.resnet18(num_classes=10), data, epochs, workers=workers)
+    data = open_data("fashion-mnist", cfg, num_classes=10)
+    model = train_classifier(model if model is not None else torchvision.models.resnet18(num_classes=10), data,
+                             epochs, workers=workers)
     torch.save(model.state_dict(), path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
     return time.time() - t0

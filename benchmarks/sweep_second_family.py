@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from ftwt_cli.arch import DataConfig, build_model, parse_arch
-from ftwt_cli.data import open_data
-from ftwt_cli.demo import train_classifier
+from ftwt_cli.arch import build_model, parse_arch
+from fashion_mnist import CFG, train_baseline
 from md_sections import write_section
 from sweep_fashion_mnist import HERE, WORK, sweep, table
 
@@ -37,14 +35,9 @@ def main() -> int:
     spec = parse_arch(args.arch)
     ckpt = WORK / f"{spec.name}-fashion-mnist-b{args.baseline_epochs}.pth"
     if not ckpt.exists():
-        t0 = time.time()
-        cfg = DataConfig((3, 32, 32), (0.286,) * 3, (0.353,) * 3, "bilinear", 1.0, "center")
         torch.manual_seed(0)
-        model = train_classifier(build_model(spec, 10), open_data("fashion-mnist", cfg, num_classes=10),
-                                 args.baseline_epochs, workers=args.workers)
-        torch.save(model.state_dict(), ckpt.with_suffix(".tmp"))
-        ckpt.with_suffix(".tmp").replace(ckpt)
-        print(f"baseline: {time.time() - t0:.0f} s", flush=True)
+        seconds = train_baseline(ckpt, args.baseline_epochs, args.workers, build_model(spec, 10), CFG)
+        print(f"baseline: {seconds:.0f} s", flush=True)
     out = WORK / (f"sweep-{spec.name}-b{args.baseline_epochs}-s{args.seed}" + ("" if args.exclude else "-all"))
     points = sweep(ckpt, out, args.rs, args.seed, "l1", args.workers, arch=str(spec),
                    extra=("--exclude", args.exclude) if args.exclude else ())

@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 from ftwt_cli.arch import DataConfig, build_model, parse_arch
-from ftwt_cli.data import open_data
-from ftwt_cli.demo import train_classifier
+from fashion_mnist import train_baseline
 from md_sections import write_section
 
 HERE = Path(__file__).resolve().parent
@@ -50,14 +49,10 @@ def main() -> int:
     ckpt = WORK / f"{tag}.pth"
     size = (3, args.size, args.size)
     if not ckpt.exists():
-        t0 = time.time()
-        cfg = DataConfig(size, MEAN, STD, "bilinear", 1.0, "center")
         torch.manual_seed(0)
-        model = train_classifier(build_model(spec, 10), open_data("fashion-mnist", cfg, num_classes=10),
-                                 args.baseline_epochs, workers=args.workers)
-        torch.save(model.state_dict(), ckpt.with_suffix(".tmp"))
-        ckpt.with_suffix(".tmp").replace(ckpt)
-        print(f"baseline: {time.time() - t0:.0f} s", flush=True)
+        seconds = train_baseline(ckpt, args.baseline_epochs, args.workers, build_model(spec, 10),
+                                 DataConfig(size, MEAN, STD, "bilinear", 1.0, "center"))
+        print(f"baseline: {seconds:.0f} s", flush=True)
     out = WORK / f"sweep-{tag}"
     cmd = [sys.executable, "-m", "ftwt_cli", "sweep", str(ckpt), "--data", "fashion-mnist", "--arch", args.arch,
            "--input-size", ",".join(map(str, size)), "--mean", ",".join(map(str, MEAN)), "--std", ",".join(map(str, STD)),

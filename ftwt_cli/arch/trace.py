@@ -12,8 +12,9 @@ autograd graph (the approach of Torch-Pruning's DependencyGraph). From it we der
   identities, which leave no autograd node in eval mode) is read only by a Linear (fc2). The hidden units are the
   filters: the mask goes on fc1's output, so the activation and fc2 see exact zeros. Gated GLU/SwiGLU MLPs (fc1's
   output split, or the activation multiplied by a second branch) are refused with the reason.
-* attention's matrix products (``bmm``, ``scaled_dot_product_attention``, a ``mm`` of two activations): their
-  MACs per sample at the traced size (``attention_macs``); they stay dense.
+* attention computed outside conv/linear modules (``bmm``, ``scaled_dot_product_attention``, a ``mm`` of two
+  activations, projections applied with ``F.linear``): its MACs per sample at the traced size (``attention_macs``);
+  it stays dense.
 * for every conv/linear (and every gate), a sparsity expression saying which channels of the tensor it
   reads are structurally zero: the mask of a unit, carried through activations, pooling, padding and
   products, concatenated by ``cat``, sliced by ``split``; a sum is zero only where all its terms are.
@@ -107,7 +108,7 @@ class Plan:
     ops: List[MacOp]
     rejected: Dict[str, str] = field(default_factory=dict)   # conv path -> why it is not gateable
     input_size: Tuple[int, int, int] = (3, 224, 224)
-    attention_macs: float = 0.0   # per sample at input_size: attention's matrix products (always dense)
+    attention_macs: float = 0.0   # per sample at input_size: attention outside conv/linear modules (always dense)
 
     def to_dict(self) -> dict:
         # a CNN's plan is written as releases before MLP units wrote it (no kind, reader or attention_macs), so they

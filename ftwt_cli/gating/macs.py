@@ -5,8 +5,9 @@ where active_in_g counts the input channels of group g that are not *structurall
 conv reads (a unit's mask carried through activations/pooling/concat; a residual sum is dense unless all
 its terms are zero), and active_out_g counts the output channels the conv computes (its own mask when it
 is gated). Depthwise convs (g = C) thus cost Σ_c in_c·out_c·k²·HW. A linear layer costs
-active_in · active_out · tokens (an MLP's fc1 computes only its active hidden units, fc2 reads only them);
-attention's matrix products (QKᵀ and AV) cost L·S·(E + E_v) per head and stay dense. A gate costs active_in · C_out (GAP → Linear; pooling is not a MAC).
+active_in · active_out · tokens (an MLP's fc1 computes only its active hidden units, fc2 reads only them).
+Attention computed outside conv/linear modules (QKᵀ and AV at L·S·(E + E_v) per head, projections applied with
+F.linear) stays dense. A gate costs active_in · C_out (GAP → Linear; pooling is not a MAC).
 Norms, activations and pooling are not counted: that is ptflops' ``aten`` convention.
 
 This module only does arithmetic on masks and shapes; it never runs a model. Counts are exact (integers held
@@ -93,8 +94,8 @@ def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, 
                device: Optional[torch.device | str] = None, attention: float = 0.0) -> MacsBreakdown:
     """Per-sample MACs of one forward. ``masks`` holds the (B, C_out) bool masks of gated units (missing =
     dense); ``positions`` the output positions each op saw in this forward (summed over calls); ``gates_run``
-    adds each gate's cost, active_in · C_out. ``attention``: the per-sample MACs of attention's matrix products
-    (QKᵀ, AV), which stay dense. Results live on the masks' device (else ``device``, else CPU).
+    adds each gate's cost, active_in · C_out. ``attention``: the per-sample MACs of attention computed outside conv/linear
+    modules (QKᵀ, AV, functional projections), which stays dense. Results live on the masks' device (else ``device``, else CPU).
     A layer called more than once is counted dense on every call."""
     dev = torch.device(device) if device is not None else next((m.device for m in masks.values()), torch.device("cpu"))
     per_op: Dict[str, torch.Tensor] = {}
