@@ -28,6 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
 MEAN, STD = "0.286,0.286,0.286", "0.353,0.353,0.353"
+KEPT_FROM = "## What it shows"
 
 
 def baseline(epochs: int) -> Path:
@@ -153,7 +154,11 @@ def main() -> int:
         lines.append("")
     if (HERE / "sweep-fashion-mnist.png").exists():
         lines += [f"![top-1 against MACs, seed {seeds[0]}](sweep-fashion-mnist.png)", ""]
-    Path(args.out).write_text("\n".join(lines))
+    # The reading of the numbers ("## What it shows") and the second family's section (sweep_second_family.py) are
+    # kept as they are: only the part above them is generated here.
+    md = Path(args.out)
+    kept = md.read_text().partition(KEPT_FROM)[2] if md.exists() else ""
+    md.write_text("\n".join(lines) + ("\n" + KEPT_FROM + kept if kept else ""))
     print("\n".join(lines))
     return 0
 
