@@ -41,9 +41,9 @@ class LayerRow:
     out_channels: int
     kernel: Tuple[int, int]
     groups: int
-    dense_macs: float          # the MACs the unit's mask scales: its conv, or an MLP's fc1 and fc2
+    dense_macs: float          # the MACs the unit's mask scales: its conv, or an MLP's fc1 (both halves) and fc2
     gate_macs: int
-    kind: str = "conv"         # "conv" | "mlp"
+    kind: str = "conv"         # "conv" | "mlp" | "glu"
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
                         "and MLPs (attention and other layers stay dense)", "use a model whose compute is in convolutions or MLP blocks")
 
     rows = tuple(LayerRow(u.name, u.in_channels, u.out_channels, tuple(u.kernel), u.groups,
-                          sum(float(dense.per_op[n][0]) for n in (u.name, u.reader) if n in dense.per_op),
+                          sum(float(dense.per_op[n][0]) for n in (u.name, u.reader, u.partner) if n in dense.per_op),
                           u.in_channels * u.out_channels, u.kind) for u in units)
     meta = RunMeta(
         arch=ArchInfo(det.arch.source, det.arch.name, nc, det.in_chans),

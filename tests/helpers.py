@@ -30,16 +30,24 @@ class MacsMeter:
     def __init__(self, g: GatedModel):
         self.g, self.macs, self.handles = g, None, []
         mods = dict(g.backbone.named_modules())
-        ends = {u.end: u.name for u in g.units}
+        ends = {u.end: u.name for u in g.units if u.kind != "glu"}
         self.out_active = {}
         for op in g.plan.ops:
             self.handles.append(mods[op.name].register_forward_hook(self._op_hook(op)))
         for end, conv in ends.items():   # registered after the mask hook: sees the masked output
             self.handles.append(mods[end].register_forward_hook(self._end_hook(conv)))
+        for u in g.units:                # a gated MLP: the features of the product fc2 reads (after the mask)
+            if u.kind == "glu":
+                self.handles.append(mods[u.reader].register_forward_pre_hook(self._reader_hook(u.name)))
 
     def _end_hook(self, conv):
         def hook(m, args, out):
             self.out_active[conv] = _active(out, isinstance(m, nn.Linear))
+        return hook
+
+    def _reader_hook(self, unit):
+        def hook(m, args):
+            self.out_active[unit] = _active(args[0], True)
         return hook
 
     def _op_hook(self, op):
@@ -54,9 +62,15 @@ class MacsMeter:
         B = x.shape[0]
         total = torch.zeros(B, dtype=torch.float64)
         gated = {u.name: u for u in self.g.units}
+        # the rows a gated MLP's fc1 computes: the hidden units fc2 reads, in each half of a chunked fc1 and in the
+        # gate projection of a SwiGLU
+        computes = {**{n: n for n in gated}, **{u.partner: u.name for u in self.g.units if u.partner}}
         for op, a_in, out in self.pending:
-            a_out = self.out_active.get(op.name, torch.ones(B, op.out_channels, dtype=torch.bool)) if op.name in gated and self.g.mode != "open" \
-                else torch.ones(B, op.out_channels, dtype=torch.bool)
+            a_out = torch.ones(B, op.out_channels, dtype=torch.bool)
+            if op.name in computes and self.g.mode != "open":
+                a_out = self.out_active.get(computes[op.name], a_out)
+                if a_out.shape[1] * 2 == op.out_channels:
+                    a_out = torch.cat([a_out, a_out], 1)
             pos = out.numel() // (B * op.out_channels)      # H·W, or tokens (Swin folds windows into dim 0)
             cin, cout = op.in_channels // op.groups, op.out_channels // op.groups
             for b in range(B):
@@ -65,7 +79,7 @@ class MacsMeter:
                     o = int(a_out[b, grp * cout:(grp + 1) * cout].sum())
                     total[b] += i * o * op.kernel_area * pos
                 if op.name in gated and self.g.mode != "open":
-                    total[b] += int(a_in[b].sum()) * op.out_channels     # the gate: GAP → Linear on the same input
+                    total[b] += int(a_in[b].sum()) * gated[op.name].out_channels     # the gate: GAP → Linear(C_in → units)
         # attention's matrix products (dense, no weights to hook): the model's own per-size figure
         return total + self.g.attention_macs(tuple(x.shape[1:]))
 

@@ -130,10 +130,20 @@ def test_vit_attaches_its_mlps_without_arch(tmp_path):
     assert meta["plan"]["attention_macs"] == 12 * 3 * 2 * 197 * 197 * 64     # QKᵀ and AV, 3 heads of 64
 
 
-def test_model_with_only_glu_mlps_is_refused(tmp_path):
+def test_glu_mlps_attach_and_coupled_ones_are_refused(tmp_path):
     import timm
+    # EVA-02 tiny: SwiGLU MLPs (one fc1 chunked into value and gate halves) are gated
     p = tmp_path / "eva.pth"
     torch.save(timm.create_model("eva02_tiny_patch14_224", num_classes=5).state_dict(), p)
     res = runner.invoke(app, ["attach", str(p), "--arch", "timm:eva02_tiny_patch14_224", "--run", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    units = json.loads((tmp_path / "r" / "ftwt.json").read_text())["plan"]["units"]
+    assert [u["reader"] for u in units if u.get("kind") == "glu"] == [f"blocks.{i}.mlp.fc2" for i in range(12)]
+    assert "GLU MLP" in res.stdout
+    # EVA-02 base normalises over the hidden units (scale_mlp): masking some would change the rest; under 10% of
+    # its MACs (the patch embedding) is left
+    p = tmp_path / "eva-base.pth"
+    torch.save(timm.create_model("eva02_base_patch14_224", num_classes=5).state_dict(), p)
+    res = runner.invoke(app, ["attach", str(p), "--arch", "timm:eva02_base_patch14_224", "--run", str(tmp_path / "b")])
     assert res.exit_code == 2 and "nothing worth gating" in res.stderr
-    assert not (tmp_path / "r").exists()
+    assert not (tmp_path / "b").exists()

@@ -88,23 +88,72 @@ def test_activation_with_nonzero_at_zero_is_refused(act, why):
     assert why in plan.rejected["blocks.0.mlp.fc1"]
 
 
-def test_gated_glu_is_refused_with_its_reason():
-    plan = _plan(TinyViT(nn.GELU, glu=True))
-    assert not [u for u in plan.units if u.kind == "mlp"]
-    assert "GLU" in plan.rejected["blocks.0.mlp.fc1"]
+class SwiGLUFunctional(nn.Module):
+    """Gemma/LLaMA style: down(act(gate(x)) * up(x)), no module between the product and fc2."""
+
+    def __init__(self, dim: int, hidden: int, gate_act=F.gelu) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.gate_act = gate_act
+
+    def forward(self, x):
+        return self.down_proj(self.gate_act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def test_timm_swiglu_is_refused_and_timm_mlp_is_a_unit():
-    from timm.layers import Mlp as TimmMlp, SwiGLU
+def _with_mlp(mlp, **kw):
+    m = TinyViT(**kw)
+    for b in m.blocks:
+        b.mlp = mlp()
+    return m
 
-    def net(mlp):
-        m = TinyViT()
-        for b in m.blocks:
-            b.mlp = mlp()
-        return m
-    assert "GLU" in _plan(net(lambda: SwiGLU(16, 32))).rejected["blocks.0.mlp.fc1_g"]
-    assert [u.reader for u in _plan(net(lambda: TimmMlp(16, 32))).units if u.kind == "mlp"] == \
+
+def _glu_fused():         # timm GluMlp's layout, with a sigmoid gate (f(0) ≠ 0 is fine: the mask is on the product)
+    return TinyViT(nn.Sigmoid, glu=True)
+
+
+def _glu_timm_swiglu():
+    from timm.layers import SwiGLU
+    return _with_mlp(lambda: SwiGLU(16, 32))
+
+
+def _glu_functional():
+    return _with_mlp(lambda: SwiGLUFunctional(16, 32))
+
+
+GLU_BUILDS = [_glu_fused, _glu_timm_swiglu, _glu_functional]
+GLU_IDS = ["fused-chunk", "timm-swiglu", "functional-swiglu"]
+
+
+@pytest.mark.parametrize("build,name,partner,reader,hidden", [
+    (_glu_fused, "mlp.fc1", None, "mlp.fc2", 64),
+    (_glu_timm_swiglu, "mlp.fc1_x", "mlp.fc1_g", "mlp.fc2", 32),
+    (_glu_functional, "mlp.up_proj", "mlp.gate_proj", "mlp.down_proj", 32)], ids=GLU_IDS)
+def test_gated_glu_mlps_are_units(build, name, partner, reader, hidden):
+    plan = _plan(build())
+    glu = {u.name: u for u in plan.units if u.kind == "glu"}
+    assert set(glu) == {f"blocks.{i}.{name}" for i in (0, 1)} and not [u for u in plan.units if u.kind == "mlp"]
+    u = glu[f"blocks.0.{name}"]
+    assert (u.in_channels, u.out_channels, u.end, u.reader) == (16, hidden, f"blocks.0.{reader}", f"blocks.0.{reader}")
+    assert u.partner == (partner and f"blocks.0.{partner}")
+    assert {o.name: o for o in plan.ops}[u.reader].in_expr == ["unit", u.name, hidden]
+    assert not plan.rejected
+
+
+def test_timm_mlp_is_a_unit():
+    from timm.layers import Mlp as TimmMlp
+    assert [u.reader for u in _plan(_with_mlp(lambda: TimmMlp(16, 32))).units if u.kind == "mlp"] == \
         ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
+
+
+def test_glu_with_coupled_hidden_units_is_refused():
+    from timm.layers import SwiGLU
+    # a LayerNorm over the hidden units (EVA's scale_mlp): masking some would change the others
+    plan = _plan(_with_mlp(lambda: SwiGLU(16, 32, norm_layer=nn.LayerNorm)))
+    assert not [u for u in plan.units if u.kind != "conv"]
+    assert "GLU" in plan.rejected["blocks.0.mlp.fc1_g"] and "norm" in plan.rejected["blocks.0.mlp.fc1_g"]
+    # a softmax over the hidden units on the gate side: not elementwise, every gate row is needed
+    plan = _plan(_with_mlp(lambda: SwiGLUFunctional(16, 32, gate_act=lambda t: t.softmax(-1))))
+    assert not [u for u in plan.units if u.kind != "conv"]
 
 
 def test_mlp_on_one_vector_per_sample_is_not_gated():
@@ -116,7 +165,7 @@ def test_mlp_on_one_vector_per_sample_is_not_gated():
 def _masked_outputs_are_zero(g, x):
     seen = {}
     hooks = [g.backbone.get_submodule(u.reader).register_forward_pre_hook(lambda m, a, n=u.name: seen.__setitem__(n, a[0]))
-             for u in g.units if u.kind == "mlp"]
+             for u in g.units if u.kind != "conv"]
     try:
         g(x)
     finally:
@@ -128,9 +177,10 @@ def _masked_outputs_are_zero(g, x):
         assert not mask.all()
 
 
-def test_oracle_masks_zero_fc2_inputs_and_compact_matches_masked():
+@pytest.mark.parametrize("build", [TinyViT, *GLU_BUILDS], ids=["mlp", *GLU_IDS])
+def test_oracle_masks_zero_fc2_inputs_and_compact_matches_masked(build):
     torch.manual_seed(0)
-    m = TinyViT()
+    m = build()
     g = GatedModel(m, _plan(m)).eval().set_gates("oracle", r=0.8)
     x = torch.randn(3, *SIZE)
     with torch.no_grad():
@@ -145,16 +195,21 @@ def test_oracle_masks_zero_fc2_inputs_and_compact_matches_masked():
             assert torch.allclose(y, ref[b], atol=1e-5)
 
 
-def test_gate_training_reaches_mlp_gates():
-    m = TinyViT()
+@pytest.mark.parametrize("build,hidden", [(TinyViT, 64), (_glu_fused, 64), (_glu_timm_swiglu, 32)],
+                         ids=["mlp", "fused-chunk", "timm-swiglu"])
+def test_gate_training_reaches_mlp_gates(build, hidden):
+    torch.manual_seed(0)
+    m = build()
     g = GatedModel(m, _plan(m)).train().set_gates("predict")
+    name = next(u.name for u in g.units if u.kind != "conv" and u.name.startswith("blocks.0."))
     with g.collecting(decoupled=True):
-        g(torch.randn(2, *SIZE))
-    t = g.last_targets["blocks.0.mlp.fc1"]
-    logits = g.last_logits["blocks.0.mlp.fc1"]
-    assert t.shape == logits.shape == (2, 64)
-    F.binary_cross_entropy_with_logits(logits, t.float()).backward()
-    assert g.gates["blocks__0__mlp__fc1"].fc.weight.grad.abs().sum() > 0
+        out = g(torch.randn(2, *SIZE))
+    t, logits = g.last_targets[name], g.last_logits[name]
+    assert t.shape == logits.shape == (2, hidden) and 0 < t.sum() < t.numel()
+    # the task loss reaches the backbone through the masked hidden units; BCE reaches the gate
+    (F.cross_entropy(out, torch.tensor([0, 1])) + F.binary_cross_entropy_with_logits(logits, t.float())).backward()
+    assert g.gates[name.replace(".", "__")].fc.weight.grad.abs().sum() > 0
+    assert g.backbone.get_submodule(name).weight.grad.abs().sum() > 0
 
 
 def _vit(**kw):
@@ -170,15 +225,19 @@ def _convnext():
     return timm.create_model("convnext_atto", conv_mlp=False, num_classes=10)
 
 
-@pytest.mark.parametrize("build", [_vit, _swin, _convnext, lambda: torchvision.models.swin_t(num_classes=10)],
-                         ids=["vit", "swin", "convnext", "tv-swin"])
+def _eva02():           # fused GLU MLPs (timm GluMlp with SiLU: SwiGLU), rotary embeddings
+    return timm.create_model("eva02_tiny_patch14_224", img_size=64, patch_size=16, depth=2, num_classes=10)
+
+
+@pytest.mark.parametrize("build", [_vit, _swin, _convnext, lambda: torchvision.models.swin_t(num_classes=10), _eva02],
+                         ids=["vit", "swin", "convnext", "tv-swin", "eva02-glu"])
 @pytest.mark.parametrize("mode", ["open", "oracle"])
 def test_transformer_open_gates_exact_and_macs_match_hooks(build, mode):
     torch.manual_seed(0)
     m = build().eval()
     src = copy.deepcopy(m)
     g = GatedModel(m, trace_plan(m, (3, 64, 64))).eval().set_gates(mode, r=0.85)
-    assert any(u.kind == "mlp" for u in g.units)
+    assert any(u.kind in ("mlp", "glu") for u in g.units)
     x = torch.randn(2, 3, 64, 64)
     measured = MacsMeter(g).run(x)
     assert torch.allclose(g.last_stats.macs, measured, rtol=1e-12), (g.last_stats.macs, measured)

@@ -10,8 +10,12 @@ autograd graph (the approach of Torch-Pruning's DependencyGraph). From it we der
 * MLP units (``kind="mlp"``): a Linear (fc1) on tokens, channels last — (B, N, C) for a ViT, (B, H, W, C) for
   ConvNeXt or Swin — whose output is read only by an activation with f(0)=0, whose output (through dropout or
   identities, which leave no autograd node in eval mode) is read only by a Linear (fc2). The hidden units are the
-  filters: the mask goes on fc1's output, so the activation and fc2 see exact zeros. Gated GLU/SwiGLU MLPs (fc1's
-  output split, or the activation multiplied by a second branch) are refused with the reason.
+  filters: the mask goes on fc1's output, so the activation and fc2 see exact zeros.
+* gated MLP units (``kind="glu"``): fc2 reads the elementwise product act(g) · x of two halves of one fc1 (timm
+  ``GluMlp``) or of two Linears on the same input (SwiGLU: timm ``SwiGLU``, LLaMA-style gate/up projections). Hidden
+  unit j is the product's j-th feature; the mask goes on fc2's input, so fc2 reads exact zeros whatever act(0) is,
+  and the rows of both fc1 halves (``partner``: the second Linear) for an inactive unit need not run. A norm over the
+  hidden units between the product and fc2 couples them: refused.
 * attention computed outside conv/linear modules (``bmm``, ``scaled_dot_product_attention``, a ``mm`` of two
   activations, projections applied with ``F.linear``): its MACs per sample at the traced size (``attention_macs``);
   it stays dense.
@@ -55,6 +59,12 @@ _RESHAPES = {"ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "S
 _FOLDED = "runs on heads or windows folded into the batch dim: one mask per sample cannot reach them"
 # Functional activations (f(0)=0) between fc1 and fc2 of an MLP, by autograd node, as GatedModel names them.
 _FUNCTIONAL_ACTS = {"GeluBackward0": "gelu", "ReluBackward0": "relu", "SiluBackward0": "silu"}
+# Elementwise activations on the gate side of a GLU product (any f: the mask is on the product, not on fc1).
+_ELEMENTWISE = {"GeluBackward0", "SiluBackward0", "ReluBackward0", "SigmoidBackward0", "TanhBackward0",
+                "HardswishBackward0", "HardsigmoidBackward0", "MishBackward0", "EluBackward0", "LeakyReluBackward0",
+                "SoftplusBackward0", "HardtanhBackward0"}
+# Copies between a GLU product and fc2 (dropout and identities leave no node in eval mode).
+_COPIES = {"CloneBackward0", "ToCopyBackward0", "ContiguousBackward0", "AliasBackward0"}
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
                 nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Identity, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
 
@@ -85,8 +95,9 @@ class Unit:
     groups: int
     in_expr: Expr                 # sparsity of the conv's (and gate's) input
     shortcut: bool = False        # a 1×1 conv on a residual shortcut
-    kind: str = "conv"            # "conv" (channels at dim 1) | "mlp" (a Linear on tokens, channels last)
-    reader: Optional[str] = None  # mlp: the Linear (fc2) that reads the hidden units
+    kind: str = "conv"            # "conv" (channels at dim 1) | "mlp" (a Linear on tokens, channels last) | "glu"
+    reader: Optional[str] = None  # mlp, glu: the Linear (fc2) that reads the hidden units (glu: masked on its input)
+    partner: Optional[str] = None  # glu: the second fc1 (SwiGLU's gate projection), whose rows follow the mask
 
 
 @dataclass(frozen=True)
@@ -113,7 +124,7 @@ class Plan:
     def to_dict(self) -> dict:
         # a CNN's plan is written as releases before MLP units wrote it (no kind, reader or attention_macs), so they
         # still read it
-        units = [{k: v for k, v in asdict(u).items() if u.kind != "conv" or k not in ("kind", "reader")}
+        units = [{k: v for k, v in asdict(u).items() if u.kind != "conv" or k not in ("kind", "reader", "partner")}
                  for u in self.units]
         d = {"units": units, "ops": [asdict(o) for o in self.ops], "rejected": self.rejected,
              "input_size": list(self.input_size)}
@@ -369,7 +380,18 @@ class _Analysis:
             else:
                 units.append(unit)
                 self.unit_end_nodes[self._once(unit.end)["out"][0]] = (unit.name, unit.out_channels)
+        glu = {}
         for name, m in self.modules.items():
+            if isinstance(m, nn.Linear):
+                u = self._glu_unit(name)
+                if u is not None:
+                    glu.update({u.name: u, **({u.partner: None} if u.partner else {})})
+        for name, m in self.modules.items():
+            if name in glu:
+                if glu[name] is not None:
+                    units.append(glu[name])
+                    self.fixed_exprs[glu[name].reader] = ["unit", name, glu[name].out_channels]
+                continue
             if isinstance(m, nn.Linear):
                 unit, why = self._mlp_unit(name, m)
                 if unit is not None:
@@ -469,8 +491,8 @@ class _Analysis:
             near = self.consumers.get(readers[0], [])
             near = near + [c for n in near for c in self.consumers.get(n, [])]
             if any(type(c).__name__ == "MulBackward0" for c in near):
-                return None, ("its output is split into value and gate halves (a gated GLU MLP); ftwt gates plain "
-                              "fc1 → activation → fc2 MLPs")
+                return None, ("its output is split into value and gate halves (a gated GLU MLP) whose product is not "
+                              "read by one Linear alone (a norm over the hidden units couples them); not gated")
             return None, ""
         acts = [n for n in self._modules_reading(node)
                 if _is_activation(self.modules[n]) and not isinstance(self.modules[n], nn.Identity) and self._once(n)]
@@ -487,7 +509,8 @@ class _Analysis:
         fc2 = [n for n in self._modules_reading(act_node) if isinstance(self.modules[n], nn.Linear)]
         if len(after) != 1 or len(fc2) != 1:
             if any(type(a).__name__ == "MulBackward0" for a in after):
-                return None, "its activation is multiplied by another branch (a gated GLU/SwiGLU MLP); not gated"
+                return None, ("its activation is multiplied by another branch (a gated GLU/SwiGLU MLP) whose product "
+                              "is not read by one Linear alone (a norm over the hidden units couples them); not gated")
             return None, "its activation is not read by exactly one Linear"
         reader = fc2[0]
         if self._once(reader) is None or self.modules[reader].in_features != hidden:
@@ -499,6 +522,62 @@ class _Analysis:
             # on one vector per sample (a classifier MLP) the gate, Linear(C_in → hidden), costs as much as fc1
             return None, "a Linear on one vector per sample: its gate would cost as much as the layer"
         return Unit(name, name, act, fc1.in_features, hidden, (1, 1), 1, [], kind="mlp", reader=reader), ""
+
+    def _glu_unit(self, name: str) -> Optional[Unit]:
+        """A gated MLP whose fc2 is ``name``: fc2 reads (through copies) only act(g) · x, where g and x are the two
+        halves of one fc1 (``chunk``) or two Linears on the same input, and act is elementwise."""
+        call = self._once(name)
+        if call is None or not call["in"]:
+            return None
+        node, _ = call["in"]
+        while type(node).__name__ in _COPIES and len(self.consumers.get(node, [])) == 1:
+            node = node.next_functions[0][0]
+        if type(node).__name__ != "MulBackward0" or len(self.consumers.get(node, [])) != 1:
+            return None
+        ins = self._inputs(node)
+        if len(ins) != 2 or None in ins:
+            return None
+        sides = [self._glu_side(n, k, node) for n, k in ins]
+        if None in sides or sorted(s[2] for s in sides) != [False, True]:     # exactly one side activated
+            return None
+        (x_lin, x_half, _), (g_lin, g_half, _) = sorted(sides, key=lambda s: s[2])
+        hidden = self.modules[name].in_features
+        fc1, fc1_call = self.modules[x_lin], self._once(x_lin)
+        if x_lin == g_lin:                       # one fc1, chunked into two halves
+            if x_half == g_half or x_half is None or fc1.out_features != 2 * hidden:
+                return None
+            partner = None
+        else:                                    # two Linears on the same input, each of width hidden
+            g_call = self._once(g_lin)
+            if (x_half is not None or g_half is not None or g_call["in"] != fc1_call["in"]
+                    or {fc1.out_features, self.modules[g_lin].out_features} != {hidden}):
+                return None
+            partner = g_lin
+        shape = fc1_call.get("out_shape") or ()
+        if (not self._reads_image(fc1_call) or len(shape) < 3 or shape[0] != self.x.shape[0]
+                or math.prod(shape[1:-1]) == 1):
+            return None
+        return Unit(x_lin, name, None, fc1.in_features, hidden, (1, 1), 1, [], kind="glu", reader=name,
+                    partner=partner)
+
+    def _glu_side(self, node, nr: int, mul) -> Optional[Tuple[str, Optional[int], bool]]:
+        """One operand of a GLU product: (the Linear it comes from, which chunk of its output or None, activated)."""
+        activated = type(node).__name__ in _ELEMENTWISE
+        if activated:
+            if self.consumers.get(node, []) != [mul] or node.next_functions[0][0] is None:
+                return None
+            node, nr = node.next_functions[0]
+        half = None
+        if type(node).__name__ in ("SplitBackward0", "SplitWithSizesBackward0"):
+            shape = self.shapes.get(node.next_functions[0][0], [None])[node.next_functions[0][1]]
+            if shape is None or _saved_dim(node) % len(shape) != len(shape) - 1 or len(self.consumers.get(node, [])) != 2:
+                return None
+            half, node = nr, node.next_functions[0][0]
+        lin = next((n for n, cs in self.calls.items() if len(cs) == 1 and cs[0].get("out") and cs[0]["out"][0] is node
+                    and isinstance(self.modules[n], nn.Linear)), None)
+        if lin is None or len(self.consumers.get(node, [])) != 1:
+            return None
+        return lin, half, activated
 
     def _is_shortcut(self, in_node, end_node) -> bool:
         """Reads a branch point (maybe through pooling, as in ResNet-D) and feeds a sum directly."""
@@ -571,7 +650,7 @@ class _Analysis:
                 return dense
             return ["any", terms]
         if kind == "CatBackward0":
-            dim = getattr(node, "_saved_dim", 0)
+            dim = _saved_dim(node)
             shape = self.shapes.get(node, [None])[0]
             if shape is None or dim % len(shape) != 1 or any(i is None for i in ins):
                 return dense
@@ -582,7 +661,7 @@ class _Analysis:
             parent_shape = self.shapes.get(ins[0][0], [None])[ins[0][1]]
             if parent_shape is None:
                 return dense
-            dim = getattr(node, "_saved_dim", 0) % len(parent_shape)
+            dim = _saved_dim(node) % len(parent_shape)
             if dim != 1:
                 src = self._expr(*ins[0])
                 return src if expr_width(src) == width else dense
@@ -614,6 +693,12 @@ class _Analysis:
         if len(shape) == 2 and shape[1] == math.prod(pshape[1:]):     # flatten (B,C,H,W) → (B, C·H·W)
             return ["repeat", src, math.prod(pshape[2:])]
         return ["dense", shape[1]]
+
+
+def _saved_dim(node) -> int:
+    """A node's saved ``dim`` as a signed int (autograd exposes dim=-1 as 2**64 - 1)."""
+    d = int(getattr(node, "_saved_dim", 0))
+    return d - (1 << 64) if d >= 1 << 63 else d
 
 
 def expr_width(e: Expr) -> int:

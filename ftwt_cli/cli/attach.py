@@ -41,7 +41,7 @@ def print_attach_report(r: "AttachReport") -> None:
                    ("dense MACs", "right"), ("gate MACs", "right")):
         t.add_column(col, justify=j)
     for l in r.layers:
-        t.add_row(l.name, f"{l.in_channels}→{l.out_channels}", "MLP" if l.kind == "mlp" else f"{l.kernel[0]}×{l.kernel[1]}", str(l.groups),
+        t.add_row(l.name, f"{l.in_channels}→{l.out_channels}", {"mlp": "MLP", "glu": "GLU MLP"}.get(l.kind, f"{l.kernel[0]}×{l.kernel[1]}"), str(l.groups),
                   _g(l.dense_macs), f"{l.gate_macs:,}")
     gated = sum(l.dense_macs for l in r.layers)
     t.add_section()

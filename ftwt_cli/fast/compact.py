@@ -166,27 +166,35 @@ class CompactConv(nn.Module):
 
 class CompactFc1(nn.Module):
     """fc1 of a gated MLP unit: the gate (pooled over tokens) picks the hidden units, and only their rows of the
-    weight run. Returns the narrow (..., k) tensor; its indices go to ``shared.idx`` for fc2."""
+    weight run. Returns the narrow (..., k) tensor; its indices go to ``shared.idx`` for fc2.
 
-    def __init__(self, name: str, fc1: nn.Linear, gate: Gate, shared: _Shared) -> None:
+    A gated (GLU) MLP: ``halves=2`` for one fc1 chunked into value and gate halves (rows j and hidden + j run), or
+    two of these on the same input (SwiGLU's up and gate projections, the second with ``own_mask=False``), sharing
+    the gate: the first of them to run decides for both, and fc2 reads their narrow product."""
+
+    def __init__(self, name: str, fc1: nn.Linear, gate: Gate, shared: _Shared, *, halves: int = 1,
+                 own_mask: bool = True) -> None:
         super().__init__()
-        self.name, self.gate, self.shared = name, gate, shared
+        self.name, self.gate, self.shared, self.halves, self.own_mask = name, gate, shared, halves, own_mask
         self.register_buffer("weight", fc1.weight.detach().clone().contiguous())        # (hidden, C_in): a row per unit
         b = fc1.bias.detach().clone() if fc1.bias is not None else fc1.weight.new_zeros(fc1.out_features)
         self.register_buffer("bias", b)
-        self.out_channels = fc1.out_features
+        self.out_channels = fc1.out_features // halves
         self.strategy = "mlp"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sh = self.shared
-        logits = self.gate.fc(pool(x, True))
-        mask = sh.forced[self.name] if sh.forced is not None and self.name in sh.forced else logits > 0
-        sh.masks[self.name] = mask
-        idx = (mask.any(0) if mask.shape[0] > 1 else mask[0]).nonzero().squeeze(1)
-        sh.idx[self.name] = idx
-        y = F.linear(x, self.weight.index_select(0, idx), self.bias.index_select(0, idx))
-        if mask.shape[0] > 1:                      # the union was computed: apply each sample's own mask
-            y = y * mask.index_select(1, idx).view(mask.shape[0], *([1] * (y.dim() - 2)), -1).to(y.dtype)
+        if self.name not in sh.idx:
+            logits = self.gate.fc(pool(x, True))
+            mask = sh.forced[self.name] if sh.forced is not None and self.name in sh.forced else logits > 0
+            sh.masks[self.name] = mask
+            sh.idx[self.name] = (mask.any(0) if mask.shape[0] > 1 else mask[0]).nonzero().squeeze(1)
+        mask, idx = sh.masks[self.name], sh.idx[self.name]
+        rows = torch.cat([idx + h * self.out_channels for h in range(self.halves)]) if self.halves > 1 else idx
+        y = F.linear(x, self.weight.index_select(0, rows), self.bias.index_select(0, rows))
+        if mask.shape[0] > 1 and self.own_mask:    # the union was computed: apply each sample's own mask
+            m = mask.index_select(1, idx).repeat(1, self.halves)
+            y = y * m.view(mask.shape[0], *([1] * (y.dim() - 2)), -1).to(y.dtype)
         return y
 
 
@@ -250,9 +258,12 @@ def make_compact(gated: GatedModel, *, calibrate: bool = True, input_size: Optio
     units: Dict[str, nn.Module] = {}
     mods = dict(backbone.named_modules())
     for u in gated.units:
-        if u.kind == "mlp":
-            units[u.name] = CompactFc1(u.name, mods[u.name], gates[gate_key(u.name)], shared)
+        if u.kind in ("mlp", "glu"):
+            gate, fc1 = gates[gate_key(u.name)], mods[u.name]
+            units[u.name] = CompactFc1(u.name, fc1, gate, shared, halves=fc1.out_features // u.out_channels)
             replace_module(backbone, u.name, units[u.name])
+            if u.partner:
+                replace_module(backbone, u.partner, CompactFc1(u.name, mods[u.partner], gate, shared, own_mask=False))
             replace_module(backbone, u.reader, CompactFc2(u.name, mods[u.reader], shared))
             continue
         conv = mods[u.name]

@@ -5,7 +5,8 @@ where active_in_g counts the input channels of group g that are not *structurall
 conv reads (a unit's mask carried through activations/pooling/concat; a residual sum is dense unless all
 its terms are zero), and active_out_g counts the output channels the conv computes (its own mask when it
 is gated). Depthwise convs (g = C) thus cost Σ_c in_c·out_c·k²·HW. A linear layer costs
-active_in · active_out · tokens (an MLP's fc1 computes only its active hidden units, fc2 reads only them).
+active_in · active_out · tokens (an MLP's fc1 computes only its active hidden units, fc2 reads only them; a gated
+MLP's two fc1 halves, or its gate and up projections, both compute only the active units' rows).
 Attention computed outside conv/linear modules (QKᵀ and AV at L·S·(E + E_v) per head, projections applied with
 F.linear) stays dense. A gate costs active_in · C_out (GAP → Linear; pooling is not a MAC).
 Norms, activations and pooling are not counted: that is ptflops' ``aten`` convention.
@@ -98,6 +99,7 @@ def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, 
     modules (QKᵀ, AV, functional projections), which stays dense. Results live on the masks' device (else ``device``, else CPU).
     A layer called more than once is counted dense on every call."""
     dev = torch.device(device) if device is not None else next((m.device for m in masks.values()), torch.device("cpu"))
+    owner = {u.partner: u.name for u in units if u.partner}
     per_op: Dict[str, torch.Tensor] = {}
     for op in ops:
         if op.name not in positions:
@@ -105,7 +107,7 @@ def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, 
         if op.calls != 1:
             per_op[op.name] = op_macs(op, None, None, positions[op.name], batch, dev)
         else:
-            per_op[op.name] = op_macs(op, active_channels(op.in_expr, masks, batch), masks.get(op.name),
+            per_op[op.name] = op_macs(op, active_channels(op.in_expr, masks, batch), _out_mask(op, masks, owner),
                                       positions[op.name], batch, dev)
     gates = torch.zeros(batch, dtype=torch.float64, device=dev)
     if gates_run:
@@ -119,8 +121,17 @@ def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, 
     return MacsBreakdown(total, gates, per_op)
 
 
+def _out_mask(op: MacOp, masks: Mapping[str, torch.Tensor], owner: Mapping[str, str]) -> Optional[torch.Tensor]:
+    """The output channels ``op`` computes: its unit's mask (a SwiGLU gate projection follows its unit's; one fc1
+    chunked into a GLU's two halves computes the mask's rows in each half)."""
+    m = masks.get(op.name, masks.get(owner.get(op.name, "")))
+    if m is not None and m.shape[1] * 2 == op.out_channels:
+        return torch.cat([m, m], 1)
+    return m
+
+
 def gated_share(units: Sequence[Unit], per_op: Mapping[str, torch.Tensor], total: float) -> float:
     """Share of a dense forward's MACs (sample 0) that gating scales down: each gated conv, and an MLP unit's
-    fc1 and fc2 (fc2 reads only the hidden units fc1 keeps)."""
-    names = {u.name for u in units} | {u.reader for u in units if u.reader}
+    fc1 and fc2 (fc2 reads only the hidden units fc1 keeps), with a gated MLP's second fc1."""
+    names = {u.name for u in units} | {u.reader for u in units if u.reader} | {u.partner for u in units if u.partner}
     return sum(float(v[0]) for n, v in per_op.items() if n in names) / total

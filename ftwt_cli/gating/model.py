@@ -5,7 +5,8 @@ The backbone is left structurally untouched (its state-dict keys stay the source
 * a forward pre-hook on each gated conv runs its gate on the conv's input (GAP → Linear(C_in → C_out));
 * a forward hook on the unit's end module (the norm after the conv, or the conv itself) computes the mask — from
   the gate (``predict``), from the ground-truth rule on this very output (``oracle``), or none (``open``) — and
-  multiplies it in, so the activation that follows (f(0) = 0) sees exact zeros;
+  multiplies it in, so the activation that follows (f(0) = 0) sees exact zeros; a gated (GLU) MLP's mask goes on
+  its fc2's input instead, by a forward pre-hook, so fc2 reads exact zeros whatever the activation;
 * a forward hook on every conv/linear records its output positions for the MACs count.
 
 Per forward the model records each unit's gate logits, ground-truth scores (when asked) and masks; nothing else.
@@ -134,6 +135,10 @@ class _MaskHook(_Hook):
         return mask.view(mask.shape[0], *([1] * (y.dim() - 2)), mask.shape[1])
 
     def __call__(self, module: nn.Module, args, out: torch.Tensor):
+        return self.apply(out, inplace=out.data_ptr() != args[0].data_ptr())
+
+    def apply(self, out: torch.Tensor, inplace: bool) -> Optional[torch.Tensor]:
+        """Mask ``out`` (the unit's hidden units, channels or features); None leaves it as it is."""
         g, name, rec = self.owner, self.unit.name, self.owner._rec
         if g.mode == "oracle":                   # the mask is this layer's ground truth: rank now
             with torch.no_grad():
@@ -148,9 +153,17 @@ class _MaskHook(_Hook):
             mask = forced[name] if forced is not None else rec.logits[name].detach() > 0
         rec.masks[name] = mask
         m = self.expand(mask.to(out.dtype), out)
-        if not out.requires_grad and out.data_ptr() != args[0].data_ptr():
+        if not out.requires_grad and inplace:
             return out.mul_(m)      # nothing differentiates through it and it is not the module's input: no copy
         return out * m
+
+
+class _ReaderMaskHook(_MaskHook):
+    """A gated MLP's mask, on the input of its fc2 (the product act(g) · x): a forward pre-hook."""
+
+    def __call__(self, module: nn.Module, args):
+        out = self.apply(args[0], inplace=False)      # the product may be saved for another op's backward
+        return None if out is None else (out, *args[1:])
 
 
 class _PositionHook(_Hook):
@@ -178,7 +191,7 @@ class GatedModel(nn.Module):
         if unknown:
             raise FtwtError(f"not gateable: {', '.join(unknown[:3])}", "choose layers from the attach table")
         self.units: List[Unit] = [by_name[n] for n in names]
-        self.gates = nn.ModuleDict({gate_key(u.name): Gate(u.in_channels, u.out_channels, u.kind == "mlp")
+        self.gates = nn.ModuleDict({gate_key(u.name): Gate(u.in_channels, u.out_channels, u.kind != "conv")
                                     for u in self.units})
         self.mode, self.r, self.gt = "open", 0.95, "mass"
         self.meta = None               # io.meta.RunMeta once loaded from a run or an export
@@ -198,7 +211,10 @@ class GatedModel(nn.Module):
         get = self.backbone.get_submodule
         for u in self.units:
             self._hook(u.name, get(u.name).register_forward_pre_hook(_GateHook(self, u)))
-            self._hook(u.end, get(u.end).register_forward_hook(_MaskHook(self, u)))
+            if u.kind == "glu":
+                self._hook(u.end, get(u.end).register_forward_pre_hook(_ReaderMaskHook(self, u)))
+            else:
+                self._hook(u.end, get(u.end).register_forward_hook(_MaskHook(self, u)))
         for op in self.plan.ops:
             self._hook(op.name, get(op.name).register_forward_hook(_PositionHook(self, op.name, op.kind, op.out_channels)))
 
