@@ -337,6 +337,9 @@ class _Analysis:
         self.memo: Dict[Tuple[Any, int], Expr] = {}
         self.fixed_exprs: Dict[str, Expr] = {}
         self.from_image: Optional[set] = None
+        # the Linear (called once) whose output each node is
+        self.linear_outputs = {cs[0]["out"][0]: n for n, cs in calls.items()
+                               if len(cs) == 1 and cs[0].get("out") and isinstance(modules[n], nn.Linear)}
 
     # -- helpers
     def _once(self, name: str) -> Optional[dict]:
@@ -380,12 +383,13 @@ class _Analysis:
             else:
                 units.append(unit)
                 self.unit_end_nodes[self._once(unit.end)["out"][0]] = (unit.name, unit.out_channels)
-        glu = {}
+        glu: Dict[str, Optional[Unit]] = {}      # fc1 -> its gated MLP unit; a SwiGLU's second fc1 -> None
         for name, m in self.modules.items():
-            if isinstance(m, nn.Linear):
-                u = self._glu_unit(name)
-                if u is not None:
-                    glu.update({u.name: u, **({u.partner: None} if u.partner else {})})
+            u = self._glu_unit(name) if isinstance(m, nn.Linear) else None
+            if u is not None:
+                glu[u.name] = u
+                if u.partner:
+                    glu[u.partner] = None
         for name, m in self.modules.items():
             if name in glu:
                 if glu[name] is not None:
@@ -573,8 +577,7 @@ class _Analysis:
             if shape is None or _saved_dim(node) % len(shape) != len(shape) - 1 or len(self.consumers.get(node, [])) != 2:
                 return None
             half, node = nr, node.next_functions[0][0]
-        lin = next((n for n, cs in self.calls.items() if len(cs) == 1 and cs[0].get("out") and cs[0]["out"][0] is node
-                    and isinstance(self.modules[n], nn.Linear)), None)
+        lin = self.linear_outputs.get(node)
         if lin is None or len(self.consumers.get(node, [])) != 1:
             return None
         return lin, half, activated
