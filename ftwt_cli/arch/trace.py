@@ -496,7 +496,7 @@ class _Analysis:
             near = near + [c for n in near for c in self.consumers.get(n, [])]
             if any(type(c).__name__ == "MulBackward0" for c in near):
                 return None, ("its output is split into value and gate halves (a gated GLU MLP) whose product is not "
-                              "read by one Linear alone (a norm over the hidden units couples them); not gated")
+                              "read by one Linear alone (e.g. a norm over the hidden units couples them); not gated")
             return None, ""
         acts = [n for n in self._modules_reading(node)
                 if _is_activation(self.modules[n]) and not isinstance(self.modules[n], nn.Identity) and self._once(n)]
@@ -514,7 +514,7 @@ class _Analysis:
         if len(after) != 1 or len(fc2) != 1:
             if any(type(a).__name__ == "MulBackward0" for a in after):
                 return None, ("its activation is multiplied by another branch (a gated GLU/SwiGLU MLP) whose product "
-                              "is not read by one Linear alone (a norm over the hidden units couples them); not gated")
+                              "is not read by one Linear alone (e.g. a norm over the hidden units couples them); not gated")
             return None, "its activation is not read by exactly one Linear"
         reader = fc2[0]
         if self._once(reader) is None or self.modules[reader].in_features != hidden:
