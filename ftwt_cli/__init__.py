@@ -5,6 +5,7 @@ Public API::
     import ftwt_cli
     model = ftwt_cli.load("ftwt-run")      # -> GatedModel (an nn.Module)
     model.set_gates("predict")             # "open" | "predict" | "oracle" (with r=...)
+    x = ftwt_cli.preprocess(model, "img.png")   # the run's own evaluation transform -> (1, C, H, W)
     y = model(x); model.last_stats.macs    # per-sample MACs of that forward
 
 The package reads top to bottom as the pipeline: ``io`` (checkpoints, run directory, export, load) → ``arch``
@@ -17,10 +18,11 @@ from typing import Any
 
 __version__ = "0.2.0"
 
-__all__ = ["__version__", "load", "load_static", "GatedModel", "Gate", "ForwardStats", "RunMeta", "FtwtError"]
+__all__ = ["__version__", "load", "load_static", "preprocess", "GatedModel", "Gate", "ForwardStats", "RunMeta",
+           "FtwtError"]
 
 _WHERE = {"load": ".io", "RunMeta": ".io", "GatedModel": ".gating", "Gate": ".gating", "ForwardStats": ".gating",
-          "FtwtError": ".errors", "load_static": ".static"}
+          "FtwtError": ".errors", "load_static": ".static", "preprocess": ".images"}
 
 
 def __getattr__(name: str) -> Any:

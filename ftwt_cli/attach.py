@@ -62,6 +62,9 @@ class AttachReport:
     data_config: Optional[DataConfig] = None
     input_source: str = ""     # where the input config came from
     gated_share: float = 1.0   # share of the dense MACs that gating scales (gateable convs, MLP fc1 and fc2)
+    other_functions: Tuple[str, ...] = ()      # alternatives that compute another function on these weights
+    other_preprocessing: Tuple[str, ...] = ()  # alternatives computing the same function with other preprocessing
+    choice_rule: str = ""                      # why ``arch`` was chosen among the alternatives
 
 
 def parse_input_size(text: Optional[str]) -> Optional[Tuple[int, int, int]]:
@@ -119,9 +122,11 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
     model.eval()
 
     # the input the model expects: its architecture's reference config, then what the checkpoint says, then flags
-    dc = resolve_data_config(det.arch, model, det.in_chans).updated(ckpt.input_config, "the checkpoint")
-    dc = dc.updated({"input_size": input_size, "mean": mean, "std": std, "interpolation": interpolation,
-                     "crop_pct": crop_pct, "augment": augment}, "the flags")
+    flags = {"input_size": input_size, "mean": mean, "std": std, "interpolation": interpolation, "crop_pct": crop_pct,
+             "augment": augment}
+    stated = {k: v for k, v in ckpt.input_config.items() if flags.get(k) is None}     # a flag overrides, unread
+    dc = resolve_data_config(det.arch, model, det.in_chans).updated(stated, "the checkpoint")
+    dc = dc.updated(flags, "the flags")
 
     try:
         plan = trace_plan(model, dc.input_size, gate_shortcuts=gate_shortcuts)
@@ -147,7 +152,7 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
                           u.in_channels * u.out_channels, u.kind) for u in units)
     meta = RunMeta(
         arch=ArchInfo(det.arch.source, det.arch.name, nc, det.in_chans),
-        source=SourceInfo(str(ckpt.path), ckpt.sha256, ckpt.fmt),
+        source=SourceInfo(str(ckpt.path), ckpt.sha256, ckpt.fmt, list(det.other_functions)),
         data_config=dc,
         gating=GatingInfo([u.name for u in units], [{"name": r.name, "in_channels": r.in_channels, "out_channels": r.out_channels,
                                                       "kernel": list(r.kernel), "groups": r.groups} for r in rows]),
@@ -164,4 +169,4 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
                         det.alternatives, dc,
                         "from the flags" if any(v is not None for v in (input_size, mean, std, interpolation, crop_pct, augment))
                         else "as the checkpoint states" if ckpt.input_config else "the architecture's reference config",
-                        share)
+                        share, det.other_functions, det.other_preprocessing, det.rule)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .arch.registry import DataConfig
 from .errors import FtwtError
 
-__all__ = ["DataSplits", "open_data", "make_loader", "with_transform", "build_transform", "FASHION_MNIST_DIR", "DATA_KINDS", "read_idx",
+__all__ = ["DataSplits", "open_data", "make_loader", "with_transform", "build_transform", "FASHION_MNIST_DIR", "DATA_KINDS", "read_idx", "find_idx",
            "default_workers", "check_classes", "size_note", "SMALL_IMAGE"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")   # Debian package dataset-fashion-mnist
@@ -181,7 +181,8 @@ def read_idx(path: Path) -> torch.Tensor:
         raise FtwtError(f"cannot read idx file {path} ({e})", "check the Fashion-MNIST files") from None
 
 
-def _find_idx(folder: Path, stem: str) -> Optional[Path]:
+def find_idx(folder: Path, stem: str) -> Optional[Path]:
+    """``folder/stem`` or its gzipped ``stem.gz``, whichever exists (None if neither)."""
     for name in (stem, stem + ".gz"):
         if (folder / name).is_file():
             return folder / name
@@ -191,7 +192,7 @@ def _find_idx(folder: Path, stem: str) -> Optional[Path]:
 def _fashion(folder: Path):
     parts = {}
     for split, prefix in (("train", "train"), ("val", "t10k")):
-        img, lab = _find_idx(folder, f"{prefix}-images-idx3-ubyte"), _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+        img, lab = find_idx(folder, f"{prefix}-images-idx3-ubyte"), find_idx(folder, f"{prefix}-labels-idx1-ubyte")
         if img is None or lab is None:
             return None
         x, y = read_idx(img), read_idx(lab)

@@ -35,20 +35,51 @@ def test_detect_exact_match_with_head_and_stem(build, expect, nc, ic):
     assert str(d.arch) == expect and d.num_classes == nc and d.in_chans == ic
 
 
-@pytest.mark.parametrize("build,hint,expect,groups", [
-    (lambda: torchvision.models.resnet18(num_classes=10), "timm:resnet18", "timm:resnet18",
-     "(torchvision:resnet18 = timm:resnet18 | timm:resnetblur18)"),
-    (lambda: timm.create_model("efficientnet_b0", num_classes=4, in_chans=1), "timm:efficientnet_b0", "timm:efficientnet_b0",
-     "(timm:efficientnet_b0 | timm:efficientnet_blur_b0 | timm:tf_efficientnet_b0)"),
+@pytest.mark.parametrize("build,expect,others", [
+    # torchvision state dicts, as torch.save(model.state_dict()) writes them
+    (lambda: torchvision.models.resnet18(num_classes=10), "torchvision:resnet18", ("timm:resnetblur18",)),
+    (lambda: torchvision.models.resnet34(num_classes=10), "torchvision:resnet34", ()),
+    (lambda: torchvision.models.resnet50(num_classes=5), "torchvision:resnet50", ("timm:resnetaa50", "timm:resnetblur50")),
+    # timm state dicts of the plain family: its rare variants (blur-pool, anti-aliased, TF ports) are not chosen
+    (lambda: timm.create_model("resnet50", num_classes=5), "torchvision:resnet50", ("timm:resnetaa50", "timm:resnetblur50")),
+    (lambda: timm.create_model("efficientnet_b0", num_classes=4, in_chans=1), "timm:efficientnet_b0",
+     ("timm:efficientnet_blur_b0", "timm:tf_efficientnet_b0")),
+    (lambda: timm.create_model("mixnet_s", num_classes=3), "timm:mixnet_s", ("timm:tf_mixnet_s",)),
 ])
-def test_weights_that_fit_different_functions_need_a_word(build, hint, expect, groups):
-    """Same keys and shapes, other functions: refused (grouped by what they compute) unless the checkpoint says."""
-    sd = build().state_dict()
+def test_plain_family_is_chosen_over_its_variants(build, expect, others):
+    """Same keys and shapes, other functions, one of them the family's plain name: that one, saying which others fit."""
+    d = detect_arch(build().state_dict())
+    assert str(d.arch) == expect
+    assert set(d.other_functions) == set(others)
+    assert set(others) <= set(d.alternatives)
+    assert ("plain name" in d.rule) if others else d.rule
+
+
+def test_checkpoint_that_names_its_architecture_is_taken_at_its_word():
+    sd = torchvision.models.resnet18(num_classes=10).state_dict()
+    assert str(detect_arch(sd, arch_hint="timm:resnetblur18").arch) == "timm:resnetblur18"
+    assert str(detect_arch(sd, arch_hint="timm:resnet18").arch) == "timm:resnet18"
+
+
+def test_equally_likely_architectures_are_refused(monkeypatch):
+    """Candidates that compute different functions where none is the others' plain family: never guess. (No two
+    architectures of the installed timm/torchvision are like that, so the variant rule is switched off here: then
+    ResNet-18 and resnetblur18 are equally likely.)"""
+    import ftwt_cli.arch.registry as registry
+    monkeypatch.setattr(registry, "_plain_name", lambda name: name)
+    sd = torchvision.models.resnet18(num_classes=10).state_dict()
     with pytest.raises(FtwtError) as e:
         detect_arch(sd)
-    assert groups in str(e.value) and "pass --arch" in str(e.value)
-    d = detect_arch(sd, arch_hint=hint)
-    assert str(d.arch) == expect
+    assert "(torchvision:resnet18 = timm:resnet18 | timm:resnetblur18)" in str(e.value) and "pass --arch" in str(e.value)
+
+
+def test_same_weights_other_preprocessing_prefers_the_plain_family():
+    """ViT-Tiny and DeiT-Tiny compute the same function but normalise differently: the plain ViT is chosen, and the
+    detection says that DeiT's preprocessing differs."""
+    sd = timm.create_model("deit_tiny_patch16_224", num_classes=3).state_dict()
+    d = detect_arch(sd)
+    assert str(d.arch) == "timm:vit_tiny_patch16_224"
+    assert "timm:deit_tiny_patch16_224" in d.other_preprocessing and not d.other_functions
 
 
 def test_detect_no_match_lists_closest():

@@ -86,7 +86,6 @@ def _bad_inputs(tmp_path, ckpt):
         "unknown arch": ([str(ckpt), "--arch", "resnet181"], "did you mean"),
         "wrong arch": ([str(ckpt), "--arch", "torchvision:resnet34"], "does not fit torchvision:resnet34"),
         "num_classes mismatch": ([str(ckpt), "--arch", "resnet18", "--num-classes", "100"], "--num-classes 100"),
-        "ambiguous": ([str(ckpt)], "pass --arch"),
         "bad input size": ([str(ckpt), "--input-size", "3x32"], "not C,H,W"),
         "pickled module": ([str(whole)], "--trust-pickle"),
         "bad mean": ([str(ckpt), "--arch", "resnet18", "--mean", "0.5,0.5"], "--mean has 2 values"),
@@ -94,7 +93,7 @@ def _bad_inputs(tmp_path, ckpt):
 
 
 @pytest.mark.parametrize("case", ["missing", "truncated", "not a checkpoint", "no architecture fits", "unknown arch",
-                                  "wrong arch", "num_classes mismatch", "ambiguous", "bad input size", "pickled module", "bad mean"])
+                                  "wrong arch", "num_classes mismatch", "bad input size", "pickled module", "bad mean"])
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, r18_ckpt, case):
     args, expect = _bad_inputs(tmp_path, r18_ckpt)[case]
     before = _sha(r18_ckpt)

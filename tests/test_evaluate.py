@@ -102,6 +102,11 @@ def test_cli_writes_report(run):
     assert res.exit_code == 0, res.output
     assert "reduction" in res.stdout and "jpeg" in res.stdout
     assert all((run / f).is_file() for f in REPORT_FILES)
+    # off a terminal, every pass is a line "pass k of N", the last one k = N (oracle and open, 5 severities each)
+    import re
+    passes = [(int(a), int(b)) for a, b in re.findall(r"pass (\d+) of (\d+)", res.stdout)]
+    assert passes and passes[-1][0] == passes[-1][1] and [k for k, _ in passes] == list(range(1, len(passes) + 1))
+    assert passes[-1][1] >= 12
 
 
 def test_unreadable_image_in_a_worker_is_one_line(tmp_path, run):

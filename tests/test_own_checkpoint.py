@@ -2,6 +2,7 @@
 ImageFolder, class names and order, and what the CLI shows and records."""
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -99,7 +100,8 @@ def test_class_names_are_recorded_checked_and_exported(tmp_path, timm_ckpt):
 @pytest.mark.integration
 def test_cli_shows_defaults_versions_logs_and_json(tmp_path, timm_ckpt):
     res = runner.invoke(app, ["fit-gates", "-h"])
-    assert res.exit_code == 0 and "[default: 0.95]" in res.stdout.replace("(", "").replace(")", "")
+    flat = re.sub(r"[\s│]+", " ", res.stdout).replace("(", "").replace(")", "")      # however rich wraps the table
+    assert res.exit_code == 0 and "[default: 0.95]" in flat
     assert "mass|uniform" in res.stdout
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.stdout.strip() == f"ftwt {ftwt_cli.__version__}"
@@ -122,7 +124,8 @@ def test_cli_shows_defaults_versions_logs_and_json(tmp_path, timm_ckpt):
     (tmp_path / "bad.yaml").write_text("model: resnet18\n")
     res = runner.invoke(app, ["fit-gates", "--recipe", str(tmp_path / "bad.yaml"), "--run", str(run)])
     assert res.exit_code == 2 and "unknown key 'model'" in res.stderr
-    res = runner.invoke(app, ["fit-gates", "--run", str(run)])
+    attach(timm_ckpt, run_dir=tmp_path / "fresh")           # a trained run's commands default to its data; not a fresh one
+    res = runner.invoke(app, ["fit-gates", "--run", str(tmp_path / "fresh")])
     assert res.exit_code == 2 and "no --data given" in res.stderr
 
 
@@ -131,3 +134,61 @@ def test_bench_json(r18_run):
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     assert [r["variant"] for r in d["rows"]] == ["dense", "dense-folded", "masked", "compact"] and d["macs_ratio"] < 1
+
+
+def test_one_value_mean_and_std_are_every_channels(tmp_path):
+    """timm's train.py takes `--mean 0.5` for a 3-channel model (it expands it); so does attach, from the checkpoint
+    or from the flags, and a flag overrides the checkpoint's value without reading it."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=3)
+    args = argparse.Namespace(model="resnet18", input_size=[3, 32, 32], mean=[0.5], std=[0.25], crop_pct=1.0)
+    p = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": model.state_dict(), "args": args}, p)
+    attach(p, run_dir=tmp_path / "a")
+    dc = read_meta(tmp_path / "a").data_config
+    assert dc.mean == (0.5,) * 3 and dc.std == (0.25,) * 3
+    attach(p, run_dir=tmp_path / "b", mean=(0.4, 0.45, 0.5))
+    assert read_meta(tmp_path / "b").data_config.mean == (0.4, 0.45, 0.5)
+    res = runner.invoke(app, ["attach", str(p), "--run", str(tmp_path / "c"), "--mean", "0.3", "--std", "0.2"])
+    assert res.exit_code == 0, res.output
+    assert read_meta(tmp_path / "c").data_config.mean == (0.3,) * 3
+
+
+@pytest.mark.parametrize("args,size,crop", [
+    (dict(train_crop_size=32, val_crop_size=32, val_resize_size=32), 32, 1.0),     # a small-image run, all stated
+    (dict(train_crop_size=32, val_crop_size=224, val_resize_size=256), 32, 1.0),   # only the training size changed
+    (dict(train_crop_size=176, val_crop_size=224, val_resize_size=232), 224, round(224 / 232, 4)),   # the v2 recipe
+])
+def test_torchvision_reference_script_checkpoints(tmp_path, args, size, crop):
+    """torchvision's references/classification/train.py saves {"model", "args", ...}: its crop and resize sizes and
+    its model name are read."""
+    import torchvision
+    torch.manual_seed(0)
+    ns = argparse.Namespace(model="resnet18", interpolation="bilinear", lr=0.5, **args)
+    p = tmp_path / "checkpoint.pth"
+    torch.save({"model": torchvision.models.resnet18(num_classes=10).state_dict(), "optimizer": {}, "epoch": 3,
+                "args": ns}, p)
+    rep = attach(p, run_dir=tmp_path / "run")
+    assert rep.arch == "torchvision:resnet18" and rep.input_source == "as the checkpoint states"
+    dc = read_meta(tmp_path / "run").data_config
+    assert tuple(dc.input_size) == (3, size, size) and dc.crop_pct == pytest.approx(crop)
+
+
+@pytest.mark.parametrize("build,name,expect,note", [
+    (lambda: __import__("torchvision").models.resnet34(num_classes=10), "resnet34.pth", "torchvision:resnet34",
+     "timm:resnet34 computes the same function, but timm:resnet34 expects other preprocessing"),
+    (lambda: __import__("torchvision").models.resnet50(num_classes=10), "resnet50.pth", "torchvision:resnet50",
+     "the weights also fit timm:resnetaa50, timm:resnetblur50, which compute another function"),
+    (lambda: timm.create_model("mixnet_s", num_classes=10), "mixnet_s.pth", "timm:mixnet_s",
+     "the weights also fit timm:tf_mixnet_s, which compute another function; pass --arch timm:tf_mixnet_s"),
+])
+def test_plain_state_dicts_attach_without_arch_and_say_what_was_chosen(tmp_path, build, name, expect, note):
+    """`ftwt attach resnet34.pth` on the file most people have: no flag needed, the choice and its alternatives said."""
+    torch.manual_seed(0)
+    torch.save(build().state_dict(), tmp_path / name)
+    res = runner.invoke(app, ["attach", str(tmp_path / name), "--run", str(tmp_path / "run"), "--input-size", "3,32,32"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.stdout.split())
+    assert f"model: {expect}" in out and f"note: chose {expect}" in out and note in out
+    assert "(an MLP unit" not in out                                  # a CNN has no MLP units to explain
+    assert read_meta(tmp_path / "run").arch.name == expect.split(":")[1]

@@ -6,6 +6,7 @@ import torch
 import torchvision
 
 import ftwt_cli
+from ftwt_cli.eval import evaluate_run
 from ftwt_cli.errors import FtwtError
 from ftwt_cli.gating.model import model_macs
 from ftwt_cli.static import (
@@ -110,6 +111,22 @@ def test_a_static_run_loads_trains_as_a_dense_control_and_refuses_gate_training(
     from ftwt_cli.io.export import export
     export(tmp_path / "static", tmp_path / "static.safetensors")
     torch.testing.assert_close(ftwt_cli.load(tmp_path / "static.safetensors")(x), ftwt_cli.load(tmp_path / "static")(x))
+    # info says what it is: a static twin with its cut against the source, not "0 gated layers, 0.0% cut"
+    from typer.testing import CliRunner
+
+    from ftwt_cli.cli import app
+    for path in (tmp_path / "static", tmp_path / "static.safetensors"):
+        res = CliRunner().invoke(app, ["info", str(path)])
+        out = " ".join(res.stdout.split())
+        assert res.exit_code == 0 and "static twin" in out and "gated layers" not in out, res.output
+        assert f"({1 - rep.result.macs / dense:.1%} cut); no gates" in out
+        assert f"({1 - rep.result.macs / dense:.1%} cut)" in out.split("last results")[1]
+    # evaluate reports its cut against the source, and no gates
+    ev = evaluate_run(tmp_path / "static", "digits", gates="open", workers=0)
+    assert ev.static and ev.cut_vs_source == pytest.approx(1 - rep.result.macs / dense, abs=1e-6)
+    from ftwt_cli.eval.report import report_markdown
+    md = report_markdown(ev)
+    assert "statically pruned" in md and f"**{1 - rep.result.macs / dense:.1%}**" in md
 
 
 def test_a_model_torch_pruning_cannot_trace_is_one_line_naming_the_layer():

@@ -84,5 +84,10 @@ def test_the_report_pairs_each_dynamic_point_with_its_static_twin():
     md = sweep_markdown(pts)
     assert "| dynamic-r0.9 | 60.00 M / 60.30 M" not in md        # MACs are printed in M: tiny here
     assert "| dynamic-r0.9 |" in md and "+0.50 |" in md and "40.00%" in md and "-1.50" in md
+    assert "standard error" not in md                            # no sample count: nothing to say
+    for p in pts:
+        p.samples = 10000
+    md = sweep_markdown(pts)
+    assert "Validation split: 10000 images" in md and "standard error of one top-1 near 92.0% is 0.27 pt" in md
     front = [p.name for p in pareto_front(pts)]
     assert front[0] == "dynamic-r0.9" and "static-l1-r0.9" not in front

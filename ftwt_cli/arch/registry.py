@@ -80,7 +80,9 @@ class DataConfig:
                     raise FtwtError(f"{what} {','.join(map(str, v))} does not fit a model reading {c} channels",
                                     f"pass --input-size {c},{v[-2]},{v[-1]}")
             elif k in ("mean", "std"):
-                v = tuple(float(x) for x in v)
+                v = tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+                if len(v) == 1:                    # one value for every channel, as timm's train.py expands it
+                    v = v * c
                 if len(v) != c:
                     if where != "the checkpoint" or len(v) != 3:
                         raise FtwtError(f"{what} has {len(v)} values but the model reads {c} channels",
@@ -105,6 +107,11 @@ class Detection:
     num_classes: int
     in_chans: int
     alternatives: Tuple[str, ...] = ()   # other architectures whose keys and shapes match exactly
+    # of those, the ones that compute another function on the same weights (a rare variant of the chosen plain family)
+    other_functions: Tuple[str, ...] = ()
+    # of those, the ones that compute the same function but expect other preprocessing (mean/std, size, crop)
+    other_preprocessing: Tuple[str, ...] = ()
+    rule: str = ""                       # why ``arch`` was chosen among several candidates ("" when it was the only one)
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -133,10 +140,12 @@ def parse_arch(text: str) -> ArchSpec:
                         f"use one of {', '.join(s + ':NAME' for s in SOURCES)}")
     # timm names may carry a pretrained tag (resnet34.tv_in1k); the architecture is the part before it.
     name = name.split(".")[0] if source != "torchvision" else name
-    pools = {"torchvision": _torchvision_names(), "timm": _timm_names()}
+    # each source's names only as needed: listing timm's imports timm (seconds), which a torchvision name never needs
+    names = {"torchvision": _torchvision_names, "timm": _timm_names}
     for src in ([source] if source else SOURCES):
-        if name in pools[src]:
+        if name in names[src]():
             return ArchSpec(src, name)
+    pools = {"torchvision": _torchvision_names(), "timm": _timm_names()}
     every = [f"{s}:{n}" for s in ([source] if source else SOURCES) for n in pools[s]]
     close = difflib.get_close_matches(text if source else name, every if source else list(set(pools["timm"]) | set(pools["torchvision"])), n=4, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else "list choices with: python -c 'import timm; print(timm.list_models(\"resnet*\"))'"
@@ -303,14 +312,54 @@ def _fit(arch: ArchSpec, sd: Mapping[str, torch.Tensor]) -> Optional[Tuple[int, 
     return None if (missing or unexpected or shapes) else (num_classes, in_chans)
 
 
-def _same_function(matches: list, sd: Mapping[str, torch.Tensor], hint: Optional[str]) -> list:
-    """Several architectures take these weights (same keys and shapes). If they compute the same function (the same
-    outputs on one random input), any will do; else the checkpoint must say which (``hint``: a timm train
-    checkpoint's ``arch``) or the user must (``--arch``): never guess between different networks."""
+# The prefixes and infixes timm adds to a family's plain name for rare re-implementations that take the same weights
+# but compute another function: TensorFlow ports ("tf_": 'same' padding, other BN eps), blur-pool ("blur") and
+# anti-aliased ("aa") downsampling. Removing them from a variant's name gives its plain family's name.
+VARIANT_MARKERS = ("tf_", "_blur", "blur", "_aa", "aa")
+
+
+def _plain_name(name: str) -> str:
+    """``name`` with timm's variant markers removed: tf_efficientnet_b0 → efficientnet_b0, resnetblur18 → resnet18,
+    resnetaa50 → resnet50, efficientnet_blur_b0 → efficientnet_b0, mobilenetv4_conv_aa_large → mobilenetv4_conv_large."""
+    name = name[3:] if name.startswith("tf_") else name
+    for marker in VARIANT_MARKERS[1:]:      # "_blur" before "blur", "_aa" before "aa": no stray underscore left
+        name = name.replace(marker, "", 1)
+    return name
+
+
+@lru_cache(maxsize=None)
+def _timm_module_of() -> Dict[str, str]:
+    """timm model name → the module that registers it (public ``list_modules`` / ``list_models(module=...)``)."""
+    import timm
+    return {n: m for m in timm.list_modules() for n in timm.list_models(module=m)}
+
+
+def _family_rank(arch: ArchSpec) -> int:
+    """Among candidates that compute the same function: 0 for torchvision's model (a torchvision key layout is
+    taken as torchvision's), 1 for a timm model registered in the module that defines its class (vit_tiny_patch16_224
+    in vision_transformer.py, the plain family), 2 for one registered elsewhere (deit_tiny_patch16_224 in deit.py,
+    a training recipe on the same class)."""
+    if arch.source == "torchvision":
+        return 0
+    module = _timm_module_of().get(arch.name, "")
+    cls_module = type(build_model(arch, meta=True)).__module__
+    return 1 if module and cls_module.rsplit(".", 1)[-1] == module else 2
+
+
+def _choose(matches: list, sd: Mapping[str, torch.Tensor], hint: Optional[str]) -> Tuple[list, Tuple[str, ...], str]:
+    """Order the architectures that take these weights (same keys and shapes) and say why the first was chosen.
+
+    A checkpoint that names its architecture (``hint``: a timm train checkpoint's ``arch``) is taken at its word.
+    Otherwise the candidates are grouped by the function they compute (their outputs on one seeded random input).
+    One group: any will do (torchvision's model first, then timm's plain family). Several: the group holding the
+    family's plain name is chosen when every other group holds only its variants (``VARIANT_MARKERS``): a plain
+    torchvision ResNet-50 state dict is ResNet-50, not ``resnetblur50``. Anything else is refused: never guess
+    between different networks that are equally likely.
+    Returns (ordered matches, the candidates computing another function, the rule as a sentence)."""
     if hint:
         named = [m for m in matches if m[0].name == hint.split(":")[-1] and (":" not in hint or str(m[0]) == hint)]
         if named:
-            return named + [m for m in matches if m not in named]
+            return named + [m for m in matches if m not in named], (), f"the checkpoint names {named[0][0]}"
     torch.manual_seed(0)
     outs = []
     for arch, (nc, ic) in matches:
@@ -322,11 +371,38 @@ def _same_function(matches: list, sd: Mapping[str, torch.Tensor], hint: Optional
         same = next((g for g in groups if o is not None and outs[g[0]] is not None and o.shape == outs[g[0]].shape and torch.allclose(
             o, outs[g[0]], rtol=1e-4, atol=1e-5 * float(outs[g[0]].abs().max()))), None)
         same.append(i) if same is not None else groups.append([i])
-    if len(groups) == 1:
-        return matches
-    names = " | ".join(" = ".join(str(matches[i][0]) for i in g) for g in groups)
-    raise FtwtError(f"the weights fit {len(matches)} architectures that compute {len(groups)} different functions "
-                    f"({names})", f"pass --arch, e.g. --arch {matches[0][0]}")
+    ranked = [sorted(g, key=lambda i: (_family_rank(matches[i][0]), len(matches[i][0].name))) for g in groups]
+    if len(ranked) == 1:
+        order = [matches[i] for i in ranked[0]]
+        return order, (), "" if len(order) == 1 else "they compute the same function: torchvision's model, else timm's plain family, first"
+    names = {i: matches[i][0].name for g in ranked for i in g}
+    plain_groups = []
+    for gi, g in enumerate(ranked):
+        own = {names[i] for i in g}
+        others = [i for gj, h in enumerate(ranked) if gj != gi for i in h]
+        if all(_plain_name(names[i]) in own and _plain_name(names[i]) != names[i] for i in others):
+            plain_groups.append(gi)
+    if len(plain_groups) != 1:
+        listed = " | ".join(" = ".join(str(matches[i][0]) for i in g) for g in ranked)
+        raise FtwtError(f"the weights fit {len(matches)} architectures that compute {len(ranked)} different functions "
+                        f"({listed})", f"pass --arch, e.g. --arch {matches[ranked[0][0]][0]}")
+    chosen = ranked[plain_groups[0]]
+    rest = [i for gj, h in enumerate(ranked) if gj != plain_groups[0] for i in h]
+    order = [matches[i] for i in chosen] + [matches[i] for i in rest]
+    return order, tuple(str(matches[i][0]) for i in rest), "the family's plain name; the others are its rare variants"
+
+
+def _other_preprocessing(chosen, same: list) -> Tuple[str, ...]:
+    """Of the candidates computing the chosen one's function, those whose reference preprocessing (input size,
+    mean/std, interpolation, crop) differs: choosing one of them changes what the images go through."""
+    def config(m):
+        arch, (nc, ic) = m
+        c = resolve_data_config(arch, build_model(arch, nc, ic, meta=True), ic)
+        return (c.input_size, tuple(round(v, 4) for v in c.mean), tuple(round(v, 4) for v in c.std), c.interpolation, c.crop_pct)
+    if not same:
+        return ()
+    mine = config(chosen)
+    return tuple(str(m[0]) for m in same if config(m) != mine)
 
 
 def _probe(model: nn.Module, in_chans: int, size: Sequence[int], fixed: bool) -> Optional[torch.Tensor]:
@@ -367,11 +443,14 @@ def detect_arch(sd: Mapping[str, torch.Tensor], hub_config: Optional[Mapping] = 
         fit = _fit(arch, sd)
         if fit is not None:
             matches.append((arch, fit))
+    others, rule = (), ""
     if len(matches) > 1:
-        matches = _same_function(matches, sd, arch_hint)
+        matches, others, rule = _choose(matches, sd, arch_hint)
     if matches:
         arch, (nc, ic) = matches[0]
-        return Detection(arch, nc, ic, tuple(str(a) for a, _ in matches[1:]))
+        alternatives = tuple(str(a) for a, _ in matches[1:])
+        return Detection(arch, nc, ic, alternatives, others,
+                         _other_preprocessing(matches[0], [m for m in matches[1:] if str(m[0]) not in others]), rule)
     # No exact match: report the nearest candidates by key count and what differs, then ask for --arch.
     near = sorted(idx["entries"], key=lambda e: (e[2] != h, abs(e[1] - n)))[:3]
     described = []

@@ -71,8 +71,12 @@ def _one_line(text: str) -> str:
     return text
 
 
-def command(name: str, **kw) -> Callable[[F], F]:
-    """Register a Typer command whose FtwtError becomes one line on stderr and exit code 2."""
+_INTERRUPTED = "interrupted: the run keeps its last completed epoch; `--resume` continues a training command from there"
+
+
+def command(name: str, interrupted: str = _INTERRUPTED, **kw) -> Callable[[F], F]:
+    """Register a Typer command whose FtwtError becomes one line on stderr and exit code 2; Ctrl-C prints
+    ``interrupted`` (what the user can do next) and exits 130."""
     def deco(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -82,8 +86,7 @@ def command(name: str, **kw) -> Callable[[F], F]:
                 err_console.print(f"error: {_one_line(str(e))}", markup=False, highlight=False, soft_wrap=True)
                 raise typer.Exit(EXIT_USER_ERROR)
             except KeyboardInterrupt:
-                err_console.print("interrupted: the run keeps its last completed epoch; `--resume` continues a training "
-                                  "command from there", markup=False, soft_wrap=True)
+                err_console.print(interrupted, markup=False, soft_wrap=True)
                 raise typer.Exit(130)
         app.command(name, cls=_Command, **kw)(wrapper)
         return fn

@@ -30,7 +30,7 @@ from .options import (
 if TYPE_CHECKING:
     from ..attach import AttachReport
 
-__all__ = ["attach_cli", "print_attach_report"]
+__all__ = ["attach_cli", "print_attach_report", "choice_notes"]
 
 
 def print_attach_report(r: "AttachReport") -> None:
@@ -52,8 +52,14 @@ def print_attach_report(r: "AttachReport") -> None:
     console.print(f"input: {dc.input_size[1]}×{dc.input_size[2]}, mean {tuple(round(v, 3) for v in dc.mean)}, std "
                   f"{tuple(round(v, 3) for v in dc.std)}, {dc.interpolation}, crop {dc.crop_pct}, augment {dc.augment} "
                   f"({r.input_source})", markup=False, highlight=False, soft_wrap=True)
+    mlp_note = " (an MLP unit: fc1 and fc2)" if any(l.kind in ("mlp", "glu") for l in r.layers) else ""
+    if r.input_source == "the architecture's reference config":
+        console.print(f"note: the checkpoint states no input config, so the architecture's reference one applies "
+                      f"({dc.input_size[1]}×{dc.input_size[2]}, mean {tuple(round(v, 3) for v in dc.mean)}); if the "
+                      f"model was trained otherwise, re-attach with --input-size/--mean/--std (the first command on data "
+                      f"checks the source's accuracy)", markup=False, highlight=False, soft_wrap=True)
     console.print(f"dense MACs (convs, linear layers and attention products, ptflops 'aten' convention): {_g(r.dense_macs)}; "
-                  f"gated layers hold {gated / r.dense_macs:.1%} (an MLP unit: fc1 and fc2); gates add "
+                  f"gated layers hold {gated / r.dense_macs:.1%}{mlp_note}; gates add "
                   f"{r.gate_macs / r.dense_macs:.2%} when all run", markup=False, highlight=False, soft_wrap=True)
     if r.gated_share < LOW_GATEABLE_SHARE:
         console.print(f"note: only {r.gated_share:.0%} of the MACs are in gateable layers (the rest, e.g. attention or gated "
@@ -62,8 +68,25 @@ def print_attach_report(r: "AttachReport") -> None:
         console.print(f"not gated: {len(r.not_gated)} layers (" + "; ".join(f"{k}: {v}" for k, v in list(r.not_gated.items())[:3])
                       + (" …" if len(r.not_gated) > 3 else "") + ")", markup=False)
     if r.alternatives:
-        console.print(f"note: the weights also fit {', '.join(r.alternatives)}; pass --arch to choose", markup=False)
+        for line in choice_notes(r):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(f"run written to {r.run_dir}", markup=False)
+
+
+def choice_notes(r: "AttachReport") -> list:
+    """What was chosen among several architectures that take the weights, why, and the --arch that picks another."""
+    lines = [f"note: chose {r.arch}" + (f": {r.choice_rule}" if r.choice_rule else "")]
+    if r.other_functions:
+        lines.append(f"note: the weights also fit {', '.join(r.other_functions)}, which compute another function; "
+                     f"pass --arch {r.other_functions[0]} (or another of them) if the checkpoint is one of those")
+    same = [a for a in r.alternatives if a not in r.other_functions]
+    if same:
+        pre = [a for a in same if a in r.other_preprocessing]
+        lines.append(f"note: {', '.join(same)} compute{'s' if len(same) == 1 else ''} the same function"
+                     + (f", but {', '.join(pre)} expect{'s' if len(pre) == 1 else ''} other preprocessing (mean/std, size or "
+                        f"crop), which changes the results: pass --arch {pre[0]} to use it, or set --mean/--std/--input-size"
+                        if pre else ""))
+    return lines
 
 
 @command("attach")

@@ -15,7 +15,7 @@ from .progress import EpochProgress
 __all__ = ["demo_cli"]
 
 
-@command("demo")
+@command("demo", interrupted="interrupted: nothing is kept to continue from; `ftwt demo --force` starts over")
 def demo_cli(
     dir: Annotated[Path, typer.Option(help="Folder for the baseline, the run and the export.")] = Path("ftwt-demo"),
     data: Annotated[Optional[str], typer.Option(help="fashion-mnist (default when installed) or digits.")] = None,
@@ -36,5 +36,13 @@ def demo_cli(
     t.add_row("before (the baseline checkpoint)", f"{res.baseline_top1:.2%}", _m(ev.dense_macs), "")
     t.add_row(f"after (gated, r={ev.r})", f"{ev.top1:.2%}", _m(ev.macs_mean), f"{ev.reduction:.1%}")
     console.print(t)
+    console.print("time per step: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in _labels(res.steps)),
+                  markup=False, highlight=False, soft_wrap=True)
     console.print(f"done in {res.seconds:.0f}s: baseline {res.checkpoint}, run {res.run_dir}, export {res.exported}",
                   markup=False, highlight=False, soft_wrap=True)
+
+
+def _labels(steps):
+    """(short step name, seconds): "baseline", then each command's name."""
+    for name, sec in steps:
+        yield ("baseline" if name.startswith("training") else name.split(" ")[1]), sec

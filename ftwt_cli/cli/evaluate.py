@@ -19,7 +19,7 @@ from typing_extensions import Annotated
 
 from ..errors import FtwtError
 from .application import command, console
-from .options import DATA_HELP, Amp, ChannelsLast, Device, GateMode, Run, Workers, value
+from .options import DATA_HELP, Amp, ChannelsLast, Device, GateMode, Run, NoSourceCheck, Workers, data_arg, value
 
 if TYPE_CHECKING:
     from ..eval.evaluate import EvalReport
@@ -29,20 +29,33 @@ __all__ = ["evaluate_cli", "print_eval_report"]
 
 
 def print_eval_report(rep: "EvalReport") -> None:
+    from ..eval.report import changes, ood_summary
     from ..eval.report import fmt_macs as _m
-    from ..eval.report import ood_summary
-    t = Table(title=f"{rep.arch} on {rep.data} ({rep.samples} images), gates {rep.gates}" + (f" r={rep.r}" if rep.r else ""))
+    src1 = f"{rep.source_top1:.2%}" if rep.source_top1 is not None else "–"
+    src5 = f"{rep.source_top5:.2%}" if rep.source_top5 is not None else "–"
+    t = Table(title=f"{rep.arch} on {rep.data} ({rep.samples} images), "
+                    + ("statically pruned" if rep.static else f"gates {rep.gates}" + (f" r={rep.r}" if rep.r else "")))
     t.add_column("")
-    t.add_column("gated", justify="right")
-    t.add_column("open gates (dense)", justify="right")
-    t.add_row("top-1", f"{rep.top1:.2%}", f"{rep.top1_open:.2%}")
-    t.add_row("top-5", f"{rep.top5:.2%}", f"{rep.top5_open:.2%}")
-    t.add_row("MACs / sample", _m(rep.macs_mean), _m(rep.dense_macs))
-    t.add_row("MACs p10 / p50 / p90", f"{_m(rep.macs_p10)} / {_m(rep.macs_p50)} / {_m(rep.macs_p90)}", "")
-    t.add_row("reduction", f"{rep.reduction:.1%}", "")
-    t.add_row("gate overhead", f"{_m(rep.gate_macs)} ({rep.gate_macs / rep.dense_macs:.2%})", "")
-    t.add_row("mean keep ratio", f"{rep.keep_mean:.1%}", "100%")
+    t.add_column("this model" if rep.static else "gated", justify="right")
+    if not rep.static:
+        t.add_column("this run, gates open", justify="right")
+    t.add_column("source checkpoint", justify="right")
+    mid = () if rep.static else None
+
+    def row(label, a, b, c):
+        t.add_row(label, a, c) if mid is not None else t.add_row(label, a, b, c)
+    row("top-1", f"{rep.top1:.2%}", f"{rep.top1_open:.2%}", src1)
+    row("top-5", f"{rep.top5:.2%}", f"{rep.top5_open:.2%}", src5)
+    row("MACs / sample", _m(rep.macs_mean), _m(rep.dense_macs), _m(rep.static_source_macs or rep.dense_macs))
+    if not rep.static:
+        row("MACs p10 / p50 / p90", f"{_m(rep.macs_p10)} / {_m(rep.macs_p50)} / {_m(rep.macs_p90)}", "", "")
+    row("reduction", f"{rep.cut_vs_source:.1%}", "", "")
+    if not rep.static:
+        row("gate overhead", f"{_m(rep.gate_macs)} ({rep.gate_macs / rep.dense_macs:.2%})", "", "")
+        row("mean keep ratio", f"{rep.keep_mean:.1%}", "100%", "100%")
     console.print(t)
+    for c in changes(rep):
+        console.print(f"accuracy change {c}", markup=False, highlight=False, soft_wrap=True)
     if rep.ood:
         o = Table(title="out of distribution (mean over severities)")
         for c in ("shift", "top-1 gated", "top-1 open", "Δ pt", "MACs", "MACs change", "keep change pt"):
@@ -54,18 +67,39 @@ def print_eval_report(rep: "EvalReport") -> None:
 
 
 class _Stages:
-    """One progress bar per evaluation pass (plain output when not a terminal)."""
+    """One bar for the current evaluation pass, named "pass k of N" when the number of passes is known (``--ood``:
+    every corruption and severity twice, gated and open), above one bar for all the passes' images together; on a
+    terminal only. Elsewhere (a CI log, a pipe) a line as each pass begins, so a long run is never silent."""
 
-    def __init__(self, progress: Optional[Progress]) -> None:
-        self.progress, self.task = progress, None
+    def __init__(self, progress: Optional[Progress], passes: Optional[int] = None) -> None:
+        self.progress, self.task, self.passes, self.done, self.overall = progress, None, passes, 0, None
 
     def __call__(self, label: str, total: int):
+        self.done += 1
+        name = f"pass {self.done} of {self.passes}: {label}" if self.passes else label
         if self.progress is None:
+            if self.passes:
+                console.print(name, markup=False, highlight=False)
             return None
         if self.task is not None:
             self.progress.remove_task(self.task)
-        self.task = self.progress.add_task(label, total=total)
+        if self.passes and self.overall is None:
+            self.overall = self.progress.add_task("all passes", total=self.passes)
+        elif self.overall is not None:
+            self.progress.update(self.overall, advance=1)
+        self.task = self.progress.add_task(name, total=total)
         return lambda n: self.progress.update(self.task, advance=n)
+
+
+def _passes(gates: str, ood: bool, corruption, ood_data, meta) -> Optional[int]:
+    """How many evaluation passes a run of `ftwt evaluate` makes (None when it is one or two: no overall bar)."""
+    from ..eval.ood import DEFAULT_CORRUPTIONS
+    from ..eval.source import to_measure
+    if not (ood or corruption or ood_data):
+        return None
+    n = (1 if gates == "open" else 2) + to_measure(meta)
+    n += 2 * len(tuple(corruption or ()) or DEFAULT_CORRUPTIONS) * 5 if (ood or corruption) else 0
+    return n + (2 if ood_data else 0)
 
 
 @command("evaluate")
@@ -85,6 +119,7 @@ def evaluate_cli(
     device: Device = "auto",
     amp: Amp = "auto",
     channels_last: ChannelsLast = None,
+    no_source_check: NoSourceCheck = False,
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Report accuracy, exact dynamic MACs, gate behaviour and (with --ood) robustness; writes report.* into the run."""
@@ -100,12 +135,8 @@ def evaluate_cli(
             raise FtwtError("--r and --target-cut both given", "pass one of them")
     if gates == GateMode.oracle and r is None and target_cut is None:
         raise FtwtError("--gates oracle needs --r or --target-cut", "pass e.g. --r 0.95, or --target-cut 0.4")
-    meta = read_meta(run)
-    if data is None:
-        trained = meta.training
-        data = next((t.data for t in trained.values() if t.data), None)
-        if data is None:
-            raise FtwtError("no --data given and the run was never trained on any", "pass --data DIR (or fashion-mnist, digits)")
+    read_meta(run)                                      # a missing or damaged run fails before any slow work
+    data = data_arg(data, None, run)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console, transient=True) if console.is_terminal else None
     main = int(os.environ.get("RANK", "0")) == 0      # under torchrun, rank 0 alone locks, writes and prints
@@ -114,11 +145,11 @@ def evaluate_cli(
     with run_lock(run, "ftwt evaluate") if main else nullcontext():
         if main:
             check_writable(run)
-        with (progress or _Null()):
+        with (progress or nullcontext()):
             rep = evaluate_run(run, data, gates=gates.value, r=r, ood=ood, ood_data=ood_data, corruptions=corruption or (),
                                ood_samples=ood_samples or None, batch_size=batch_size, workers=workers,
-                               on_stage=_Stages(progress), device=device, amp=value(amp), channels_last=channels_last,
-                               target_cut=target_cut, calib_samples=calib_samples)
+                               on_stage=_Stages(progress, _passes(gates.value, ood, corruption, ood_data, read_meta(run))), device=device, amp=value(amp), channels_last=channels_last,
+                               target_cut=target_cut, calib_samples=calib_samples, check_source=not no_source_check)
         if not main:
             return
         for n in rep.notes:
@@ -126,11 +157,3 @@ def evaluate_cli(
         print_eval_report(rep)
         files = write_report(rep, run)
     console.print(f"wrote {', '.join(p.name for p in files)} into {run}", markup=False, highlight=False, soft_wrap=True)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -19,6 +19,7 @@ from .options import (
     Resume,
     Run,
     Schedule,
+    NoSourceCheck,
     TrainSamples,
     ValSplit,
     Workers,
@@ -73,6 +74,7 @@ def finetune_cli(
     device: Device = "auto",
     amp: Amp = "auto",
     channels_last: ChannelsLast = None,
+    no_source_check: NoSourceCheck = False,
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Fine-tune the backbone with hard masks (cross-entropy) while the gates keep training (BCE)."""
@@ -84,9 +86,10 @@ def finetune_cli(
                               label_smoothing=label_smoothing, batch_size=batch_size, workers=workers, seed=seed, r=r,
                               bce_weight=bce_weight, freeze_gates_at=freeze_gates_at, distill=distill, distill_temp=distill_temp),
                          partial=resume)
-    rep = finetune(run, data_arg(data, rec), cfg, resume=resume, val_split=val_split, train_samples=train_samples,
+    rep = finetune(run, data_arg(data, rec, run), cfg, resume=resume, val_split=val_split, train_samples=train_samples,
                    dense_control=dense_control, progress=EpochProgress(), tensorboard=tensorboard,
-                   device=device, amp=value(amp), channels_last=channels_last, sync_bn=sync_bn)
+                   device=device, amp=value(amp), channels_last=channels_last, sync_bn=sync_bn,
+                   check_source=not no_source_check)
     f = rep.final
     if not rep.main:                   # under torchrun, rank 0 alone reports
         return

@@ -18,6 +18,7 @@ from .options import (
     Recipe,
     Resume,
     Run,
+    NoSourceCheck,
     TrainSamples,
     ValSplit,
     Workers,
@@ -57,6 +58,7 @@ def fit_gates_cli(
     device: Device = "auto",
     amp: Amp = "auto",
     channels_last: ChannelsLast = None,
+    no_source_check: NoSourceCheck = False,
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Train the decision gates on the frozen backbone (BCE against self-supervised heatmap-mass masks)."""
@@ -71,8 +73,8 @@ def fit_gates_cli(
     cfg = resolve_config(FitGatesConfig, rec, "fit_gates",
                          dict(r=r, gt=value(gt), epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, workers=workers,
                               seed=seed, target_cut=target_cut, calib_samples=calib_samples), partial=resume)
-    rep = fit_gates(run, data_arg(data, rec), cfg, resume=resume, val_split=val_split, train_samples=train_samples, progress=EpochProgress(), tensorboard=tensorboard,
-                   device=device, amp=value(amp), channels_last=channels_last)
+    rep = fit_gates(run, data_arg(data, rec, run), cfg, resume=resume, val_split=val_split, train_samples=train_samples, progress=EpochProgress(), tensorboard=tensorboard,
+                   device=device, amp=value(amp), channels_last=channels_last, check_source=not no_source_check)
     f = rep.final
     if not rep.main:                   # under torchrun, rank 0 alone reports
         return

@@ -23,7 +23,8 @@ from ..settings import (
 __all__ = ["GateMode", "GtRule", "FinetuneMode", "Schedule", "Interpolation", "Augment", "default_of", "config_option", "Run", "Workers", "Recipe",
            "Resume", "ValSplit", "TrainSamples", "Device", "Amp", "ChannelsLast", "DATA_HELP", "value", "DataOrRecipe", "data_arg", "int_list",
            "float_list", "Arch", "NumClasses", "InChans", "InputSize", "Mean", "Std", "InterpolationOpt", "CropPct", "AugmentOpt",
-           "TrustPickle", "UseEma", "Include", "Exclude", "GateShortcuts", "attach_kwargs", "StaticImportance"]
+           "TrustPickle", "UseEma", "Include", "Exclude", "GateShortcuts", "attach_kwargs", "StaticImportance",
+           "NoSourceCheck"]
 
 DATA_HELP = "ImageFolder DIR, a CIFAR-10/100 folder, 'fashion-mnist' (or its idx folder), or 'digits'."
 
@@ -61,15 +62,22 @@ def value(choice: Optional[Enum]) -> Optional[str]:
     return None if choice is None else choice.value
 
 
-DataOrRecipe = Annotated[Optional[str], typer.Option(help=DATA_HELP + " Default: the recipe's `data`.")]
+DataOrRecipe = Annotated[Optional[str], typer.Option(help=DATA_HELP + " Default: the recipe's `data`, else the run's.")]
+NoSourceCheck = Annotated[bool, typer.Option(
+    "--no-source-check", help="Do not stop when the source checkpoint scores near chance on the first data (a model that really is that weak).")]
 
 
-def data_arg(data: Optional[str], recipe: Optional[dict]) -> str:
-    """--data, else the recipe's ``data`` key; one of them is needed."""
+def data_arg(data: Optional[str], recipe: Optional[dict], run: Optional[Path] = None) -> str:
+    """--data, else the recipe's ``data`` key, else the data the run was last trained on; one of them is needed."""
     from ..errors import FtwtError
     chosen = data or (recipe or {}).get("data")
+    if not chosen and run is not None:
+        from ..io.rundir import is_run, read_meta
+        if is_run(Path(run)):
+            chosen = read_meta(Path(run)).trained_data()
     if not chosen:
-        raise FtwtError("no --data given" + (" and the recipe names none" if recipe else ""),
+        raise FtwtError("no --data given" + (" and the recipe names none" if recipe else "")
+                        + (" and the run was never trained on any" if run is not None else ""),
                         "pass --data DIR (or fashion-mnist, digits), or a recipe with a `data:` key")
     if not isinstance(chosen, str):
         raise FtwtError(f"the recipe's data={chosen!r} must be a string", "e.g. data: fashion-mnist")

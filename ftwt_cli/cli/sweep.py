@@ -25,6 +25,7 @@ from .options import (
     Mean,
     NumClasses,
     Recipe,
+    NoSourceCheck,
     StaticImportance,
     Std,
     TrainSamples,
@@ -81,6 +82,7 @@ def sweep_cli(
     include: Include = None,
     exclude: Exclude = None,
     gate_shortcuts: GateShortcuts = False,
+    no_source_check: NoSourceCheck = False,
 ) -> None:
     """Accuracy against MACs over several r: dynamic points, static twins at equal MACs and a dense control.
     Re-running the same command skips finished points and resumes an interrupted one."""
@@ -117,7 +119,7 @@ def sweep_cli(
     points = run_sweep(checkpoint, data_arg(data, rec), out, rs=r_list, target_cuts=cut_list, static=value(static),
                        dense_control=dense_control, attach_options=opts, fit_cfg=fit, finetune_cfg=ft, val_split=val_split,
                        train_samples=train_samples, device=device, amp=value(amp), on_event=say,
-                       progress=EpochProgress() if main else None, bench=bench)
+                       progress=EpochProgress() if main else None, bench=bench, check_source=not no_source_check)
     if not main:
         return
     from rich.table import Table

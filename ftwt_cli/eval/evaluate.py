@@ -5,6 +5,7 @@ import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -152,6 +153,17 @@ class EvalReport:
     ood: Tuple[ShiftResult, ...] = ()
     macs_per_sample: Tuple[float, ...] = ()
     notes: Tuple[str, ...] = ()           # things the user should know (the images' size far from the model's)
+    # the source checkpoint's own accuracy on this data's validation split (None when not measured on this data)
+    source_top1: Optional[float] = None
+    source_top5: Optional[float] = None
+    static: bool = False                  # the run is a statically pruned model (a sweep's static twin)
+    static_source_macs: Optional[float] = None   # its unpruned source's MACs
+
+    @property
+    def cut_vs_source(self) -> float:
+        """The share of the source model's MACs this model saves (a static twin: against its unpruned source)."""
+        base = self.static_source_macs or self.dense_macs
+        return 1.0 - self.macs_mean / base if base else 0.0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -173,23 +185,25 @@ def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[floa
                  ood_samples: Optional[int] = 2000, batch_size: int = 256, workers: Optional[int] = None,
                  on_stage: Optional[Callable[[str, int], Callable[[int], None]]] = None, device: str = "auto",
                  amp: str = "auto", channels_last: Optional[bool] = None, target_cut: Optional[float] = None,
-                 calib_samples: int = 2048) -> EvalReport:
+                 calib_samples: int = 2048, check_source: bool = True) -> EvalReport:
     """Accuracy, exact MACs and gate behaviour of a run on ``data``'s validation split (and shifts of it).
     ``target_cut`` (oracle gates only): r is the one whose oracle masks cut that share of the MACs on
     ``calib_samples`` training images (``eval.budget.find_r``).
     ``on_stage(label, samples)`` may return a per-batch callback for progress display. Under torchrun each process
-    evaluates its shard and every process returns the whole report."""
+    evaluates its shard and every process returns the whole report. A run that never saw data first measures (and
+    records in its ``ftwt.json``) the source checkpoint's top-1; ``check_source`` stops there when it is near chance."""
     from ..train.device import resolve_precision
     from ..train.dist import process_group
 
     precision = resolve_precision(device, amp, channels_last)
     with process_group(precision.device) as (d, dev):
         return _evaluate_run(run_dir, data, gates, r, ood, ood_data, corruptions, severities, ood_samples, batch_size,
-                             workers, on_stage, d, dataclasses.replace(precision, device=dev), target_cut, calib_samples)
+                             workers, on_stage, d, dataclasses.replace(precision, device=dev), target_cut, calib_samples,
+                             check_source)
 
 
 def _evaluate_run(run_dir, data, gates, r, ood, ood_data, corruptions, severities, ood_samples, batch_size, workers,
-                  on_stage, d, precision, target_cut=None, calib_samples=2048) -> EvalReport:
+                  on_stage, d, precision, target_cut=None, calib_samples=2048, check_source=True) -> EvalReport:
     from torch.utils.data import Subset
 
     from ..data import check_classes, make_loader, open_data, size_note
@@ -207,6 +221,14 @@ def _evaluate_run(run_dir, data, gates, r, ood, ood_data, corruptions, severitie
     check_classes(meta.classes, splits)
     notes = tuple(n for n in (size_note(splits, cfg),) if n)
     stage = on_stage or (lambda label, n: None)
+    from .source import measure_source, to_measure
+    first_contact = to_measure(meta)
+    source = measure_source(model, meta, splits, batch_size=batch_size, workers=workers, precision=precision, dist=d,
+                            check=check_source, on_batch=stage("source checkpoint (open gates)", len(shard(splits.val, d)))
+                            if d.main and first_contact else None)
+    if source is not None and first_contact and d.main and Path(run_dir).is_dir():
+        from ..io.rundir import record_source_eval
+        record_source_eval(Path(run_dir), source)
     if target_cut is not None:
         if gates != "oracle":
             raise FtwtError("--target-cut applies to --gates oracle", "pass --gates oracle, or fit gates with `ftwt fit-gates --target-cut`")
@@ -248,4 +270,6 @@ def _evaluate_run(run_dir, data, gates, r, ood, ood_data, corruptions, severitie
     q = torch.quantile(main.macs.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
     return EvalReport(str(run_dir), str(meta.arch), splits.source, main.samples, gates, model.r if gates != "open" else None,
                       main.top1, main.top5, dense.top1, dense.top5, main.dense_macs, main.mean_macs, q[0], q[1], q[2],
-                      main.reduction, main.gate_macs, keep, layers, keep, tuple(shifts), tuple(main.macs.tolist()), notes)
+                      main.reduction, main.gate_macs, keep, layers, keep, tuple(shifts), tuple(main.macs.tolist()), notes,
+                      source.top1 if source else None, source.top5 if source else None, meta.static is not None,
+                      meta.static.source_macs if meta.static is not None else None)

@@ -136,12 +136,12 @@ def _input_config(obj: Any, hub_config: Optional[Mapping]) -> Dict[str, Any]:
     if isinstance(obj, Mapping):
         sources.append(obj.get("pretrained_cfg") or {})
         args = obj.get("args")
-        if isinstance(args, argparse.Namespace):
-            a = vars(args)
+        a = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, Mapping) else None
+        if a is not None and _is_torchvision_reference(a):
+            sources.append(_torchvision_reference_input(a))
+        elif a is not None:
             sources.append({**a, "input_size": a.get("input_size") or (
                 [a.get("in_chans") or 3, a["img_size"], a["img_size"]] if a.get("img_size") else None)})
-        elif isinstance(args, Mapping):
-            sources.append(args)
     for src in sources:
         if not isinstance(src, Mapping):
             continue
@@ -150,6 +150,33 @@ def _input_config(obj: Any, hub_config: Optional[Mapping]) -> Dict[str, Any]:
             if k not in found and v not in (None, "", [], ()):
                 found[k] = list(v) if isinstance(v, (list, tuple)) else v
     return found
+
+
+def _is_torchvision_reference(a: Mapping) -> bool:
+    """The ``args`` of torchvision's reference training script (references/classification/train.py)."""
+    return any(k in a for k in ("train_crop_size", "val_crop_size", "val_resize_size"))
+
+
+# torchvision's reference script defaults: it evaluates at val_crop_size after resizing to val_resize_size
+_TV_VAL_CROP, _TV_VAL_RESIZE = 224, 256
+
+
+def _torchvision_reference_input(a: Mapping) -> Dict[str, Any]:
+    """Input size, crop and interpolation from torchvision's reference-script ``args`` (mean/std are ImageNet's there,
+    fixed in its presets, so they are not stated). The evaluation size is ``val_crop_size``, unless only
+    ``train_crop_size`` was changed from the defaults (a small-image run: the model learned at that size, and the
+    evaluation sizes were left at 224/256 unread by the user)."""
+    train, val = a.get("train_crop_size"), a.get("val_crop_size")
+    resize = a.get("val_resize_size")
+    size = val or train
+    if train and train != _TV_VAL_CROP and val in (None, _TV_VAL_CROP) and resize in (None, _TV_VAL_RESIZE):
+        size, resize = train, train
+    out: Dict[str, Any] = {"interpolation": a.get("interpolation")}
+    if size:
+        out["input_size"] = [3, int(size), int(size)]
+        if resize:
+            out["crop_pct"] = round(min(1.0, int(size) / int(resize)), 4)
+    return out
 
 
 def _classes(hub_config: Optional[Mapping]) -> Optional[Tuple[str, ...]]:
@@ -210,6 +237,10 @@ def read_checkpoint(path: Path | str, *, use_ema: bool = False, trust_pickle: bo
         if isinstance(obj, Mapping) and isinstance(obj.get("arch"), str) and obj["arch"]:
             # timm's train.py saves timm model names: look the name up among timm's, not torchvision's
             arch = obj["arch"] if ":" in obj["arch"] or fmt != "timm-train" else f"timm:{obj['arch']}"
+        elif isinstance(obj, Mapping) and isinstance(obj.get("args"), (argparse.Namespace, Mapping)):
+            a = vars(obj["args"]) if isinstance(obj["args"], argparse.Namespace) else obj["args"]
+            if _is_torchvision_reference(a) and isinstance(a.get("model"), str) and a["model"]:
+                arch = f"torchvision:{a['model']}"      # torchvision's reference script names its model in args.model
     if hub_config is not None:
         fmt = "hub"
     sd = clean_state_dict(raw)

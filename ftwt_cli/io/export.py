@@ -33,10 +33,22 @@ class ExportReport:
     report_files: tuple
 
 
-def _evaluation(run_dir: Path, meta: RunMeta) -> Optional[Dict[str, Any]]:
+def _deployed_report(run_dir: Path, meta: RunMeta) -> Optional[Dict[str, Any]]:
+    """The run's report.json if it describes the model as exported: gates as the run deploys them ("predict" once
+    fitted, else "open"). A report of another mode (``evaluate --gates oracle`` or ``--gates open`` after fitting) is
+    not what the file computes, so it is not embedded."""
     rj = run_dir / "report.json"
-    if rj.is_file():
-        return json.loads(rj.read_text())
+    if not rj.is_file():
+        return None
+    rep = json.loads(rj.read_text())
+    deployed = "predict" if meta.gating.mode == "predict" else "open"
+    return rep if rep.get("gates") == deployed else None
+
+
+def _evaluation(run_dir: Path, meta: RunMeta) -> Optional[Dict[str, Any]]:
+    rep = _deployed_report(run_dir, meta)
+    if rep is not None:
+        return rep
     return dataclasses.asdict(meta.last_eval) if meta.last_eval is not None else None
 
 
@@ -85,7 +97,7 @@ def export(run_dir: Path | str = "ftwt-run", out: Optional[Path | str] = None, *
                "gated_layers": len(g.gated), "evaluation": evaluation, "ftwt_version": __version__}
     atomic_write_text(out.parent / "report.json", json.dumps(summary, indent=1))
     rmd = run_dir / "report.md"
-    md = rmd.read_text() if rmd.is_file() else _summary_md(summary)
+    md = rmd.read_text() if rmd.is_file() and _deployed_report(run_dir, meta) is not None else _summary_md(summary)
     atomic_write_text(out.parent / "report.md", md)
     return ExportReport(out, False, len(sd), out.stat().st_size, (out.parent / "report.json", out.parent / "report.md"))
 

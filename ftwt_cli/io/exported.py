@@ -27,6 +27,7 @@ def export_metadata(meta: RunMeta, evaluation: Optional[Dict[str, Any]]) -> Dict
         "gate_config": json.dumps(gate_config), "training": json.dumps(d["training"]), "evaluation": json.dumps(evaluation),
         "classes": json.dumps(d["classes"]), "environment": json.dumps(d["environment"]),
         **({"static": json.dumps(d["static"])} if d.get("static") else {}),
+        **({"source_eval": json.dumps(d["source_eval"])} if d.get("source_eval") else {}),
     }
 
 
@@ -55,6 +56,7 @@ def meta_from_export(path: Path) -> RunMeta:
              "training": json.loads(md.get("training", "{}")), "evaluation": json.loads(md.get("evaluation", "null")),
              "classes": json.loads(md.get("classes", "null")), "environment": json.loads(md.get("environment", "{}")),
              "static": json.loads(md.get("static", "null")),
+             "source_eval": json.loads(md.get("source_eval", "null")),
              "ftwt_version": md.get("ftwt_version", ""), "format": EXPORT_FORMAT, "format_version": FORMAT_VERSION}
     except (KeyError, json.JSONDecodeError) as e:
         raise FtwtError(f"{path} has incomplete ftwt metadata ({e})", "export it again with `ftwt export`") from None

@@ -14,7 +14,7 @@ from ..arch.trace import Plan
 from ..errors import FtwtError
 
 __all__ = ["FORMAT_VERSION", "RUN_FORMAT", "environment", "RunFiles", "ArchInfo", "SourceInfo", "GatingInfo", "MacsInfo", "EvalSummary",
-           "TrainingRecord", "StaticInfo", "RunMeta"]
+           "TrainingRecord", "StaticInfo", "SourceEval", "RunMeta"]
 
 FORMAT_VERSION = 2          # 2: may hold a static model (``static``), MLP units or attention MACs; 1 otherwise
 RUN_FORMAT = "ftwt-run"
@@ -25,14 +25,16 @@ T = TypeVar("T")
 def environment(device: Optional[str] = None, amp: str = "off") -> Dict[str, str]:
     """What ran: ftwt, Python, torch, torchvision and timm versions, the device and the autocast mode."""
     import platform
+    from importlib.metadata import version
 
-    import timm
     import torch
     import torchvision
 
     from .. import __version__
+    # timm's version from its package metadata (the same string as timm.__version__): importing timm only to read it
+    # would add seconds to every command on a torchvision model
     return {"ftwt": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__, "device": device or "cpu", "amp": amp}
+            "torchvision": torchvision.__version__, "timm": version("timm"), "device": device or "cpu", "amp": amp}
 
 
 def _build(cls: Type[T], d: Any, where: str) -> T:
@@ -65,6 +67,20 @@ class SourceInfo:
     path: str                          # the checkpoint attach read
     sha256: str
     format: str
+    # other architectures the weights fit that compute another function (attach chose the plain family): what a
+    # near-chance first evaluation names as the likely right ones
+    alternatives: List[str] = field(default_factory=list)
+
+
+@dataclass
+class SourceEval:
+    """The source checkpoint's own accuracy, measured on the first data a command saw (before any training), so that
+    every later report states its change against the model the user brought."""
+    top1: float
+    top5: float
+    samples: int
+    data: str                          # the data source it was measured on (``DataSplits.source``)
+    split: str = "val"
 
 
 @dataclass
@@ -143,22 +159,31 @@ class RunMeta:
     classes: Optional[List[str]] = None            # class names in label order, once a command has seen data
     environment: Dict[str, str] = field(default_factory=dict)   # versions and device of the last command that wrote
     static: Optional[StaticInfo] = None            # a statically pruned model (its plan); None for a gated run
+    source_eval: Optional[SourceEval] = None       # the source checkpoint's accuracy on the first data seen
     ftwt_version: str = ""
     format: str = RUN_FORMAT
     format_version: int = 1            # written as 2 when the run holds a static model, MLP units or attention MACs
+
+    def trained_data(self) -> Optional[str]:
+        """The ``--data`` the run was last trained on (None before any training)."""
+        return next((t.data for t in reversed(list(self.training.values())) if t.data), None)
 
     def to_dict(self) -> Dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["data_config"] = self.data_config.to_dict()
         d["plan"] = self.plan.to_dict()
-        for k in ("arch", "source", "gating", "macs", "last_eval", "files", "static"):
+        for k in ("arch", "source", "gating", "macs", "last_eval", "files", "static", "source_eval"):
             d[k] = dataclasses.asdict(d[k]) if d[k] is not None else None
         d["training"] = {k: dataclasses.asdict(v) for k, v in self.training.items()}
-        if self.static is None:
-            d.pop("static")
+        if not self.source.alternatives:
+            d["source"].pop("alternatives")
+        for k in ("static", "source_eval"):          # keys earlier releases do not know, written only when set
+            if d[k] is None:
+                d.pop(k)
         # a CNN's run is written as 0.1.0 wrote it, so that release reads it; a static model, MLP units or attention
         # products need version 2, which older releases refuse with "upgrade ftwt"
-        d["format_version"] = 2 if self.static is not None or self.plan.has_new_features else 1
+        d["format_version"] = 2 if (self.static is not None or self.source_eval is not None
+                                    or self.source.alternatives or self.plan.has_new_features) else 1
         return d
 
     @classmethod
@@ -186,4 +211,6 @@ class RunMeta:
             d["files"] = _build(RunFiles, d["files"], f"{where}: files")
         if d.get("static") is not None:
             d["static"] = _build(StaticInfo, d["static"], f"{where}: static")
+        if d.get("source_eval") is not None:
+            d["source_eval"] = _build(SourceEval, d["source_eval"], f"{where}: source_eval")
         return _build(cls, d, where)

@@ -30,7 +30,8 @@ from ..errors import FtwtError
 from .meta import RUN_FORMAT, RunMeta
 
 __all__ = ["META_FILE", "WEIGHTS_FILE", "LOCK_FILE", "read_meta", "write_new_run", "commit", "run_lock", "is_run",
-           "atomic_write_bytes", "atomic_write_text", "save_weights", "read_weights", "require_run", "check_writable", "inside"]
+           "atomic_write_bytes", "atomic_write_text", "save_weights", "read_weights", "require_run", "check_writable", "inside",
+           "record_source_eval"]
 
 META_FILE = "ftwt.json"
 WEIGHTS_FILE = "weights.safetensors"       # the weights of a run fresh from attach
@@ -277,3 +278,11 @@ def commit(run_dir: Path, meta: RunMeta, state_dict: Mapping[str, torch.Tensor],
     for name in old - {meta.files.weights, meta.files.checkpoint}:
         if _COMMIT_FILE.match(name):
             (run_dir / name).unlink(missing_ok=True)
+
+
+def record_source_eval(run_dir: Path, source_eval) -> None:
+    """Put the source checkpoint's measured accuracy (``meta.SourceEval``) into the run's ftwt.json, atomically, keeping
+    everything else as it is. The caller holds the lock."""
+    meta = read_meta(run_dir)
+    meta.source_eval = source_eval
+    atomic_write_text(run_dir / META_FILE, json.dumps(meta.to_dict(), indent=1))

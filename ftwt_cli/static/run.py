@@ -48,7 +48,7 @@ def make_static_run(source_run: Path | str, run_dir: Path | str, target_macs: fl
         macs=MacsInfo(res.macs, 0, list(size)),
         history=[*meta.history, {"command": "static", "importance": importance, "target_macs": target_macs,
                                  "from_run": str(source_run), "ftwt_version": __version__}],
-        classes=meta.classes, environment=environment(),
+        classes=meta.classes, environment=environment(), source_eval=meta.source_eval,
         static=StaticInfo(importance, float(target_macs), res.macs, res.tp_macs, res.ratio, source_macs, res.plan.to_dict()),
         ftwt_version=__version__)
     write_new_run(run_dir, new, GatedModel(res.model, plan, []).state_dict(), force=force)

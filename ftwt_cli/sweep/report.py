@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 from ..eval.report import fmt_macs, png_bytes
 from ..io.rundir import atomic_write_bytes, atomic_write_text
 
-__all__ = ["write_sweep_report", "sweep_markdown", "pareto_front", "SWEEP_FILES"]
+__all__ = ["write_sweep_report", "sweep_markdown", "pareto_front", "standard_error", "SWEEP_FILES"]
 
 SWEEP_FILES = ("sweep.md", "pareto.png")
 
@@ -59,7 +59,18 @@ def sweep_markdown(points: Sequence) -> str:
                          f"{(d.top1 - s.top1) * 100:+.2f} |")
     if dense is not None and dense.top1 is not None:
         lines += ["", f"Dense source model: top-1 {_pct(dense.top1)} at {fmt_macs(dense.macs_mean)}."]
+    n = next((p.samples for p in points if getattr(p, "samples", None)), None)
+    ref = dense.top1 if dense is not None and dense.top1 is not None else next((p.top1 for p in points if p.top1), None)
+    if n and ref is not None:
+        lines += ["", f"Validation split: {n} images. The standard error of one top-1 near {ref:.1%} is "
+                      f"{standard_error(ref, n) * 100:.2f} pt, so a gap between two points under about twice that "
+                      "({:.2f} pt) is within noise; one seed per point.".format(2 * standard_error(ref, n) * 100)]
     return "\n".join(lines) + "\n"
+
+
+def standard_error(top1: float, samples: int) -> float:
+    """The binomial standard error of a top-1 measured on ``samples`` images: sqrt(p(1 − p)/n)."""
+    return (top1 * (1 - top1) / max(samples, 1)) ** 0.5
 
 
 def _plot(points: Sequence) -> bytes:
@@ -79,12 +90,19 @@ def _plot(points: Sequence) -> bytes:
     oracle = sorted((p for p in points if p.kind == "dynamic" and p.oracle_macs is not None), key=lambda p: p.oracle_macs)
     if oracle:
         ax.plot([p.oracle_macs / 1e6 for p in oracle], [p.oracle_top1 * 100 for p in oracle], color="tab:blue", alpha=0.3,
-                marker="o", markerfacecolor="none", linestyle="--", label="oracle estimate (before training)")
+                marker="o", markerfacecolor="none", linestyle="--", label="oracle estimate (before training; may lie below)")
     for kind, st in {"dense": dict(color="black", marker="*", markersize=12, label="dense source"),
                      "control": dict(color="tab:green", marker="D", label="dense control")}.items():
         for p in points:
             if p.kind == kind and p.top1 is not None:
                 ax.plot([p.macs_mean / 1e6], [p.top1 * 100], linestyle="none", **st)
+    # the y-range of the trained points (the comparison the plot is for); the faint oracle line, often far below, is
+    # clipped rather than allowed to squeeze them into a thin band
+    real = [p.top1 * 100 for p in points if p.top1 is not None]
+    if real:
+        lo, hi = min(real), max(real)
+        pad = max(0.5, 0.15 * (hi - lo))
+        ax.set_ylim(lo - pad, min(100.0, hi + pad))
     ax.set_xlabel("MACs per sample (M)")
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)

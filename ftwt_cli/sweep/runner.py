@@ -62,6 +62,7 @@ class Point:
     target_macs: Optional[float] = None    # static: what it was pruned to
     tp_macs: Optional[float] = None        # static: Torch-Pruning's count of its conv and linear layers
     latency_ms: Optional[float] = None     # with bench: median latency at batch 1 on this machine (``ftwt bench``)
+    samples: Optional[int] = None          # validation images its top-1 is measured on
     seconds: float = 0.0
 
     @property
@@ -118,12 +119,13 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
               static: Optional[str] = None, dense_control: bool = False, attach_options: Optional[Dict[str, Any]] = None,
               fit_cfg=None, finetune_cfg=None, val_split: Optional[float] = None, train_samples: Optional[int] = None,
               device: str = "auto", amp: str = "auto", on_event: Optional[Callable[[str], None]] = None,
-              progress=None, bench: bool = False) -> List[Point]:
+              progress=None, bench: bool = False, check_source: bool = True) -> List[Point]:
     """Run (or continue) the sweep in ``out``; returns its points. ``fit_cfg`` / ``finetune_cfg``: resolved
     ``FitGatesConfig`` / ``FinetuneConfig`` shared by every point (their r / target cut set per point; finetune
     ``epochs`` 0 skips finetuning). ``bench``: also each point's median latency at batch 1 (``ftwt bench``: the
     compact path with the gates' decisions for dynamic points, the BN-folded network for the others), on rank 0.
-    Under torchrun every process calls this; rank 0 alone writes."""
+    Under torchrun every process calls this; rank 0 alone writes. ``check_source``: stop when the source checkpoint
+    scores near chance on the data (``eval.source``), before any point trains."""
     from ..train.config import FinetuneConfig, FitGatesConfig
     from ..train.device import resolve_precision
     from ..train.dist import barrier, process_group
@@ -174,7 +176,8 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
         barrier(d)
         from ..io.rundir import run_lock
         with run_lock(out, "ftwt sweep") if d.main else nullcontext():
-            ctx = _Ctx(checkpoint, data, out, settings, fit_cfg, finetune_cfg, device, amp, d, emit, progress, bench)
+            ctx = _Ctx(checkpoint, data, out, settings, fit_cfg, finetune_cfg, device, amp, d, emit, progress, bench,
+                       check_source)
             if d.main:
                 _write(out, settings, points)
             first_error: Optional[FtwtError] = None
@@ -225,10 +228,11 @@ def _on_rank0(d, fn: Callable[[], Any]) -> None:
 class _Ctx:
     """What every point's steps need."""
 
-    def __init__(self, checkpoint, data, out, settings, fit_cfg, ft_cfg, device, amp, d, emit, progress, bench=False) -> None:
+    def __init__(self, checkpoint, data, out, settings, fit_cfg, ft_cfg, device, amp, d, emit, progress, bench=False,
+                 check_source=True) -> None:
         self.checkpoint, self.data, self.out, self.settings = checkpoint, data, out, settings
         self.fit_cfg, self.ft_cfg, self.device, self.amp, self.d, self.emit = fit_cfg, ft_cfg, device, amp, d, emit
-        self.progress, self.with_bench = progress, bench
+        self.progress, self.with_bench, self.check_source = progress, bench, check_source
 
     def bench(self, p: Point) -> None:
         """Median latency at batch 1 of the point's model on one validation image (``fast.bench``)."""
@@ -243,12 +247,16 @@ class _Ctx:
     def _attach(self, run: Path) -> None:
         """The source checkpoint as a new run (rank 0), unless the run is there already."""
         from ..attach import attach
-        from ..io.rundir import is_run
+        from ..io.rundir import is_run, read_meta, record_source_eval
 
         def make() -> None:
             if not is_run(run):
                 self.emit(f"{run.name}: attach")
                 attach(self.checkpoint, run_dir=run, **self.settings.attach)
+                # every point attaches the same checkpoint: the dense point's measurement of it serves them all
+                dense = self.out / "dense"
+                if run != dense and is_run(dense) and read_meta(dense).source_eval is not None:
+                    record_source_eval(run, read_meta(dense).source_eval)
         _on_rank0(self.d, make)
 
     def _epochs_done(self, run: Path, phase: str) -> int:
@@ -267,7 +275,7 @@ class _Ctx:
     def _evaluate(self, run: Path, gates: str, r: Optional[float] = None):
         from ..eval.evaluate import evaluate_run
         return evaluate_run(run, self.data, gates=gates, r=r, batch_size=256, workers=self.fit_cfg.workers,
-                            device=self.device, amp=self.amp)
+                            device=self.device, amp=self.amp, check_source=self.check_source)
 
     def _split(self) -> dict:
         return dict(val_split=self.settings.val_split, train_samples=self.settings.train_samples)
@@ -286,7 +294,7 @@ class _Ctx:
             cfg = dataclasses.replace(self.fit_cfg, r=p.r if p.r is not None else self.fit_cfg.r, target_cut=p.target_cut)
             self._train(run, "fit-gates", cfg.epochs, lambda resume: fit_gates(
                 run, self.data, None if resume else cfg, resume=resume, device=self.device, amp=self.amp,
-                progress=self.progress, **self._split()))
+                progress=self.progress, check_source=self.check_source, **self._split()))
             from ..io.rundir import read_meta
             p.r = read_meta(run).gating.r
             if p.oracle_macs is None:      # a target cut: the oracle estimate at the r found
@@ -306,10 +314,10 @@ class _Ctx:
             dense_control = p.kind != "dynamic"
             self._train(run, "finetune", ft.epochs, lambda resume: finetune(
                 run, self.data, None if resume else ft, resume=resume, dense_control=dense_control, device=self.device,
-                amp=self.amp, progress=self.progress, **self._split()))
+                amp=self.amp, progress=self.progress, check_source=self.check_source, **self._split()))
         self.emit(f"{p.name}: evaluate")
         res = self._evaluate(run, "predict" if p.kind == "dynamic" else "open")
-        p.top1, p.top5, p.macs_mean = res.top1, res.top5, res.macs_mean
+        p.top1, p.top5, p.macs_mean, p.samples = res.top1, res.top5, res.macs_mean, res.samples
         if self.with_bench and self.d.main:
             self.emit(f"{p.name}: bench")
             self.bench(p)

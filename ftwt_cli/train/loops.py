@@ -45,6 +45,7 @@ from ..data import (
 )
 from ..errors import FtwtError
 from ..eval.evaluate import EvalResult, evaluate_loader
+from ..eval.source import measure_source, to_measure
 from ..gating.model import GatedModel
 from ..io.load import gated_from_meta
 from ..io.meta import EvalSummary, TrainingRecord, environment
@@ -242,7 +243,7 @@ class _Phase:
 
     def __init__(self, phase: str, cls: type, run_dir: Path | str, data: str, cfg, resume: bool,
                  val_split: Optional[float], train_samples: Optional[int], progress: Progress, precision: Precision,
-                 dist: Dist = Dist()) -> None:
+                 dist: Dist = Dist(), check_source: bool = True) -> None:
         """The caller holds the run's lock. ``cfg`` None: the defaults, or on resume the interrupted run's settings."""
         self.phase, self.run_dir, self.data_arg = phase, Path(run_dir), str(data)
         if cfg is not None and not resume:      # on resume, given fields must equal the run's (validated) settings
@@ -270,6 +271,17 @@ class _Phase:
         note = size_note(self.data, self.meta.data_config)
         if note and dist.main:
             progress.note(note)
+        if not resume and to_measure(self.meta):
+            # first data contact: the source model's own top-1 (near chance stops here, before an epoch is spent)
+            if dist.main:
+                progress.note(f"measuring the source checkpoint on the {len(self.data.val)} validation images (once)")
+            se = measure_source(self.model, self.meta, self.data, batch_size=cfg.batch_size, workers=cfg.workers,
+                                precision=precision, dist=dist, check=check_source)
+            if se is not None:
+                self.meta.source_eval = se
+                if dist.main:
+                    progress.note(f"source checkpoint: top-1 {se.top1:.2%}, top-5 {se.top5:.2%} on {se.samples} "
+                                  f"validation images (every later result is compared with it)")
         self.history: List[Dict[str, Any]] = list(self.ck["history"]) if self.ck else []
         self.extra_state: Dict[str, Any] = {}      # more tensors for the checkpoint (the distillation teacher)
         self.tensorboard = None
@@ -371,19 +383,20 @@ class _Phase:
 def fit_gates(run_dir: Path | str, data: str, cfg: Optional[FitGatesConfig] = None, *, resume: bool = False,
               val_split: Optional[float] = None, train_samples: Optional[int] = None,
               progress: Optional[Progress] = None, tensorboard: bool = False, device: str = "auto", amp: str = "auto",
-              channels_last: Optional[bool] = None) -> TrainReport:
+              channels_last: Optional[bool] = None, check_source: bool = True) -> TrainReport:
     """Train only the gates on the frozen backbone (eval mode, no gradients), with predicted masks applied.
     ``resume`` continues an interrupted run with its own settings (``cfg`` may be None, or must agree with them).
-    ``device``, ``amp`` and ``channels_last``: see ``train.device``."""
+    ``device``, ``amp`` and ``channels_last``: see ``train.device``. On the run's first data the source model's
+    top-1 is measured and recorded; ``check_source`` stops there when it is near chance (``eval.source``)."""
     with _session("fit-gates", FitGatesConfig, run_dir, data, cfg, resume, val_split, train_samples, progress,
-                  tensorboard, device, amp, channels_last) as (ph, progress):
+                  tensorboard, device, amp, channels_last, check_source) as (ph, progress):
         return _fit_gates(ph, progress)
 
 
 @contextlib.contextmanager
 def _session(phase: str, cls: type, run_dir, data: str, cfg, resume: bool, val_split: Optional[float],
              train_samples: Optional[int], progress: Optional[Progress], tensorboard: bool, device: str, amp: str,
-             channels_last: Optional[bool]):
+             channels_last: Optional[bool], check_source: bool = True):
     """One training command's surroundings: the process group joined (under torchrun), the run locked by rank 0,
     the phase set up, logging on; yields (phase, the progress this process reports to)."""
     read_meta(run_dir)                                        # a missing or damaged run fails before the lock
@@ -392,7 +405,7 @@ def _session(phase: str, cls: type, run_dir, data: str, cfg, resume: bool, val_s
             run_lock(Path(run_dir), f"ftwt {phase}") if d.main else nullcontext():
         progress = (progress or _Silent()) if d.main else _Silent()
         ph = _Phase(phase, cls, run_dir, data, cfg, resume, val_split, train_samples, progress,
-                    dataclasses.replace(precision, device=dev), d)
+                    dataclasses.replace(precision, device=dev), d, check_source=check_source)
         with ph.logging(tensorboard):
             yield ph, progress
 
@@ -437,13 +450,13 @@ def _r_for_cut(ph: "_Phase", cfg: FitGatesConfig, progress: Progress):
 def finetune(run_dir: Path | str, data: str, cfg: Optional[FinetuneConfig] = None, *, resume: bool = False,
              val_split: Optional[float] = None, train_samples: Optional[int] = None, dense_control: bool = False,
              progress: Optional[Progress] = None, tensorboard: bool = False, device: str = "auto", amp: str = "auto",
-             channels_last: Optional[bool] = None, sync_bn: bool = False) -> TrainReport:
+             channels_last: Optional[bool] = None, sync_bn: bool = False, check_source: bool = True) -> TrainReport:
     """Train the backbone under hard masks (task loss) while the gates keep learning (BCE, their own optimiser).
     ``dense_control`` trains the backbone with every gate open and no gate loss: the same extra training,
     without gating, for a fair accuracy comparison. ``resume``, ``device``, ``amp``, ``channels_last`` as for
     ``fit_gates``; ``sync_bn`` (under torchrun on GPUs) computes BatchNorm statistics over all processes' batches."""
     with _session("finetune", FinetuneConfig, run_dir, data, cfg, resume, val_split, train_samples, progress,
-                  tensorboard, device, amp, channels_last) as (ph, progress):
+                  tensorboard, device, amp, channels_last, check_source) as (ph, progress):
         if sync_bn:
             if ph.precision.device.type != "cuda":
                 raise FtwtError("--sync-bn needs CUDA GPUs (SyncBatchNorm does not train on the CPU)", "drop --sync-bn")
