@@ -176,7 +176,7 @@ def test_torchvision_reference_script_checkpoints(tmp_path, args, size, crop):
 
 @pytest.mark.parametrize("build,name,expect,note", [
     (lambda: __import__("torchvision").models.resnet34(num_classes=10), "resnet34.pth", "torchvision:resnet34",
-     "timm:resnet34 computes the same function, but timm:resnet34 expects other preprocessing"),
+     "timm:resnet34 computes the same function but expects other preprocessing"),
     (lambda: __import__("torchvision").models.resnet50(num_classes=10), "resnet50.pth", "torchvision:resnet50",
      "the weights also fit timm:resnetaa50, timm:resnetblur50, which compute another function"),
     (lambda: timm.create_model("mixnet_s", num_classes=10), "mixnet_s.pth", "timm:mixnet_s",

@@ -228,7 +228,7 @@ def test_weights_that_fit_different_networks_take_the_plain_family_or_the_checkp
     res = runner.invoke(app, ["attach", str(tmp_path / "plain.pth"), "--run", str(tmp_path / "a"), "--input-size", "3,32,32"])
     assert res.exit_code == 0, res.output
     out = " ".join(res.output.split())
-    assert "chose timm:efficientnet_b0: the family's plain name" in out
+    assert "chose timm:efficientnet_b0 (the family's plain name" in out
     assert "timm:efficientnet_blur_b0, timm:tf_efficientnet_b0, which compute another function" in out
     assert "pass --arch timm:efficientnet_blur_b0" in out
     # a timm train.py checkpoint says what it is (and carries its argparse.Namespace of arguments)

@@ -374,7 +374,7 @@ def _choose(matches: list, sd: Mapping[str, torch.Tensor], hint: Optional[str]) 
     ranked = [sorted(g, key=lambda i: (_family_rank(matches[i][0]), len(matches[i][0].name))) for g in groups]
     if len(ranked) == 1:
         order = [matches[i] for i in ranked[0]]
-        return order, (), "" if len(order) == 1 else "they compute the same function: torchvision's model, else timm's plain family, first"
+        return order, (), "" if len(order) == 1 else "torchvision's model, else timm's plain family, among candidates computing the same function"
     names = {i: matches[i][0].name for g in ranked for i in g}
     plain_groups = []
     for gi, g in enumerate(ranked):

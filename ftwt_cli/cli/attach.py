@@ -75,17 +75,19 @@ def print_attach_report(r: "AttachReport") -> None:
 
 def choice_notes(r: "AttachReport") -> list:
     """What was chosen among several architectures that take the weights, why, and the --arch that picks another."""
-    lines = [f"note: chose {r.arch}" + (f": {r.choice_rule}" if r.choice_rule else "")]
+    lines = [f"note: chose {r.arch}" + (f" ({r.choice_rule})" if r.choice_rule else "")]
     if r.other_functions:
         lines.append(f"note: the weights also fit {', '.join(r.other_functions)}, which compute another function; "
                      f"pass --arch {r.other_functions[0]} (or another of them) if the checkpoint is one of those")
     same = [a for a in r.alternatives if a not in r.other_functions]
-    if same:
-        pre = [a for a in same if a in r.other_preprocessing]
-        lines.append(f"note: {', '.join(same)} compute{'s' if len(same) == 1 else ''} the same function"
-                     + (f", but {', '.join(pre)} expect{'s' if len(pre) == 1 else ''} other preprocessing (mean/std, size or "
-                        f"crop), which changes the results: pass --arch {pre[0]} to use it, or set --mean/--std/--input-size"
-                        if pre else ""))
+    pre = [a for a in same if a in r.other_preprocessing]
+    if [a for a in same if a not in pre]:
+        lines.append(f"note: {', '.join(a for a in same if a not in pre)} compute the same function with the same "
+                     "preprocessing: nothing changes with them")
+    if pre:
+        lines.append(f"note: {', '.join(pre)} compute{'s' if len(pre) == 1 else ''} the same function but "
+                     f"expect{'s' if len(pre) == 1 else ''} other preprocessing (mean/std, size or crop), which changes "
+                     f"the results: pass --arch {pre[0]} to use it, or set --mean/--std/--input-size")
     return lines
 
 

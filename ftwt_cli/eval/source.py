@@ -51,8 +51,9 @@ def near_chance_error(meta: "RunMeta", splits: "DataSplits", top1: float, sample
     if meta.source.alternatives:
         arch += f"; the weights also fit {', '.join(meta.source.alternatives)}"
     causes.append(arch)
-    fix = ("re-attach with the settings the checkpoint was trained with: `ftwt attach CHECKPOINT --force --input-size "
-           f"{dc.input_size[0]},H,W --mean .. --std ..`"
+    h, w = splits.native_size if splits.native_size is not None else ("H", "W")
+    fix = (f"re-attach with the settings the checkpoint was trained with, e.g. `ftwt attach {meta.source.path} --force "
+           f"--input-size {dc.input_size[0]},{h},{w} --mean .. --std ..`"
            + (f" or `--arch {meta.source.alternatives[0]}`" if meta.source.alternatives else " or `--arch SOURCE:NAME`")
            + "; check that --data has the classes the model was trained on; pass --no-source-check if the model "
              "really is this weak")
