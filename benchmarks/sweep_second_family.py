@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
-
-from ftwt_cli.arch import build_model, parse_arch
 from fashion_mnist import CFG, train_baseline
 from md_sections import write_section
 from sweep_fashion_mnist import HERE, WORK, sweep, table
+
+from ftwt_cli.arch import build_model, parse_arch
 
 
 def main() -> int:

@@ -19,8 +19,8 @@ import torchvision
 
 from ftwt_cli.arch import trace_plan
 from ftwt_cli.gating import GatedModel
+from ftwt_cli.runtime.device import resolve_precision
 from ftwt_cli.train import batch_metrics, fit_gates_step, gate_loss, gate_optimizer
-from ftwt_cli.train.device import resolve_precision
 from ftwt_cli.train.loops import METRICS_EVERY
 
 

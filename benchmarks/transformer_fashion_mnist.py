@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-
-from ftwt_cli.arch import DataConfig, build_model, parse_arch
 from fashion_mnist import train_baseline
 from md_sections import write_section
+
+from ftwt_cli.arch import DataConfig, build_model, parse_arch
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"

@@ -1,4 +1,4 @@
-"""ftwt: dynamic channel pruning (Fire Together Wire Together, CVPR'22) for timm and torchvision CNNs.
+"""ftwt: dynamic pruning (Fire Together Wire Together, CVPR'22) for timm and torchvision classifiers.
 
 Public API::
 
@@ -8,9 +8,9 @@ Public API::
     x = ftwt_cli.preprocess(model, "img.png")   # the run's own evaluation transform -> (1, C, H, W)
     y = model(x); model.last_stats.macs    # per-sample MACs of that forward
 
-The package reads top to bottom as the pipeline: ``io`` (checkpoints, run directory, export, load) → ``arch``
-(registry, dataflow trace) → ``gating`` (gate, gated model, ground truth, MACs) → ``train`` → ``eval`` → ``fast``
-(compact inference); ``cli`` wraps it. The names below are imported on first use, so that importing the package
+The package is layered, imports running one way (docs/architecture.md; tests/test_layers.py): ``runtime`` →
+``arch`` → ``data``, ``io`` (file formats) → ``gating`` → ``fast``, ``static``, ``attach`` → ``runs`` (load, export) →
+``eval`` → ``train`` → ``sweep``, ``demo`` → ``cli``. The names below are imported on first use, so that importing the package
 (as the ``ftwt`` command does before anything else) does not import torch yet.
 """
 from importlib import import_module
@@ -21,8 +21,8 @@ __version__ = "0.2.0"
 __all__ = ["__version__", "load", "load_static", "preprocess", "GatedModel", "Gate", "ForwardStats", "RunMeta",
            "FtwtError"]
 
-_WHERE = {"load": ".io", "RunMeta": ".io", "GatedModel": ".gating", "Gate": ".gating", "ForwardStats": ".gating",
-          "FtwtError": ".errors", "load_static": ".static", "preprocess": ".images"}
+_WHERE = {"load": ".runs", "RunMeta": ".io", "GatedModel": ".gating", "Gate": ".gating", "ForwardStats": ".gating",
+          "FtwtError": ".errors", "load_static": ".runs", "preprocess": ".images"}
 
 
 def __getattr__(name: str) -> Any:

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 
 from .arch.registry import DataConfig
 from .attach import attach
-from .data import FASHION_MNIST_DIR, DataSplits, make_loader, open_data
+from .data import FASHION_MNIST_DIR, DataSplits, find_idx, make_loader, open_data, read_idx
 from .errors import FtwtError
-from .eval.evaluate import EvalReport, evaluate_run
 from .eval.report import write_report
-from .io.export import export
+from .eval.run import EvalReport, evaluate_run
 from .io.rundir import atomic_write_bytes, atomic_write_text, inside, read_meta
+from .runs.exporter import export
+from .runtime.device import resolve_device
 from .train.config import FinetuneConfig, FitGatesConfig
 from .train.loops import Progress, finetune, fit_gates
 
@@ -78,7 +79,6 @@ class DemoResult:
 def write_fashion_subset(folder: Path, train: int, val: int, seed: int = 0) -> Path:
     """A fixed random subset of the installed Fashion-MNIST as idx files in ``folder`` (what `--data FOLDER` reads),
     so that every command of the demo, and any the user runs after it, sees the same small data."""
-    from .data import find_idx, read_idx
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     for prefix, n in (("train", train), ("t10k", val)):
@@ -101,7 +101,6 @@ def train_classifier(model: nn.Module, data: DataSplits, epochs: int, *, lr: flo
                      workers: Optional[int] = None, log: Callable[[str], None] = print,
                      device: str = "cpu") -> nn.Module:
     """Plain supervised training (SGD + Nesterov, cosine): how a user's baseline checkpoint would be made."""
-    from .train.device import resolve_device
     dev = resolve_device(device)
     model = model.to(dev)
     torch.manual_seed(0)

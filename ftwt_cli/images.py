@@ -11,6 +11,7 @@ from typing import Any, Sequence, Union
 
 import torch
 
+from .data import SMALL_IMAGE, _to_8bit, build_transform
 from .errors import FtwtError
 
 __all__ = ["preprocess"]
@@ -21,7 +22,6 @@ Image = Any   # a PIL image, a path to one, a (C, H, W) uint8/float tensor in [0
 def _as_pil(image: Image, mode: str):
     from PIL import Image as PILImage
 
-    from .data import _to_8bit
     if isinstance(image, (str, Path)):
         try:
             with PILImage.open(image) as im:
@@ -56,7 +56,6 @@ def preprocess(model: Any, images: Union[Image, Sequence[Image]]) -> torch.Tenso
         model = ftwt_cli.load("ftwt-run")
         logits = model(ftwt_cli.preprocess(model, "cat.jpg"))
     """
-    from .data import SMALL_IMAGE, build_transform
     meta = getattr(model, "meta", model)
     cfg = getattr(meta, "data_config", None)
     if cfg is None:

@@ -12,14 +12,12 @@ from ftwt_cli.arch import trace_plan
 from ftwt_cli.cli import app
 from ftwt_cli.gating import GatedModel
 from ftwt_cli.io import read_meta
+from ftwt_cli.runtime.device import resolve_precision
 from ftwt_cli.train import FinetuneConfig, FitGatesConfig, finetune, fit_gates
-from ftwt_cli.train.device import resolve_precision
 
 runner = CliRunner()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here"))]
 FIT = dict(r=0.9, epochs=1, lr=0.05, batch_size=64, workers=0)
-
-
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,7 +12,7 @@ from ftwt_cli.attach import attach
 from ftwt_cli.cli import app
 from ftwt_cli.data import make_loader, open_data
 from ftwt_cli.errors import FtwtError
-from ftwt_cli.eval.evaluate import evaluate_run
+from ftwt_cli.eval import evaluate_run
 from ftwt_cli.eval.ood import CORRUPTIONS, corruption
 from ftwt_cli.eval.report import REPORT_FILES, write_report
 

@@ -14,7 +14,7 @@ import ftwt_cli
 from ftwt_cli.attach import attach
 from ftwt_cli.cli import app
 from ftwt_cli.errors import FtwtError
-from ftwt_cli.io.export import export
+from ftwt_cli.runs import export
 from ftwt_cli.train.config import FitGatesConfig
 from ftwt_cli.train.loops import fit_gates
 

@@ -275,7 +275,7 @@ def test_dense_macs_agree_with_ptflops_aten_on_transformers(name, monkeypatch):
 def test_vit_run_fits_gates_exports_and_reloads(tmp_path):
     import ftwt_cli
     from ftwt_cli.attach import attach
-    from ftwt_cli.io.export import export
+    from ftwt_cli.runs import export
     from ftwt_cli.train.config import FitGatesConfig
     from ftwt_cli.train.loops import fit_gates
     torch.manual_seed(0)

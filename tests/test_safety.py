@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import StopAfter
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -24,7 +25,6 @@ from ftwt_cli.data import make_loader, open_data
 from ftwt_cli.errors import FtwtError
 from ftwt_cli.io import read_meta, run_lock
 from ftwt_cli.train import FitGatesConfig, fit_gates
-from helpers import StopAfter
 
 runner = CliRunner()
 FIT = dict(r=0.9, epochs=2, lr=0.05, batch_size=64, workers=0)

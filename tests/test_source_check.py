@@ -13,7 +13,7 @@ from ftwt_cli.errors import FtwtError
 from ftwt_cli.eval import evaluate_run
 from ftwt_cli.eval.source import CHECK_SAMPLES, chance_threshold
 from ftwt_cli.io import read_meta
-from ftwt_cli.train import FinetuneConfig, FitGatesConfig, fit_gates, finetune
+from ftwt_cli.train import FinetuneConfig, FitGatesConfig, finetune, fit_gates
 
 runner = CliRunner()
 FIT = FitGatesConfig(r=0.9, epochs=1, lr=0.05, batch_size=64, workers=0)
@@ -53,7 +53,7 @@ def test_a_wrong_input_config_is_caught_before_an_epoch(tmp_path, digits_r18):
 def test_the_right_config_passes_and_every_report_compares_with_the_source(tmp_path, digits_r18):
     run = tmp_path / "run"
     attach(digits_r18, run_dir=run, **TRAINED)
-    rep = fit_gates(run, "digits", FIT)
+    fit_gates(run, "digits", FIT)
     src = read_meta(run).source_eval
     assert src is not None and src.samples == 359 and src.data == "scikit-learn digits" and src.top1 > 0.5
     # the source's top-1 is the dense model's before any training: what a fresh attach of it scores with open gates

@@ -6,14 +6,13 @@ import torch
 import torchvision
 
 import ftwt_cli
-from ftwt_cli.eval import evaluate_run
 from ftwt_cli.errors import FtwtError
+from ftwt_cli.eval import evaluate_run
 from ftwt_cli.gating.model import model_macs
+from ftwt_cli.runs import load_static, make_static_run
 from ftwt_cli.static import (
     PruningPlan,
     apply_plan,
-    load_static,
-    make_static_run,
     prune_at_ratio,
     prune_to_macs,
 )
@@ -108,7 +107,7 @@ def test_a_static_run_loads_trains_as_a_dense_control_and_refuses_gate_training(
     with pytest.raises(FtwtError, match="not a statically pruned model"):
         load_static(run)
     # an exported static model carries its plan: it loads to the same function
-    from ftwt_cli.io.export import export
+    from ftwt_cli.runs import export
     export(tmp_path / "static", tmp_path / "static.safetensors")
     torch.testing.assert_close(ftwt_cli.load(tmp_path / "static.safetensors")(x), ftwt_cli.load(tmp_path / "static")(x))
     # info says what it is: a static twin with its cut against the source, not "0 gated layers, 0.0% cut"

@@ -24,8 +24,6 @@ runner = CliRunner()
 FIT = dict(r=0.9, epochs=2, lr=0.05, batch_size=64, workers=0)
 
 
-
-
 def _gates(run):
     return {k: v.clone() for k, v in ftwt_cli.load(run).state_dict().items() if k.startswith("gates.")}
 

@@ -98,9 +98,6 @@ class DataConfig:
         return DataConfig.from_dict(d)
 
 
-
-
-
 @dataclass(frozen=True)
 class Detection:
     arch: ArchSpec

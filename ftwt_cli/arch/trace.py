@@ -258,14 +258,6 @@ def _products_macs(nodes, module_linear: set) -> int:
     return sum(_matmul_macs(n) if n not in module_linear else 0 for n in nodes)
 
 
-def _is_param(node) -> bool:
-    """A weight (AccumulateGrad), maybe transposed or viewed: the operand of a Linear's mm, not an activation."""
-    while node is not None and type(node).__name__ in ("TBackward0", "TransposeBackward0", "PermuteBackward0",
-                                                        "ViewBackward0", "ExpandBackward0"):
-        node = node.next_functions[0][0]
-    return node is None or type(node).__name__ == "AccumulateGrad"
-
-
 def _matmul_macs(node) -> int:
     """MACs of one autograd node that is a matrix product outside the conv/linear modules, else 0: a product of two
     activations, or a linear layer applied functionally (an mm/addmm with a weight, not from an nn.Linear call).

@@ -56,7 +56,7 @@ class _Group(TyperGroup):
             _usage_error(e)
 
 
-app = typer.Typer(name="ftwt", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, help="Dynamic channel pruning (Fire Together Wire Together) for timm/torchvision CNNs.",
+app = typer.Typer(name="ftwt", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, help="Dynamic pruning (Fire Together Wire Together) for timm/torchvision classifiers.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 F = TypeVar("F", bound=Callable)
@@ -103,4 +103,4 @@ def _version(shown: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
-    """ftwt: make a CNN checkpoint cheaper to run by gating its filters per input (FTWT, CVPR'22)."""
+    """ftwt: make a classifier checkpoint cheaper to run by gating its filters and MLP units per input (FTWT, CVPR'22)."""

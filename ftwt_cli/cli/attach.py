@@ -35,17 +35,17 @@ __all__ = ["attach_cli", "print_attach_report", "choice_notes"]
 
 def print_attach_report(r: "AttachReport") -> None:
     from ..attach import LOW_GATEABLE_SHARE
-    from ..eval.report import fmt_macs as _g
+    from ..eval.report import fmt_macs
     t = Table(title=f"gated layers of {r.arch} at {r.input_size[1]}×{r.input_size[2]}")
     for col, j in (("layer", "left"), ("C_in→C_out", "right"), ("kernel", "right"), ("groups", "right"),
                    ("dense MACs", "right"), ("gate MACs", "right")):
         t.add_column(col, justify=j)
     for l in r.layers:
         t.add_row(l.name, f"{l.in_channels}→{l.out_channels}", {"mlp": "MLP", "glu": "GLU MLP"}.get(l.kind, f"{l.kernel[0]}×{l.kernel[1]}"), str(l.groups),
-                  _g(l.dense_macs), f"{l.gate_macs:,}")
+                  fmt_macs(l.dense_macs), f"{l.gate_macs:,}")
     gated = sum(l.dense_macs for l in r.layers)
     t.add_section()
-    t.add_row(f"{len(r.layers)} gated layers", "", "", "", _g(gated), f"{r.gate_macs:,}")
+    t.add_row(f"{len(r.layers)} gated layers", "", "", "", fmt_macs(gated), f"{r.gate_macs:,}")
     console.print(t)
     console.print(f"model: {r.arch} ({r.num_classes} classes, {r.in_chans} input channels, source format {r.source_format})")
     dc = r.data_config
@@ -58,7 +58,7 @@ def print_attach_report(r: "AttachReport") -> None:
                       f"({dc.input_size[1]}×{dc.input_size[2]}, mean {tuple(round(v, 3) for v in dc.mean)}); if the "
                       f"model was trained otherwise, re-attach with --input-size/--mean/--std (the first command on data "
                       f"checks the source's accuracy)", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"dense MACs (convs, linear layers and attention products, ptflops 'aten' convention): {_g(r.dense_macs)}; "
+    console.print(f"dense MACs (convs, linear layers and attention products, ptflops 'aten' convention): {fmt_macs(r.dense_macs)}; "
                   f"gated layers hold {gated / r.dense_macs:.1%}{mlp_note}; gates add "
                   f"{r.gate_macs / r.dense_macs:.2%} when all run", markup=False, highlight=False, soft_wrap=True)
     if r.gated_share < LOW_GATEABLE_SHARE:

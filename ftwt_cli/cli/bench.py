@@ -33,8 +33,8 @@ def bench_cli(
 
     from ..arch.registry import DataConfig
     from ..attach import parse_input_size
-    from ..fast.bench import bench, oracle_masks
-    from ..io.load import load
+    from ..fast.timing import bench, oracle_masks
+    from ..runs.loader import load
     model = load(file if file is not None else run)
     dc = model.meta.data_config
     size = parse_input_size(input_size) or tuple(dc.input_size)

@@ -26,15 +26,15 @@ def demo_cli(
 ) -> None:
     """Train a small baseline on a bundled dataset, then attach → fit-gates → finetune → evaluate → export."""
     from ..demo import run_demo
-    from ..eval.report import fmt_macs as _m
+    from ..eval.report import fmt_macs
     res = run_demo(dir, data=data, force=force, workers=workers, device=device, amp=value(amp),
                    log=lambda s: console.print(s, markup=False, highlight=False), progress=EpochProgress())
     ev = res.report
     t = Table(title=f"ftwt demo: {ev.arch} on {ev.data} (test split, {ev.samples} images)")
     for c in ("", "top-1", "MACs per sample", "reduction"):
         t.add_column(c, justify="left" if not c else "right")
-    t.add_row("before (the baseline checkpoint)", f"{res.baseline_top1:.2%}", _m(ev.dense_macs), "")
-    t.add_row(f"after (gated, r={ev.r})", f"{ev.top1:.2%}", _m(ev.macs_mean), f"{ev.reduction:.1%}")
+    t.add_row("before (the baseline checkpoint)", f"{res.baseline_top1:.2%}", fmt_macs(ev.dense_macs), "")
+    t.add_row(f"after (gated, r={ev.r})", f"{ev.top1:.2%}", fmt_macs(ev.macs_mean), f"{ev.reduction:.1%}")
     console.print(t)
     console.print("time per step: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in _labels(res.steps)),
                   markup=False, highlight=False, soft_wrap=True)

@@ -19,18 +19,16 @@ from typing_extensions import Annotated
 
 from ..errors import FtwtError
 from .application import command, console
-from .options import DATA_HELP, Amp, ChannelsLast, Device, GateMode, Run, NoSourceCheck, Workers, data_arg, value
+from .options import DATA_HELP, Amp, ChannelsLast, Device, GateMode, NoSourceCheck, Run, Workers, data_arg, value
 
 if TYPE_CHECKING:
-    from ..eval.evaluate import EvalReport
+    from ..eval.run import EvalReport
 
 __all__ = ["evaluate_cli", "print_eval_report"]
 
 
-
 def print_eval_report(rep: "EvalReport") -> None:
-    from ..eval.report import changes, ood_summary
-    from ..eval.report import fmt_macs as _m
+    from ..eval.report import changes, fmt_macs, ood_summary
     src1 = f"{rep.source_top1:.2%}" if rep.source_top1 is not None else "–"
     src5 = f"{rep.source_top5:.2%}" if rep.source_top5 is not None else "–"
     t = Table(title=f"{rep.arch} on {rep.data} ({rep.samples} images), "
@@ -46,12 +44,12 @@ def print_eval_report(rep: "EvalReport") -> None:
         t.add_row(label, a, c) if mid is not None else t.add_row(label, a, b, c)
     row("top-1", f"{rep.top1:.2%}", f"{rep.top1_open:.2%}", src1)
     row("top-5", f"{rep.top5:.2%}", f"{rep.top5_open:.2%}", src5)
-    row("MACs / sample", _m(rep.macs_mean), _m(rep.dense_macs), _m(rep.static_source_macs or rep.dense_macs))
+    row("MACs / sample", fmt_macs(rep.macs_mean), fmt_macs(rep.dense_macs), fmt_macs(rep.static_source_macs or rep.dense_macs))
     if not rep.static:
-        row("MACs p10 / p50 / p90", f"{_m(rep.macs_p10)} / {_m(rep.macs_p50)} / {_m(rep.macs_p90)}", "", "")
+        row("MACs p10 / p50 / p90", f"{fmt_macs(rep.macs_p10)} / {fmt_macs(rep.macs_p50)} / {fmt_macs(rep.macs_p90)}", "", "")
     row("reduction", f"{rep.cut_vs_source:.1%}", "", "")
     if not rep.static:
-        row("gate overhead", f"{_m(rep.gate_macs)} ({rep.gate_macs / rep.dense_macs:.2%})", "", "")
+        row("gate overhead", f"{fmt_macs(rep.gate_macs)} ({rep.gate_macs / rep.dense_macs:.2%})", "", "")
         row("mean keep ratio", f"{rep.keep_mean:.1%}", "100%", "100%")
     console.print(t)
     for c in changes(rep):
@@ -62,7 +60,7 @@ def print_eval_report(rep: "EvalReport") -> None:
             o.add_column(c, justify="left" if c == "shift" else "right", no_wrap=c == "shift")
         for d in ood_summary(rep):
             o.add_row(d["shift"], f"{d['top1_gated']:.2%}", f"{d['top1_open']:.2%}", f"{d['gated_minus_open'] * 100:+.2f}",
-                      _m(d["macs"]), f"{d['macs_change']:+.1%}", f"{d['keep_change'] * 100:+.1f}")
+                      fmt_macs(d["macs"]), f"{d['macs_change']:+.1%}", f"{d['keep_change'] * 100:+.1f}")
         console.print(o)
 
 
@@ -123,8 +121,8 @@ def evaluate_cli(
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Report accuracy, exact dynamic MACs, gate behaviour and (with --ood) robustness; writes report.* into the run."""
-    from ..eval.evaluate import evaluate_run
     from ..eval.report import write_report
+    from ..eval.run import evaluate_run
     from ..io.rundir import check_writable, read_meta, run_lock
     if target_cut is not None:
         from ..settings import check_cut

@@ -1,4 +1,4 @@
-"""``ftwt export``: a thin wrapper over :func:`ftwt_cli.io.export`."""
+"""``ftwt export``: a thin wrapper over :func:`ftwt_cli.runs.export`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +21,7 @@ def export_cli(
     force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Write one portable .safetensors file (backbone + gates + metadata) and report.json/report.md beside it."""
-    from ..io.export import export
+    from ..runs.exporter import export
     rep = export(run, out, backbone_only=backbone_only, force=force)
     what = "backbone state dict" if rep.backbone_only else "gated model"
     console.print(f"wrote {what} {rep.path} ({rep.tensors} tensors, {rep.bytes / 1e6:.1f} MB)"

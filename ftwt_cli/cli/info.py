@@ -30,7 +30,7 @@ def _read(path: Path):
 def info_cli(path: Annotated[Path, typer.Argument(help="A run directory or an exported .safetensors file.")] = Path("ftwt-run"),
              json_out: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False) -> None:
     """Show what a run or exported file holds: architecture, gated layers, r, training history, last results."""
-    from ..eval.report import fmt_macs as _m
+    from ..eval.report import fmt_macs
     meta = _read(path)
     if json_out:
         import json
@@ -47,7 +47,7 @@ def info_cli(path: Annotated[Path, typer.Argument(help="A run directory or an ex
     st = meta.static
     if st is not None:
         t.add_row("static twin", f"pruned with {st.importance} importance, {st.ratio:.1%} of each layer's channels removed: "
-                                 f"{_m(st.macs)} MACs per sample vs {_m(st.source_macs)} for its source "
+                                 f"{fmt_macs(st.macs)} MACs per sample vs {fmt_macs(st.source_macs)} for its source "
                                  f"({1 - st.macs / st.source_macs:.1%} cut); no gates")
     else:
         t.add_row("gated layers", f"{len(g.gated)} ({', '.join(g.gated[:4])}{', …' if len(g.gated) > 4 else ''})")
@@ -76,6 +76,6 @@ def info_cli(path: Annotated[Path, typer.Argument(help="A run directory or an ex
     if top1 is not None:
         base = st.source_macs if st is not None else (e or {}).get("dense_macs") or (meta.last_eval.dense_macs if meta.last_eval else 0)
         vs = f"; {(top1 - se.top1) * 100:+.2f} pt against the source checkpoint" if se is not None else ""
-        t.add_row(label, f"top-1 {top1:.2%}{vs}, {_m(macs)} MACs per sample vs {_m(base)} for the source "
+        t.add_row(label, f"top-1 {top1:.2%}{vs}, {fmt_macs(macs)} MACs per sample vs {fmt_macs(base)} for the source "
                          f"({1 - macs / base if base else 0:.1%} cut)")
     console.print(t)

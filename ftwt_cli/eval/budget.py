@@ -13,16 +13,19 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 import torch
 
+from ..data import make_loader
 from ..errors import FtwtError
 from ..gating.model import GatedModel
+from ..runtime.dist import all_sum, shard
 from ..settings import check_cut
+from ..solve import solve_monotone
 from .evaluate import evaluate_loader
 
 if TYPE_CHECKING:
-    from ..train.device import Precision
-    from ..train.dist import Dist
+    from ..runtime.device import Precision
+    from ..runtime.dist import Dist
 
-__all__ = ["RChoice", "find_r", "calibration_batches", "solve_monotone", "R_MIN", "DEFAULT_CALIB_SAMPLES"]
+__all__ = ["RChoice", "find_r", "calibration_batches", "R_MIN", "DEFAULT_CALIB_SAMPLES"]
 
 R_MIN = 1e-4                 # below this the rule keeps one channel per layer: the largest cut there is
 DEFAULT_CALIB_SAMPLES = 2048
@@ -40,31 +43,6 @@ class RChoice:
     def describe(self) -> str:
         return (f"target cut {self.target:.1%}: r = {self.r:.4g} (oracle cut {self.cut:.1%} on {self.samples} calibration "
                 f"images; reachable {self.reachable[0]:.1%}–{self.reachable[1]:.1%})")
-
-
-def solve_monotone(f: Callable[[float], float], a: float, b: float, fa: float, fb: float, target: float, tol: float,
-                   max_tries: int = 30, x_tol: float = 1e-4) -> Tuple[float, float]:
-    """(x, f(x)) with f(x) within ``tol`` of ``target``, for a monotone f whose values at a and b bracket it (the
-    closest try if none lands that close). Safeguarded false position: interpolate between the bracket's ends, kept
-    off them, and bisect every third try, so a curved f still converges in a handful of tries."""
-    best = min(((a, fa), (b, fb)), key=lambda t: abs(t[1] - target))
-    for i in range(max_tries):
-        if abs(best[1] - target) <= tol or abs(b - a) < x_tol:
-            break
-        if i % 3 == 2 or fb == fa:
-            x = (a + b) / 2
-        else:
-            x = a + (target - fa) * (b - a) / (fb - fa)
-            lo, hi = min(a, b), max(a, b)
-            x = min(max(x, lo + 0.05 * (hi - lo)), hi - 0.05 * (hi - lo))
-        fx = f(x)
-        if abs(fx - target) < abs(best[1] - target):
-            best = (x, fx)
-        if (fx - target) * (fa - target) > 0:      # same side as a: the target lies between x and b
-            a, fa = x, fx
-        else:
-            b, fb = x, fx
-    return best
 
 
 def find_r(model: GatedModel, batches: List[Tuple[torch.Tensor, torch.Tensor]], target: float, *, tol: float = 0.0025,
@@ -88,7 +66,6 @@ def find_r(model: GatedModel, batches: List[Tuple[torch.Tensor, torch.Tensor]], 
     try:
         n = sum(len(y) for _, y in batches)
         if dist is not None and dist.active:
-            from ..train.dist import all_sum
             n = int(all_sum({"n": n}, dist, next(model.parameters()).device)["n"])
         lo_cut, hi_cut = cut(1.0), cut(R_MIN)
         if not lo_cut - tol <= target <= hi_cut + tol:
@@ -103,8 +80,6 @@ def find_r(model: GatedModel, batches: List[Tuple[torch.Tensor, torch.Tensor]], 
 
 def calibration_batches(ds, batch_size: int, workers: Optional[int], dist: Optional["Dist"] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """The calibration images as a list of CPU batches (this process's shard under torchrun)."""
-    from ..data import make_loader
-    from ..train.dist import shard
     if dist is not None:
         ds = shard(ds, dist)
     return [(x, y) for x, y in make_loader(ds, batch_size, train=False, workers=workers)]

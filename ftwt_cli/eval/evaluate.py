@@ -1,24 +1,21 @@
-"""Accuracy and compute of a GatedModel over a data loader."""
+"""Accuracy and compute of a GatedModel over a data loader (one pass; a whole run's evaluation is ``eval.run``)."""
 from __future__ import annotations
 
-import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..errors import FtwtError
 from ..gating.model import GatedModel
+from ..runtime.dist import Dist, all_sum, gather_cat
 
 if TYPE_CHECKING:
-    from ..train.device import Precision
-    from ..train.dist import Dist
+    from ..runtime.device import Precision
 
-__all__ = ["EvalResult", "evaluate_loader", "EvalReport", "LayerStat", "ShiftResult", "evaluate_run"]
+__all__ = ["EvalResult", "evaluate_loader"]
 
 
 @dataclass(frozen=True)
@@ -92,7 +89,6 @@ def evaluate_loader(model: GatedModel, loader: DataLoader, *, with_agreement: bo
     keep_t = {k: torch.cat(v) if v else torch.zeros(0) for k, v in keep.items()}
     dense = s.dense_macs if n else 0.0
     if dist is not None and dist.active:           # all processes' shards, each sample once
-        from ..train.dist import all_sum, gather_cat
         dev = next(model.parameters()).device
         tot = all_sum({"c1": correct1, "c5": correct5, "n": n, "gates": gates, "dense": dense, "with": float(n > 0),
                        **{f"tp/{k}": v for k, v in tp.items()}, **{f"fp/{k}": v for k, v in fp.items()},
@@ -106,170 +102,3 @@ def evaluate_loader(model: GatedModel, loader: DataLoader, *, with_agreement: bo
     agreement = {k: {"precision": tp[k] / max(tp[k] + fp[k], 1.0), "recall": tp[k] / max(tp[k] + fn[k], 1.0)} for k in tp}
     return EvalResult(correct1 / max(n, 1), correct5 / max(n, 1), n, dense, macs_t, gates / max(n, 1),
                       {k: v for k, v in keep_t.items() if v.numel()}, agreement, time.perf_counter() - t0)
-
-
-# ---------------------------------------------------------------------------------------------- run level
-@dataclass(frozen=True)
-class LayerStat:
-    name: str
-    keep_mean: float
-    keep_std: float
-    precision: Optional[float]     # of "fires" against the ground truth at r (predict mode only)
-    recall: Optional[float]
-
-
-@dataclass(frozen=True)
-class ShiftResult:
-    shift: str                     # corruption name, or "ood-data"
-    severity: int                  # 0 for a dataset shift
-    top1_gated: float
-    top1_open: float
-    macs: float                    # mean per sample, gated
-    keep: float                    # mean keep ratio over gated layers
-
-
-@dataclass(frozen=True)
-class EvalReport:
-    run_dir: str
-    arch: str
-    data: str
-    samples: int
-    gates: str
-    r: Optional[float]
-    top1: float
-    top5: float
-    top1_open: float
-    top5_open: float
-    dense_macs: float
-    macs_mean: float
-    macs_p10: float
-    macs_p50: float
-    macs_p90: float
-    reduction: float
-    gate_macs: float
-    keep_mean: float
-    layers: Tuple[LayerStat, ...]
-    clean_keep: float
-    ood: Tuple[ShiftResult, ...] = ()
-    macs_per_sample: Tuple[float, ...] = ()
-    notes: Tuple[str, ...] = ()           # things the user should know (the images' size far from the model's)
-    # the source checkpoint's own accuracy on this data's validation split (None when not measured on this data)
-    source_top1: Optional[float] = None
-    source_top5: Optional[float] = None
-    static: bool = False                  # the run is a statically pruned model (a sweep's static twin)
-    static_source_macs: Optional[float] = None   # its unpruned source's MACs
-
-    @property
-    def cut_vs_source(self) -> float:
-        """The share of the source model's MACs this model saves (a static twin: against its unpruned source)."""
-        base = self.static_source_macs or self.dense_macs
-        return 1.0 - self.macs_mean / base if base else 0.0
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("macs_per_sample")
-        return d
-
-
-def _keep_stats(res: EvalResult) -> Tuple[Tuple[LayerStat, ...], float]:
-    rows = []
-    for name, k in res.keep.items():
-        a = res.agreement.get(name, {})
-        rows.append(LayerStat(name, float(k.mean()), float(k.std()) if len(k) > 1 else 0.0, a.get("precision"), a.get("recall")))
-    mean = sum(r.keep_mean for r in rows) / max(len(rows), 1)
-    return tuple(rows), mean
-
-
-def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[float] = None, ood: bool = False,
-                 ood_data: Optional[str] = None, corruptions: Sequence[str] = (), severities: Sequence[int] = (1, 2, 3, 4, 5),
-                 ood_samples: Optional[int] = 2000, batch_size: int = 256, workers: Optional[int] = None,
-                 on_stage: Optional[Callable[[str, int], Callable[[int], None]]] = None, device: str = "auto",
-                 amp: str = "auto", channels_last: Optional[bool] = None, target_cut: Optional[float] = None,
-                 calib_samples: int = 2048, check_source: bool = True) -> EvalReport:
-    """Accuracy, exact MACs and gate behaviour of a run on ``data``'s validation split (and shifts of it).
-    ``target_cut`` (oracle gates only): r is the one whose oracle masks cut that share of the MACs on
-    ``calib_samples`` training images (``eval.budget.find_r``).
-    ``on_stage(label, samples)`` may return a per-batch callback for progress display. Under torchrun each process
-    evaluates its shard and every process returns the whole report. A run that never saw data first measures (and
-    records in its ``ftwt.json``) the source checkpoint's top-1; ``check_source`` stops there when it is near chance."""
-    from ..train.device import resolve_precision
-    from ..train.dist import process_group
-
-    precision = resolve_precision(device, amp, channels_last)
-    with process_group(precision.device) as (d, dev):
-        return _evaluate_run(run_dir, data, gates, r, ood, ood_data, corruptions, severities, ood_samples, batch_size,
-                             workers, on_stage, d, dataclasses.replace(precision, device=dev), target_cut, calib_samples,
-                             check_source)
-
-
-def _evaluate_run(run_dir, data, gates, r, ood, ood_data, corruptions, severities, ood_samples, batch_size, workers,
-                  on_stage, d, precision, target_cut=None, calib_samples=2048, check_source=True) -> EvalReport:
-    from torch.utils.data import Subset
-
-    from ..data import check_classes, make_loader, open_data, size_note
-    from ..io.load import load
-    from ..train.dist import shard
-    from . import ood as ood_mod
-
-    model = precision.model(load(run_dir))
-    meta = model.meta
-    if gates == "predict" and meta.gating.mode != "predict":
-        raise FtwtError(f"the gates in {run_dir} are not fitted yet", "run `ftwt fit-gates` first, or pass --gates oracle/open")
-    model.set_gates(gates, r=r)
-    cfg = meta.data_config
-    splits = open_data(data, cfg, num_classes=meta.arch.num_classes)
-    check_classes(meta.classes, splits)
-    notes = tuple(n for n in (size_note(splits, cfg),) if n)
-    stage = on_stage or (lambda label, n: None)
-    from .source import measure_source, to_measure
-    first_contact = to_measure(meta)
-    source = measure_source(model, meta, splits, batch_size=batch_size, workers=workers, precision=precision, dist=d,
-                            check=check_source, on_batch=stage("source checkpoint (open gates)", len(shard(splits.val, d)))
-                            if d.main and first_contact else None)
-    if source is not None and first_contact and d.main and Path(run_dir).is_dir():
-        from ..io.rundir import record_source_eval
-        record_source_eval(Path(run_dir), source)
-    if target_cut is not None:
-        if gates != "oracle":
-            raise FtwtError("--target-cut applies to --gates oracle", "pass --gates oracle, or fit gates with `ftwt fit-gates --target-cut`")
-        from .budget import calibration_batches, find_r
-        choice = find_r(model, calibration_batches(splits.calibration(cfg, calib_samples), batch_size, workers, d), target_cut,
-                        precision=precision, dist=d)
-        r = choice.r
-        notes += (choice.describe(),)
-
-    def run(mode: str, ds, label: str, agreement: bool = False) -> EvalResult:
-        model.set_gates(mode, r=r if r is not None else model.r)
-        return evaluate_loader(model, make_loader(shard(ds, d), batch_size, train=False, workers=workers,
-                                                  pin_memory=precision.device.type == "cuda"),
-                               with_agreement=agreement, on_batch=stage(label, len(shard(ds, d))) if d.main else None,
-                               precision=precision, dist=d)
-
-    main = run(gates, splits.val, f"evaluate ({gates} gates)", agreement=gates == "predict")
-    dense = main if gates == "open" else run("open", splits.val, "evaluate (open gates)")
-    layers, keep = _keep_stats(main)
-    shifts = []
-    if ood or corruptions:
-        names = tuple(corruptions) or ood_mod.DEFAULT_CORRUPTIONS
-        for name in names:
-            for sev in severities:
-                ds = splits.val_with(cfg, ood_mod.corruption(name, sev, small=splits.small))
-                if ood_samples is not None and ood_samples < len(ds):
-                    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:ood_samples].tolist()
-                    ds = Subset(ds, idx)
-                g = run(gates, ds, f"{name} s{sev} ({gates})")
-                o = run("open", ds, f"{name} s{sev} (open)")
-                shifts.append(ShiftResult(name, sev, g.top1, o.top1, g.mean_macs, _keep_stats(g)[1]))
-    if ood_data:
-        other = open_data(ood_data, cfg, num_classes=meta.arch.num_classes)
-        if other.classes != splits.classes:
-            raise FtwtError(f"{other.source} has classes {other.classes[:3]}… but {splits.source} has {splits.classes[:3]}…",
-                            "pass --ood-data with the same classes in the same order")
-        g, o = run(gates, other.val, f"ood-data ({gates})"), run("open", other.val, "ood-data (open)")
-        shifts.append(ShiftResult(f"ood-data:{other.source}", 0, g.top1, o.top1, g.mean_macs, _keep_stats(g)[1]))
-    q = torch.quantile(main.macs.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
-    return EvalReport(str(run_dir), str(meta.arch), splits.source, main.samples, gates, model.r if gates != "open" else None,
-                      main.top1, main.top5, dense.top1, dense.top5, main.dense_macs, main.mean_macs, q[0], q[1], q[2],
-                      main.reduction, main.gate_macs, keep, layers, keep, tuple(shifts), tuple(main.macs.tolist()), notes,
-                      source.top1 if source else None, source.top5 if source else None, meta.static is not None,
-                      meta.static.source_macs if meta.static is not None else None)

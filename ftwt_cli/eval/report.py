@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..io.rundir import atomic_write_bytes, atomic_write_text
-from .evaluate import EvalReport
+from .run import EvalReport
 
 __all__ = ["write_report", "report_markdown", "changes", "REPORT_FILES", "PLOT_FILES", "fmt_macs", "ood_summary", "png_bytes"]
 
@@ -18,9 +18,6 @@ REPORT_FILES = ("report.json", "report.md", *PLOT_FILES)
 def fmt_macs(x: float) -> str:
     """MACs for people: G above 100 M, else M."""
     return f"{x / 1e9:.3f} G" if x >= 1e8 else f"{x / 1e6:.2f} M"
-
-
-_m = fmt_macs
 
 
 def ood_summary(rep: EvalReport) -> List[Dict]:
@@ -67,7 +64,7 @@ def report_markdown(rep: EvalReport) -> str:
             "MACs are multiply-accumulates (which papers call FLOPs), per sample.", "",
             "| | this model | source checkpoint |", "|---|---|---|",
             f"| top-1 | {rep.top1:.2%} | {src1} |", f"| top-5 | {rep.top5:.2%} | {src5} |",
-            f"| MACs per sample | {_m(rep.macs_mean)} | {_m(base_macs)} |",
+            f"| MACs per sample | {fmt_macs(rep.macs_mean)} | {fmt_macs(base_macs)} |",
             f"| reduction | **{rep.cut_vs_source:.1%}** | |", "",
         ]
         lines += [f"Accuracy change {c}." for c in changes(rep)]
@@ -85,10 +82,10 @@ def report_markdown(rep: EvalReport) -> str:
         "|---|---|---|---|",
         f"| top-1 | {rep.top1:.2%} | {rep.top1_open:.2%} | {src1} |",
         f"| top-5 | {rep.top5:.2%} | {rep.top5_open:.2%} | {src5} |",
-        f"| MACs per sample (mean) | {_m(rep.macs_mean)} | {_m(rep.dense_macs)} | {_m(rep.dense_macs)} |",
-        f"| MACs p10 / p50 / p90 | {_m(rep.macs_p10)} / {_m(rep.macs_p50)} / {_m(rep.macs_p90)} | | |",
+        f"| MACs per sample (mean) | {fmt_macs(rep.macs_mean)} | {fmt_macs(rep.dense_macs)} | {fmt_macs(rep.dense_macs)} |",
+        f"| MACs p10 / p50 / p90 | {fmt_macs(rep.macs_p10)} / {fmt_macs(rep.macs_p50)} / {fmt_macs(rep.macs_p90)} | | |",
         f"| reduction | **{rep.reduction:.1%}** | | |",
-        f"| gate overhead | {_m(rep.gate_macs)} ({rep.gate_macs / rep.dense_macs:.2%} of dense) | | |",
+        f"| gate overhead | {fmt_macs(rep.gate_macs)} ({rep.gate_macs / rep.dense_macs:.2%} of dense) | | |",
         f"| mean keep ratio (gated layers) | {rep.keep_mean:.1%} | 100% | 100% |",
         "",
         *[f"Accuracy change {c}." for c in changes(rep)],
@@ -110,10 +107,10 @@ def report_markdown(rep: EvalReport) -> str:
                   "|---|---|---|---|---|---|---|"]
         for d in ood_summary(rep):
             lines.append(f"| {d['shift']} | {d['top1_gated']:.2%} | {d['top1_open']:.2%} | {d['gated_minus_open'] * 100:+.2f} | "
-                         f"{_m(d['macs'])} | {d['macs_change']:+.1%} | {d['keep_change'] * 100:+.1f} |")
+                         f"{fmt_macs(d['macs'])} | {d['macs_change']:+.1%} | {d['keep_change'] * 100:+.1f} |")
         lines += ["", "| severity | top-1 gated | top-1 open | MACs |", "|---|---|---|---|"]
         for sev, g, o, m in _by_severity(rep):
-            lines.append(f"| {sev} | {g:.2%} | {o:.2%} | {_m(m)} |")
+            lines.append(f"| {sev} | {g:.2%} | {o:.2%} | {fmt_macs(m)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -16,15 +16,18 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch.utils.data import Subset
 
+from ..data import make_loader
 from ..errors import FtwtError
 from ..gating.model import GatedModel
+from ..io.meta import SourceEval
+from ..runtime.dist import shard
 from .evaluate import evaluate_loader
 
 if TYPE_CHECKING:
     from ..data import DataSplits
     from ..io.meta import RunMeta, SourceEval
-    from ..train.device import Precision
-    from ..train.dist import Dist
+    from ..runtime.device import Precision
+    from ..runtime.dist import Dist
 
 __all__ = ["CHECK_SAMPLES", "chance_threshold", "measure_source", "near_chance_error", "to_measure"]
 
@@ -75,9 +78,6 @@ def measure_source(model: GatedModel, meta: "RunMeta", splits: "DataSplits", *, 
     no longer the source's (trained, or a static twin) or it was measured already on this data (then the recorded
     one is returned). ``check``: raise ``near_chance_error`` when the first ``CHECK_SAMPLES`` images score near chance.
     Under torchrun each process evaluates its shard and every process gets the same result."""
-    from ..data import make_loader
-    from ..io.meta import SourceEval
-    from ..train.dist import shard
 
     if meta.source_eval is not None:
         return meta.source_eval if meta.source_eval.data == splits.source else None

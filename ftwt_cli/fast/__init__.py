@@ -1,7 +1,7 @@
 """Inference only: the compact execution path (only the kept filters are computed) and latency measurement."""
-from .bench import BenchReport, BenchRow, bench, oracle_masks
 from .compact import STRATEGIES, CompactConv, CompactModel, make_compact
 from .fold import fold_bn, folded_backbone
+from .timing import BenchReport, BenchRow, bench, oracle_masks
 
 __all__ = ["CompactModel", "CompactConv", "make_compact", "STRATEGIES", "bench", "oracle_masks", "BenchReport", "BenchRow",
            "fold_bn", "folded_backbone"]

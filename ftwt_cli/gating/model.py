@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..arch.trace import Plan, Unit, attention_macs
+from ..arch.trace import Plan, Unit, attention_macs, trace_plan
 from ..errors import FtwtError
 from ..settings import GATE_MODES
 from .gate import Gate, gate_key
@@ -382,7 +382,6 @@ class GatedModel(nn.Module):
 
 def model_macs(module: nn.Module, input_size: Sequence[int]) -> float:
     """MACs of a plain model at ``input_size`` (C, H, W) in ftwt's count (conv and linear layers, per sample)."""
-    from ..arch.trace import trace_plan
     was = module.training
     g = GatedModel(module, trace_plan(module, tuple(input_size)), gated=[]).train(was)
     try:

@@ -27,8 +27,6 @@ __all__ = ["heatmap_mass", "uniform", "ground_truth", "ground_truth_many", "GT_R
 _EPS = 1e-9
 
 
-
-
 def _sorted_asc(s: torch.Tensor) -> torch.Tensor:
     """(B, C) → each row's values in ascending order."""
     return s.sort(dim=1).values

@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar
 
+from .. import __version__
 from ..arch.registry import DataConfig
 from ..arch.trace import Plan
 from ..errors import FtwtError
@@ -30,7 +31,6 @@ def environment(device: Optional[str] = None, amp: str = "off") -> Dict[str, str
     import torch
     import torchvision
 
-    from .. import __version__
     # timm's version from its package metadata (the same string as timm.__version__): importing timm only to read it
     # would add seconds to every command on a torchvision model
     return {"ftwt": __version__, "python": platform.python_version(), "torch": torch.__version__,

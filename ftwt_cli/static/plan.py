@@ -14,8 +14,9 @@ from typing import Dict, List, Mapping
 import torch.nn as nn
 
 from ..errors import FtwtError
+from ..io.rundir import atomic_write_text
 
-__all__ = ["PruningPlan", "apply_plan", "load_static", "PLAN_FORMAT_VERSION"]
+__all__ = ["PruningPlan", "apply_plan", "PLAN_FORMAT_VERSION"]
 
 PLAN_FORMAT_VERSION = 1
 
@@ -49,7 +50,6 @@ class PruningPlan:
             raise FtwtError(f"{where} is damaged", "pass the plan written with the pruned model") from None
 
     def save(self, path: Path | str) -> None:
-        from ..io.rundir import atomic_write_text
         atomic_write_text(Path(path), json.dumps(self.to_dict()))
 
     @classmethod
@@ -84,14 +84,3 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
             if removed:
                 (p.prune_out_channels if kind == "out" else p.prune_in_channels)(m, removed)
     return model
-
-
-def load_static(path: Path | str, device: str | None = None) -> nn.Module:
-    """A statically pruned model (a run made by ``ftwt sweep``'s static points, or ``ftwt_cli.static.make_static_run``)
-    as a plain ``nn.Module`` in eval mode: the source architecture, pruned by its plan, with its weights
-    (``weights_only`` loading: safetensors)."""
-    from ..io.load import load
-    model = load(path, device=device)
-    if model.meta.static is None:
-        raise FtwtError(f"{path} is not a statically pruned model", "pass the run of a static point (ftwt sweep --static)")
-    return model.plain_backbone()

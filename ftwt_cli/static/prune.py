@@ -17,7 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import FtwtError
+from ..gating.model import model_macs
 from ..settings import STATIC_IMPORTANCES
+from ..solve import solve_monotone
 from .plan import PruningPlan
 
 __all__ = ["IMPORTANCES", "StaticResult", "prune_to_macs", "prune_at_ratio"]
@@ -105,8 +107,6 @@ def prune_to_macs(source: nn.Module, input_size: Tuple[int, int, int], target_ma
     of ``target_macs``; the closest try is returned if no ratio lands that close (channel counts are integers)."""
     import torch_pruning as tp
 
-    from ..eval.budget import solve_monotone
-    from ..gating.model import model_macs
     count = count or (lambda m: model_macs(m, input_size))
     dev = next(source.parameters()).device
     example = torch.zeros(1, *input_size, device=dev)

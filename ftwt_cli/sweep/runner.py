@@ -19,8 +19,21 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .. import __version__
+from ..attach import attach
+from ..data import make_loader, open_data
 from ..errors import FtwtError
+from ..eval.run import evaluate_run
+from ..fast.timing import bench
+from ..io.checkpoints import sha256_file
+from ..io.rundir import atomic_write_text, is_run, read_meta, record_source_eval, run_lock
+from ..runs.loader import load
+from ..runs.static import make_static_run
+from ..runtime.device import resolve_precision
+from ..runtime.dist import barrier, process_group
 from ..settings import STATIC_IMPORTANCES, check_cut, check_r
+from ..train.config import FinetuneConfig, FitGatesConfig
+from ..train.loops import finetune, fit_gates
+from .report import write_sweep_report
 
 __all__ = ["SweepSettings", "Point", "run_sweep", "planned_points", "SWEEP_FILE", "SWEEP_FORMAT_VERSION", "KINDS"]
 
@@ -103,7 +116,6 @@ def _read(out: Path) -> Optional[dict]:
 
 
 def _write(out: Path, settings: SweepSettings, points: List[Point]) -> None:
-    from ..io.rundir import atomic_write_text
     doc = {"format": "ftwt-sweep", "format_version": SWEEP_FORMAT_VERSION, "ftwt_version": __version__,
            "settings": dataclasses.asdict(settings),
            "points": [{**dataclasses.asdict(p), "cut": p.cut} for p in points]}
@@ -126,9 +138,6 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
     compact path with the gates' decisions for dynamic points, the BN-folded network for the others), on rank 0.
     Under torchrun every process calls this; rank 0 alone writes. ``check_source``: stop when the source checkpoint
     scores near chance on the data (``eval.source``), before any point trains."""
-    from ..train.config import FinetuneConfig, FitGatesConfig
-    from ..train.device import resolve_precision
-    from ..train.dist import barrier, process_group
 
     rs, target_cuts = [check_r(float(r)) for r in rs], [check_cut(float(c), "--target-cuts") for c in target_cuts]
     if not rs and not target_cuts:
@@ -145,7 +154,6 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
     fit_cfg.validate()
     if finetune_cfg.epochs:
         finetune_cfg.validate()
-    from ..io.checkpoints import sha256_file
     settings = SweepSettings(str(checkpoint), sha256_file(checkpoint) if checkpoint.is_file() else "", data,
                              dict(attach_options or {}), {k: v for k, v in dataclasses.asdict(fit_cfg).items() if k not in ("r", "target_cut")},
                              dataclasses.asdict(finetune_cfg), val_split, train_samples)
@@ -174,7 +182,6 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
         if d.main:
             out.mkdir(parents=True, exist_ok=True)
         barrier(d)
-        from ..io.rundir import run_lock
         with run_lock(out, "ftwt sweep") if d.main else nullcontext():
             ctx = _Ctx(checkpoint, data, out, settings, fit_cfg, finetune_cfg, device, amp, d, emit, progress, bench,
                        check_source)
@@ -199,7 +206,6 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
                     _write(out, settings, points)
                 barrier(d)
             if d.main:
-                from .report import write_sweep_report
                 _write(out, settings, points)
                 write_sweep_report(out, points)
         if first_error is not None:
@@ -235,10 +241,7 @@ class _Ctx:
         self.progress, self.with_bench, self.check_source = progress, bench, check_source
 
     def bench(self, p: Point) -> None:
-        """Median latency at batch 1 of the point's model on one validation image (``fast.bench``)."""
-        from ..data import make_loader, open_data
-        from ..fast.bench import bench
-        from ..io.load import load
+        """Median latency at batch 1 of the point's model on one validation image (``fast.timing.bench``)."""
         model = load(p.run)
         x, _ = next(iter(make_loader(open_data(self.data, model.meta.data_config, **self._split()).val, 1, train=False, workers=0)))
         rep = bench(model, x, warmup=5, reps=30)
@@ -246,8 +249,6 @@ class _Ctx:
 
     def _attach(self, run: Path) -> None:
         """The source checkpoint as a new run (rank 0), unless the run is there already."""
-        from ..attach import attach
-        from ..io.rundir import is_run, read_meta, record_source_eval
 
         def make() -> None:
             if not is_run(run):
@@ -260,7 +261,6 @@ class _Ctx:
         _on_rank0(self.d, make)
 
     def _epochs_done(self, run: Path, phase: str) -> int:
-        from ..io.rundir import read_meta
         t = read_meta(run).training.get(phase)
         return len(t.epochs) if t else 0
 
@@ -273,7 +273,6 @@ class _Ctx:
         call(done > 0)
 
     def _evaluate(self, run: Path, gates: str, r: Optional[float] = None):
-        from ..eval.evaluate import evaluate_run
         return evaluate_run(run, self.data, gates=gates, r=r, batch_size=256, workers=self.fit_cfg.workers,
                             device=self.device, amp=self.amp, check_source=self.check_source)
 
@@ -281,7 +280,6 @@ class _Ctx:
         return dict(val_split=self.settings.val_split, train_samples=self.settings.train_samples)
 
     def run_point(self, p: Point, by_name: Dict[str, Point]) -> None:
-        from ..train.loops import finetune, fit_gates
         run = self.out / p.name
         p.run = str(run)
         ft = self.ft_cfg
@@ -295,7 +293,6 @@ class _Ctx:
             self._train(run, "fit-gates", cfg.epochs, lambda resume: fit_gates(
                 run, self.data, None if resume else cfg, resume=resume, device=self.device, amp=self.amp,
                 progress=self.progress, check_source=self.check_source, **self._split()))
-            from ..io.rundir import read_meta
             p.r = read_meta(run).gating.r
             if p.oracle_macs is None:      # a target cut: the oracle estimate at the r found
                 o = self._evaluate(run, "oracle", p.r)
@@ -324,12 +321,10 @@ class _Ctx:
         p.dense_macs = by_name["dense"].dense_macs if p.kind != "dense" and by_name["dense"].dense_macs else res.dense_macs
 
     def _static_run(self, run: Path, p: Point) -> None:
-        from ..io.rundir import is_run, read_meta
 
         def make() -> None:
             if not is_run(run):
                 self.emit(f"{run.name}: prune to {p.target_macs / 1e6:.2f} M MACs ({p.importance})")
-                from ..static.run import make_static_run
                 calib = self._calib_batch() if p.importance == "taylor" else None
                 make_static_run(self.out / "dense", run, p.target_macs, p.importance, calib=calib)
         _on_rank0(self.d, make)
@@ -338,8 +333,6 @@ class _Ctx:
 
     def _calib_batch(self) -> Tuple[Any, Any]:
         """A batch of training images (eval transform) with labels, for the Taylor importance's gradients."""
-        from ..data import make_loader, open_data
-        from ..io.rundir import read_meta
         meta = read_meta(self.out / "dense")
         splits = open_data(self.data, meta.data_config, num_classes=meta.arch.num_classes, **self._split())
         ds = splits.calibration(meta.data_config, min(self.fit_cfg.calib_samples, 256), self.fit_cfg.seed)

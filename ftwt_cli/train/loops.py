@@ -35,39 +35,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import (
-    DataSplits,
-    check_classes,
-    default_workers,
-    make_loader,
-    open_data,
-    size_note,
-)
+from ..data import DataSplits, check_classes, default_workers, make_loader, open_data, size_note
 from ..errors import FtwtError
+from ..eval.budget import calibration_batches, find_r
 from ..eval.evaluate import EvalResult, evaluate_loader
 from ..eval.source import measure_source, to_measure
 from ..gating.model import GatedModel
-from ..io.load import gated_from_meta
 from ..io.meta import EvalSummary, TrainingRecord, environment
-from ..io.rundir import (
-    atomic_write_text,
-    check_writable,
-    commit,
-    read_meta,
-    read_weights,
-    run_lock,
-)
+from ..io.rundir import atomic_write_text, check_writable, commit, read_meta, read_weights, run_lock
+from ..runs.loader import gated_from_meta
+from ..runtime.device import Precision, resolve_precision
+from ..runtime.dist import Dist, all_sum, average_buffers, barrier, process_group, shard, train_sampler
 from .config import FinetuneConfig, FitGatesConfig
-from .device import Precision, resolve_precision
-from .dist import (
-    Dist,
-    all_sum,
-    average_buffers,
-    barrier,
-    process_group,
-    shard,
-    train_sampler,
-)
 from .loss import distill_loss, gate_loss
 
 __all__ = ["fit_gates", "finetune", "fit_gates_step", "gate_optimizer", "EpochStats", "TrainReport", "Progress",
@@ -386,7 +365,7 @@ def fit_gates(run_dir: Path | str, data: str, cfg: Optional[FitGatesConfig] = No
               channels_last: Optional[bool] = None, check_source: bool = True) -> TrainReport:
     """Train only the gates on the frozen backbone (eval mode, no gradients), with predicted masks applied.
     ``resume`` continues an interrupted run with its own settings (``cfg`` may be None, or must agree with them).
-    ``device``, ``amp`` and ``channels_last``: see ``train.device``. On the run's first data the source model's
+    ``device``, ``amp`` and ``channels_last``: see ``runtime.device``. On the run's first data the source model's
     top-1 is measured and recorded; ``check_source`` stops there when it is near chance (``eval.source``)."""
     with _session("fit-gates", FitGatesConfig, run_dir, data, cfg, resume, val_split, train_samples, progress,
                   tensorboard, device, amp, channels_last, check_source) as (ph, progress):
@@ -439,7 +418,6 @@ def _fit_gates(ph: "_Phase", progress: Progress) -> TrainReport:
 
 def _r_for_cut(ph: "_Phase", cfg: FitGatesConfig, progress: Progress):
     """The r whose oracle masks cut ``cfg.target_cut`` of the MACs on a calibration subset of the training data."""
-    from ..eval.budget import calibration_batches, find_r
     ds = ph.data.calibration(ph.meta.data_config, cfg.calib_samples, cfg.seed)
     batches = calibration_batches(ds, cfg.batch_size, cfg.workers, ph.dist)
     choice = find_r(ph.model, batches, cfg.target_cut, precision=ph.precision, dist=ph.dist)

@@ -16,10 +16,10 @@ import torch
 
 from .. import __version__
 from ..errors import FtwtError
-from .exported import export_metadata
-from .load import load
-from .meta import RunMeta
-from .rundir import atomic_write_bytes, atomic_write_text, read_meta, save_weights
+from ..io.exported import export_metadata
+from ..io.meta import RunMeta
+from ..io.rundir import atomic_write_bytes, atomic_write_text, read_meta, save_weights
+from .loader import load
 
 __all__ = ["export", "ExportReport"]
 

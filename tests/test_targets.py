@@ -81,7 +81,6 @@ def test_uniform_breaks_ties_by_index():
     assert uniform(s, 0.6).tolist() == [[True, True, True, False, False]]
 
 
-
 @pytest.mark.parametrize("rule", [heatmap_mass, uniform])
 @pytest.mark.parametrize("shape", [(1, 1), (5, 1), (1, 7)])
 def test_single_channel_or_single_sample(rule, shape):

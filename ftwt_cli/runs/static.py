@@ -11,17 +11,19 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+import torch.nn as nn
 
 from .. import __version__
 from ..arch.registry import ArchSpec, head_and_stem
 from ..arch.trace import trace_plan
+from ..errors import FtwtError
 from ..gating.model import GatedModel, model_macs
-from ..io.load import load
 from ..io.meta import GatingInfo, MacsInfo, RunMeta, StaticInfo, environment
 from ..io.rundir import read_meta, write_new_run
-from .prune import StaticResult, prune_to_macs
+from ..static.prune import StaticResult, prune_to_macs
+from .loader import load
 
-__all__ = ["make_static_run", "StaticRunReport"]
+__all__ = ["make_static_run", "load_static", "StaticRunReport"]
 
 
 @dataclass(frozen=True)
@@ -53,3 +55,13 @@ def make_static_run(source_run: Path | str, run_dir: Path | str, target_macs: fl
         ftwt_version=__version__)
     write_new_run(run_dir, new, GatedModel(res.model, plan, []).state_dict(), force=force)
     return StaticRunReport(run_dir, res, source_macs)
+
+
+def load_static(path: Path | str, device: str | None = None) -> nn.Module:
+    """A statically pruned model (a run made by ``ftwt sweep``'s static points, or ``make_static_run``)
+    as a plain ``nn.Module`` in eval mode: the source architecture, pruned by its plan, with its weights
+    (``weights_only`` loading: safetensors)."""
+    model = load(path, device=device)
+    if model.meta.static is None:
+        raise FtwtError(f"{path} is not a statically pruned model", "pass the run of a static point (ftwt sweep --static)")
+    return model.plain_backbone()

@@ -9,10 +9,13 @@ import torch
 
 from ..arch.registry import ArchSpec, build_model
 from ..errors import FtwtError
+from ..fast.compact import make_compact
 from ..gating.model import GatedModel
-from .exported import meta_from_export
-from .meta import RunMeta
-from .rundir import META_FILE, read_meta, read_weights
+from ..io.exported import meta_from_export
+from ..io.meta import RunMeta
+from ..io.rundir import META_FILE, read_meta, read_weights
+from ..runtime.device import resolve_device
+from ..static.plan import PruningPlan, apply_plan
 
 __all__ = ["load", "gated_from_meta"]
 
@@ -21,7 +24,6 @@ def gated_from_meta(meta: RunMeta, state_dict: Mapping[str, torch.Tensor]) -> Ga
     a = meta.arch
     backbone = build_model(ArchSpec(a.source, a.name), a.num_classes, a.in_chans)
     if meta.static is not None:            # a statically pruned model: its shapes from the pruning plan
-        from ..static.plan import PruningPlan, apply_plan
         apply_plan(backbone, PruningPlan.from_dict(meta.static.plan))
     model = GatedModel(backbone, meta.plan, meta.gating.gated)
     sd = OrderedDict(state_dict)
@@ -55,9 +57,7 @@ def load(path: str | Path, *, compact: bool = False, calibrate: bool = True, dev
         raise FtwtError(f"{path} is neither a run directory nor an exported file",
                         f"pass a folder holding {META_FILE} or a .safetensors file")
     if device is not None:
-        from ..train.device import resolve_device
         model = model.to(resolve_device(device))
     if not compact:
         return model
-    from ..fast.compact import make_compact
     return make_compact(model.set_gates("predict"), calibrate=calibrate)

@@ -19,7 +19,6 @@ from ..settings import AMP_MODES
 __all__ = ["AMP_MODES", "Precision", "resolve_device", "resolve_precision"]
 
 
-
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` → a device this machine has (one line and exit 2 otherwise)."""
     if name == "auto":
