@@ -92,7 +92,8 @@ def write_fashion_subset(folder: Path, train: int, val: int, seed: int = 0) -> P
 
 
 def _idx_bytes(t: torch.Tensor) -> bytes:
-    """The idx format (MNIST's): zero, type 0x08 (unsigned byte), the number of dimensions, each size big-endian."""
+    """The idx format (MNIST's): zero, type 0x08 (unsigned byte), the number of dimensions, each size big-endian, then
+    the bytes (a file format, written once: the NumPy view is the plain way to a tensor's raw bytes)."""
     import struct
     return struct.pack(f">HBB{t.dim()}I", 0, 0x08, t.dim(), *t.shape) + t.numpy().tobytes()
 

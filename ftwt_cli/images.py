@@ -36,8 +36,8 @@ def _as_pil(image: Image, mode: str):
             raise FtwtError(f"an image tensor must be (C, H, W), not {tuple(t.shape)}", "pass one image, or a list of them")
         if t.is_floating_point():
             t = (t.clamp(0, 1) * 255).round()
-        t = t.to(torch.uint8).permute(1, 2, 0).numpy()
-        return PILImage.fromarray(t[..., 0] if t.shape[2] == 1 else t).convert(mode)
+        from torchvision.transforms.v2.functional import to_pil_image  # torchvision's own tensor → PIL conversion
+        return to_pil_image(t.to(torch.uint8)).convert(mode)
     try:
         import numpy as np
         a = np.asarray(image)
