@@ -27,6 +27,7 @@ def test_chance_threshold():
     assert chance_threshold(10, 20) > 0.2           # few images: the guessing classifier's noise decides
 
 
+@pytest.mark.integration           # trains a real model first (~10 s): with the end-to-end set, to keep the default one short
 @pytest.mark.source_check
 def test_a_wrong_input_config_is_caught_before_an_epoch(tmp_path, digits_r18):
     """A model trained at mean 0.33 / std 0.38, attached with ImageNet's statistics (what a plain state dict gets):
@@ -49,6 +50,7 @@ def test_a_wrong_input_config_is_caught_before_an_epoch(tmp_path, digits_r18):
     assert read_meta(run).source_eval.top1 < 0.2
 
 
+@pytest.mark.integration
 @pytest.mark.source_check
 def test_the_right_config_passes_and_every_report_compares_with_the_source(tmp_path, digits_r18):
     run = tmp_path / "run"
