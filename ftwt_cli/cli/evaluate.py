@@ -38,10 +38,9 @@ def print_eval_report(rep: "EvalReport") -> None:
     if not rep.static:
         t.add_column("this run, gates open", justify="right")
     t.add_column("source checkpoint", justify="right")
-    mid = () if rep.static else None
 
-    def row(label, a, b, c):
-        t.add_row(label, a, c) if mid is not None else t.add_row(label, a, b, c)
+    def row(label, gated, run_open, source):
+        t.add_row(label, gated, source) if rep.static else t.add_row(label, gated, run_open, source)
     row("top-1", f"{rep.top1:.2%}", f"{rep.top1_open:.2%}", src1)
     row("top-5", f"{rep.top5:.2%}", f"{rep.top5_open:.2%}", src5)
     row("MACs / sample", fmt_macs(rep.macs_mean), fmt_macs(rep.dense_macs), fmt_macs(rep.static_source_macs or rep.dense_macs))
@@ -133,7 +132,7 @@ def evaluate_cli(
             raise FtwtError("--r and --target-cut both given", "pass one of them")
     if gates == GateMode.oracle and r is None and target_cut is None:
         raise FtwtError("--gates oracle needs --r or --target-cut", "pass e.g. --r 0.95, or --target-cut 0.4")
-    read_meta(run)                                      # a missing or damaged run fails before any slow work
+    meta = read_meta(run)                               # a missing or damaged run fails before any slow work
     data = data_arg(data, None, run)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console, transient=True) if console.is_terminal else None
@@ -146,7 +145,7 @@ def evaluate_cli(
         with (progress or nullcontext()):
             rep = evaluate_run(run, data, gates=gates.value, r=r, ood=ood, ood_data=ood_data, corruptions=corruption or (),
                                ood_samples=ood_samples or None, batch_size=batch_size, workers=workers,
-                               on_stage=_Stages(progress, _passes(gates.value, ood, corruption, ood_data, read_meta(run))), device=device, amp=value(amp), channels_last=channels_last,
+                               on_stage=_Stages(progress, _passes(gates.value, ood, corruption, ood_data, meta)), device=device, amp=value(amp), channels_last=channels_last,
                                target_cut=target_cut, calib_samples=calib_samples, check_source=not no_source_check)
         if not main:
             return
