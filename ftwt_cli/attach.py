@@ -7,16 +7,9 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 from . import __version__
-from .arch.registry import (
-    DataConfig,
-    Detection,
-    build_model,
-    detect_arch,
-    head_and_stem,
-    load_weights,
-    parse_arch,
-    resolve_data_config,
-)
+from .arch.dataconfig import DataConfig, resolve_data_config
+from .arch.detect import Detection, detect_arch
+from .arch.registry import build_model, head_and_stem, load_weights, parse_arch
 from .arch.trace import trace_plan
 from .errors import FtwtError
 from .gating.macs import gated_share

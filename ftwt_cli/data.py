@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .arch.registry import DataConfig
+from .arch.dataconfig import DataConfig
 from .errors import FtwtError
 
 __all__ = ["DataSplits", "open_data", "make_loader", "with_transform", "build_transform", "FASHION_MNIST_DIR", "DATA_KINDS", "read_idx", "find_idx",

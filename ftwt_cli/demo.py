@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .arch.registry import DataConfig
+from .arch.dataconfig import DataConfig
 from .attach import attach
 from .data import FASHION_MNIST_DIR, DataSplits, find_idx, make_loader, open_data, read_idx
 from .errors import FtwtError

@@ -65,7 +65,7 @@ def digits_r18(tmp_path_factory) -> Path:
     trained with."""
     import torchvision
 
-    from ftwt_cli.arch.registry import DataConfig
+    from ftwt_cli.arch import DataConfig
     from ftwt_cli.data import open_data
     from ftwt_cli.demo import train_classifier
     cfg = DataConfig((3, 16, 16), (0.33,) * 3, (0.38,) * 3, "bilinear", 1.0, "center")

@@ -3,7 +3,7 @@ import timm
 import torch
 import torchvision
 
-from ftwt_cli.arch.registry import (
+from ftwt_cli.arch import (
     build_model,
     detect_arch,
     parse_arch,
@@ -65,8 +65,8 @@ def test_equally_likely_architectures_are_refused(monkeypatch):
     """Candidates that compute different functions where none is the others' plain family: never guess. (No two
     architectures of the installed timm/torchvision are like that, so the variant rule is switched off here: then
     ResNet-18 and resnetblur18 are equally likely.)"""
-    import ftwt_cli.arch.registry as registry
-    monkeypatch.setattr(registry, "_plain_name", lambda name: name)
+    import ftwt_cli.arch.detect as detect
+    monkeypatch.setattr(detect, "_plain_name", lambda name: name)
     sd = torchvision.models.resnet18(num_classes=10).state_dict()
     with pytest.raises(FtwtError) as e:
         detect_arch(sd)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 import ftwt_cli
 from ftwt_cli.arch.trace import trace_plan
 from ftwt_cli.cli import app
-from ftwt_cli.fast.compact import STRATEGIES, CompactModel, make_compact
+from ftwt_cli.fast import STRATEGIES, CompactModel, make_compact
 from ftwt_cli.fast.timing import bench, oracle_masks
 from ftwt_cli.gating.model import GatedModel
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ftwt_cli.arch.registry import DataConfig
+from ftwt_cli.arch import DataConfig
 from ftwt_cli.data import FASHION_MNIST_DIR, make_loader, open_data, read_idx
 from ftwt_cli.errors import FtwtError
 

@@ -54,7 +54,7 @@ def test_ctrl_c_in_demo_does_not_suggest_resume(tmp_path, monkeypatch):
 
 
 def test_demo_fashion_mnist_subset_is_idx_files_the_loader_reads(tmp_path):
-    from ftwt_cli.arch.registry import DataConfig
+    from ftwt_cli.arch import DataConfig
     from ftwt_cli.data import FASHION_MNIST_DIR, open_data
     if not FASHION_MNIST_DIR.is_dir():
         pytest.skip("Fashion-MNIST (Debian dataset-fashion-mnist) is not installed")

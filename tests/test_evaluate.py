@@ -7,7 +7,7 @@ import torchvision
 from helpers import MacsMeter, no_natural_zeros
 from typer.testing import CliRunner
 
-from ftwt_cli.arch.registry import DataConfig
+from ftwt_cli.arch import DataConfig
 from ftwt_cli.attach import attach
 from ftwt_cli.cli import app
 from ftwt_cli.data import make_loader, open_data

@@ -12,7 +12,7 @@ from ptflops import get_model_complexity_info
 from ptflops.flops_counter import FLOPS_BACKEND
 
 from ftwt_cli.arch.trace import trace_plan
-from ftwt_cli.fast.compact import make_compact
+from ftwt_cli.fast import make_compact
 from ftwt_cli.gating import GatedModel
 
 

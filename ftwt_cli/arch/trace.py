@@ -16,45 +16,29 @@ autograd graph (the approach of Torch-Pruning's DependencyGraph). From it we der
   unit j is the product's j-th feature; the mask goes on fc2's input, so fc2 reads exact zeros whatever act(0) is,
   and the rows of both fc1 halves (``partner``: the second Linear) for an inactive unit need not run. A norm over the
   hidden units between the product and fc2 couples them: refused.
-* attention computed outside conv/linear modules (``bmm``, ``scaled_dot_product_attention``, a ``mm`` of two
-  activations, projections applied with ``F.linear``): its MACs per sample at the traced size (``attention_macs``);
-  it stays dense.
-* for every conv/linear (and every gate), a sparsity expression saying which channels of the tensor it
-  reads are structurally zero: the mask of a unit, carried through activations, pooling, padding and
-  products, concatenated by ``cat``, sliced by ``split``; a sum is zero only where all its terms are.
-  Anything we do not model is "dense", so MACs can be over-counted but never under-counted.
+* attention outside conv/linear modules (``attention.attention_macs``) and, for every conv/linear and gate, the
+  sparsity expression of its input (``sparsity``), both read off the same graph.
 
-The caller's model is left as it was: hooks are removed in ``finally`` and the train flag is restored.
+The plan's types are in ``plan``, the graph walk in ``graph``. The caller's model is left as it was: hooks are
+removed in ``finally`` and the train flag is restored.
 """
 from __future__ import annotations
 
 import math
-import sys
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import asdict
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from .attention import attention_macs, module_linear_nodes, products_macs
+from .graph import Recorder, first_tensor, graph, node_shapes, saved_dim
+from .plan import Expr, MacOp, Plan, Unit, expr_width
+from .sparsity import Sparsity, inputs
+
+# Plan, Unit, MacOp, Expr, expr_width and attention_macs are re-exported: the tracer is where callers look for them
 __all__ = ["Unit", "MacOp", "Plan", "trace_plan", "attention_macs", "Expr", "expr_width"]
 
-# An expression is a JSON-friendly nested list: ["dense", width] | ["unit", name, width] | ["cat", [e, ...]]
-# | ["slice", e, start, stop] | ["any", [e, ...]] (active where any term is) | ["all", [e, ...]]
-# | ["repeat", e, n] (flatten: each channel becomes n features).
-Expr = list
-
-# Autograd nodes that map zero to zero channel by channel (activations with f(0)=0, pooling, padding,
-# copies). Pooling is spatial, so a zero channel stays zero.
-_ZERO_PRESERVING = {
-    "ReluBackward0", "ReluBackward1", "HardtanhBackward0", "HardtanhBackward1", "LeakyReluBackward0",
-    "LeakyReluBackward1", "GeluBackward0", "SiluBackward0", "HardswishBackward0", "MishBackward0",
-    "EluBackward0", "EluBackward1", "TanhBackward0", "PreluKernelBackward0", "CeluBackward0",
-    "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0",
-    "AdaptiveMaxPool2DBackward0", "ConstantPadNdBackward0", "CloneBackward0", "ToCopyBackward0",
-    "MaxPool1DWithIndicesBackward0", "AliasBackward0", "ExpandBackward0", "ContiguousBackward0",
-}
-_RESHAPES = {"ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward0",
-             "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "UnsqueezeBackward0", "FlattenBackward0"}
 # One mask per sample needs the samples in dim 0 (the trace runs one image, so dim 0 must be 1 there).
 _FOLDED = "runs on heads or windows folded into the batch dim: one mask per sample cannot reach them"
 # Functional activations (f(0)=0) between fc1 and fc2 of an MLP, by autograd node, as GatedModel names them.
@@ -83,106 +67,9 @@ def _zero_at_zero(act: nn.Module, channels: int) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class Unit:
-    """A gateable conv: ``name`` is the conv's path, ``end`` the module whose output is masked."""
-    name: str
-    end: str
-    act: Optional[str]            # path of a separate activation module, "relu" (functional), or None
-    in_channels: int
-    out_channels: int
-    kernel: Tuple[int, int]
-    groups: int
-    in_expr: Expr                 # sparsity of the conv's (and gate's) input
-    shortcut: bool = False        # a 1×1 conv on a residual shortcut
-    kind: str = "conv"            # "conv" (channels at dim 1) | "mlp" (a Linear on tokens, channels last) | "glu"
-    reader: Optional[str] = None  # mlp, glu: the Linear (fc2) that reads the hidden units (glu: masked on its input)
-    partner: Optional[str] = None  # glu: the second fc1 (SwiGLU's gate projection), whose rows follow the mask
-
-
-@dataclass(frozen=True)
-class MacOp:
-    """A conv or linear layer: the only layers MACs are counted for (the papers' convention)."""
-    name: str
-    kind: str                     # "conv" | "linear"
-    in_channels: int
-    out_channels: int
-    kernel_area: int              # k_h·k_w (1 for linear)
-    groups: int
-    in_expr: Expr
-    calls: int = 1                # a layer called more than once is counted dense on every call
-
-
-@dataclass
-class Plan:
-    units: List[Unit]
-    ops: List[MacOp]
-    rejected: Dict[str, str] = field(default_factory=dict)   # conv path -> why it is not gateable
-    input_size: Tuple[int, int, int] = (3, 224, 224)
-    attention_macs: float = 0.0   # per sample at input_size: attention outside conv/linear modules (always dense)
-
-    def to_dict(self) -> dict:
-        # a CNN's plan is written as releases before MLP units wrote it (no kind, reader or attention_macs), so they
-        # still read it
-        units = [{k: v for k, v in asdict(u).items() if u.kind != "conv" or k not in ("kind", "reader", "partner")}
-                 for u in self.units]
-        d = {"units": units, "ops": [asdict(o) for o in self.ops], "rejected": self.rejected,
-             "input_size": list(self.input_size)}
-        if self.attention_macs:
-            d["attention_macs"] = self.attention_macs
-        return d
-
-    @property
-    def has_new_features(self) -> bool:
-        """MLP units or attention products: what run format version 1 cannot hold."""
-        return bool(self.attention_macs) or any(u.kind != "conv" for u in self.units)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
-        units = [Unit(**{**u, "kernel": tuple(u["kernel"])}) for u in d["units"]]
-        return cls(units, [MacOp(**o) for o in d["ops"]], dict(d.get("rejected", {})), tuple(d["input_size"]),
-                   float(d.get("attention_macs", 0.0)))
-
-
-class _Recorder:
-    """Forward (pre-)hooks that remember, per module call, the autograd nodes of input and output."""
-
-    def __init__(self) -> None:
-        self.calls: Dict[str, List[dict]] = {}
-        self.input: Optional[torch.Tensor] = None
-
-    def pre(self, name: str):
-        def hook(module, args):
-            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            self.calls.setdefault(name, []).append(
-                {"in": (x.grad_fn, x.output_nr) if x is not None and x.grad_fn is not None else None,
-                 "in_shape": tuple(x.shape) if x is not None else None,
-                 "in_is_input": x is not None and x is self.input})       # the image itself (a leaf, no grad_fn)
-        return hook
-
-    def post(self, name: str):
-        def hook(module, args, out):
-            t = out if isinstance(out, torch.Tensor) else None
-            if self.calls.get(name):
-                self.calls[name][-1]["out"] = (t.grad_fn, t.output_nr) if t is not None and t.grad_fn is not None else None
-                self.calls[name][-1]["out_shape"] = tuple(t.shape) if t is not None else None
-        return hook
-
-
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        out = list(out.values())
-    for o in out:
-        if isinstance(o, torch.Tensor):
-            return o
-    raise TypeError("model returned no tensor")
-
-
 def trace_plan(model: nn.Module, input_size: Tuple[int, int, int], *, gate_shortcuts: bool = False) -> Plan:
     """One hooked forward (and a shape-recording backward) at ``input_size`` → the model's gating Plan."""
-    rec, handles, was_training = _Recorder(), [], model.training
+    rec, handles, was_training = Recorder(), [], model.training
     modules = dict(model.named_modules())
     try:
         model.eval()
@@ -194,11 +81,11 @@ def trace_plan(model: nn.Module, input_size: Tuple[int, int, int], *, gate_short
         x = torch.randn(1, *input_size, device=p.device if p is not None else None, requires_grad=True)
         rec.input = x
         with torch.enable_grad():
-            out = _first_tensor(model(x))
-            nodes, consumers = _graph(out.grad_fn)
+            out = first_tensor(model(x))
+            nodes, consumers = graph(out.grad_fn)
             # before the backward frees the saved tensors
-            attn = _products_macs(nodes, _module_linear_nodes(modules, rec.calls))
-            shapes = _node_shapes(nodes, out, x)
+            attn = products_macs(nodes, module_linear_nodes(modules, rec.calls))
+            shapes = node_shapes(nodes, out, x)
     finally:
         for h in handles:
             h.remove()
@@ -208,126 +95,15 @@ def trace_plan(model: nn.Module, input_size: Tuple[int, int, int], *, gate_short
     return plan
 
 
-def attention_macs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
-    """MACs per sample of attention computed outside conv/linear modules at ``input_size``: the products between
-    activations (QKᵀ, AV) and projections applied functionally (``nn.MultiheadAttention``'s in- and out-projection,
-    torchvision Swin's qkv). One forward of a single image, in eval mode, read off its autograd graph; the model is
-    left as it was."""
-    was, rec, handles = model.training, _Recorder(), []
-    modules = dict(model.named_modules())
-    p = next(model.parameters(), None)
-    try:
-        model.eval()
-        for name, m in modules.items():
-            if isinstance(m, nn.Linear):
-                handles.append(m.register_forward_pre_hook(rec.pre(name)))
-                handles.append(m.register_forward_hook(rec.post(name)))
-        x = torch.randn(1, *input_size, device=p.device if p is not None else None,
-                        dtype=p.dtype if p is not None else None, requires_grad=True)
-        with torch.inference_mode(False), torch.enable_grad():
-            out = _first_tensor(model(x))
-            if out.grad_fn is None:
-                return 0.0
-            return float(_products_macs(_graph(out.grad_fn)[0], _module_linear_nodes(modules, rec.calls)))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-
-
-_PASS_THROUGH = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AddBackward0", "SqueezeBackward0",
-                 "SqueezeBackward1", "UnsqueezeBackward0", "ExpandBackward0")
-
-
-def _module_linear_nodes(modules: Dict[str, nn.Module], calls: Dict[str, List[dict]]) -> set:
-    """The mm/addmm autograd nodes that nn.Linear module calls produced (their MACs are the ops' own)."""
-    marked = set()
-    for name, cs in calls.items():
-        if not isinstance(modules.get(name), nn.Linear):
-            continue
-        for c in cs:
-            n = c.get("out", (None,))[0] if c.get("out") else None
-            while n is not None and type(n).__name__ in _PASS_THROUGH:
-                n = n.next_functions[0][0] if n.next_functions else None
-            if n is not None:
-                marked.add(n)
-    return marked
-
-
-def _products_macs(nodes, module_linear: set) -> int:
-    return sum(_matmul_macs(n) if n not in module_linear else 0 for n in nodes)
-
-
-def _matmul_macs(node) -> int:
-    """MACs of one autograd node that is a matrix product outside the conv/linear modules, else 0: a product of two
-    activations, or a linear layer applied functionally (an mm/addmm with a weight, not from an nn.Linear call).
-    SDPA, per head and batch: QKᵀ costs L·S·E and AV costs L·S·E_v (as ptflops and torch.utils.flop_counter)."""
-    kind = type(node).__name__
-    try:
-        if kind == "AddmmBackward0":              # F.linear(x, W, b) on a 2-D view; sizes are saved even for frozen W
-            a, b = node._saved_mat1_sym_sizes, node._saved_mat2_sym_sizes
-            return a[0] * a[1] * b[1]
-        if kind.startswith("ScaledDotProduct"):
-            q, k, v = node._saved_query, node._saved_key, node._saved_value
-            return math.prod(q.shape[:-2]) * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
-        if kind == "BmmBackward0":
-            a, b = node._saved_self, node._saved_mat2
-        elif kind == "BaddbmmBackward0":
-            a, b = node._saved_batch1, node._saved_batch2
-        elif kind == "MmBackward0":                # two activations, or F.linear without a bias
-            a, b = node._saved_self_sym_sizes, node._saved_mat2_sym_sizes
-            return a[0] * a[1] * b[1]
-        else:
-            return 0
-        return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
-    except (AttributeError, RuntimeError):     # a saved tensor we cannot read: count nothing rather than guess
-        return 0
-
-
-def _graph(root) -> Tuple[List[Any], Dict[Any, List[Any]]]:
-    nodes, consumers, stack, seen = [], {}, [root], {root}
-    while stack:
-        n = stack.pop()
-        nodes.append(n)
-        for nxt, _ in n.next_functions:
-            if nxt is None:
-                continue
-            consumers.setdefault(nxt, []).append(n)
-            if nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
-    return nodes, consumers
-
-
-def _node_shapes(nodes, out: torch.Tensor, x: torch.Tensor) -> Dict[Any, List[Optional[Tuple[int, ...]]]]:
-    """The shape of every node's outputs, read from the gradients flowing into it during one backward.
-    ``autograd.grad`` w.r.t. the input only, so no parameter's ``.grad`` is touched."""
-    shapes: Dict[Any, List] = {}
-    handles = []
-    for n in nodes:
-        if type(n).__name__ == "AccumulateGrad":
-            continue
-
-        def pre(grad_outputs, n=n):
-            shapes[n] = [tuple(g.shape) if g is not None else None for g in grad_outputs]
-        handles.append(n.register_prehook(pre))
-    try:
-        torch.autograd.grad(out.float().sum(), [x], allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
-
-
 class _Analysis:
+    """Finds the gateable units of one traced graph and assembles its Plan."""
+
     def __init__(self, model, modules, calls, nodes, consumers, shapes, input_size, x, gate_shortcuts):
         self.model, self.modules, self.calls = model, modules, calls
         self.nodes, self.consumers, self.shapes = nodes, consumers, shapes
         self.input_size, self.x, self.gate_shortcuts = input_size, x, gate_shortcuts
         self.node_ids = {n: i for i, n in enumerate(nodes)}
-        self.unit_end_nodes: Dict[Any, Tuple[str, int]] = {}
-        self.memo: Dict[Tuple[Any, int], Expr] = {}
-        self.fixed_exprs: Dict[str, Expr] = {}
+        self.sparsity = Sparsity(modules, calls, shapes, x)
         self.from_image: Optional[set] = None
         # the Linear (called once) whose output each node is
         self.linear_outputs = {cs[0]["out"][0]: n for n, cs in calls.items()
@@ -357,11 +133,6 @@ class _Analysis:
             self.from_image = seen
         return call["in"][0] in self.from_image
 
-    def _width(self, node, nr: int) -> int:
-        s = self.shapes.get(node, [None])
-        s = s[nr] if nr < len(s) else None
-        return int(s[1]) if s is not None and len(s) > 1 else 1
-
     # -- units
     def plan(self) -> Plan:
         units, rejected = [], {}
@@ -374,7 +145,7 @@ class _Analysis:
                 rejected[name] = why
             else:
                 units.append(unit)
-                self.unit_end_nodes[self._once(unit.end)["out"][0]] = (unit.name, unit.out_channels)
+                self.sparsity.unit_ends[self._once(unit.end)["out"][0]] = (unit.name, unit.out_channels)
         glu: Dict[str, Optional[Unit]] = {}      # fc1 -> its gated MLP unit; a SwiGLU's second fc1 -> None
         for name, m in self.modules.items():
             u = self._glu_unit(name) if isinstance(m, nn.Linear) else None
@@ -386,18 +157,18 @@ class _Analysis:
             if name in glu:
                 if glu[name] is not None:
                     units.append(glu[name])
-                    self.fixed_exprs[glu[name].reader] = ["unit", name, glu[name].out_channels]
+                    self.sparsity.fixed[glu[name].reader] = ["unit", name, glu[name].out_channels]
                 continue
             if isinstance(m, nn.Linear):
                 unit, why = self._mlp_unit(name, m)
                 if unit is not None:
                     units.append(unit)
                     # fc2 reads exactly fc1's hidden units (channels last, which the dim-1 walk below cannot follow)
-                    self.fixed_exprs[unit.reader] = ["unit", unit.name, unit.out_channels]
+                    self.sparsity.fixed[unit.reader] = ["unit", unit.name, unit.out_channels]
                 elif why:
                     rejected[name] = why
         # Expressions need every unit's end node registered first, hence the second pass.
-        units = [Unit(**{**asdict(u), "kernel": tuple(u.kernel), "in_expr": self._input_expr(u.name)}) for u in units]
+        units = [Unit(**{**asdict(u), "kernel": tuple(u.kernel), "in_expr": self.sparsity.input_expr(u.name)}) for u in units]
         ops = []
         for name, m in self.modules.items():
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or isinstance(m, nn.Linear):
@@ -411,7 +182,7 @@ class _Analysis:
                     out_channels=m.out_channels if conv else m.out_features,
                     kernel_area=math.prod(m.kernel_size) if conv else 1,
                     groups=m.groups if conv else 1,
-                    in_expr=self._input_expr(name) if ncalls == 1 else ["dense", m.in_channels if conv else m.in_features],
+                    in_expr=self.sparsity.input_expr(name) if ncalls == 1 else ["dense", m.in_channels if conv else m.in_features],
                     calls=ncalls))
         return Plan(units, ops, rejected, tuple(self.input_size))
 
@@ -530,7 +301,7 @@ class _Analysis:
             node = node.next_functions[0][0]
         if type(node).__name__ != "MulBackward0" or len(self.consumers.get(node, [])) != 1:
             return None
-        ins = self._inputs(node)
+        ins = inputs(node)
         if len(ins) != 2 or None in ins:
             return None
         sides = [self._glu_side(n, k, node) for n, k in ins]
@@ -566,7 +337,7 @@ class _Analysis:
         half = None
         if type(node).__name__ in ("SplitBackward0", "SplitWithSizesBackward0"):
             shape = self.shapes.get(node.next_functions[0][0], [None])[node.next_functions[0][1]]
-            if shape is None or _saved_dim(node) % len(shape) != len(shape) - 1 or len(self.consumers.get(node, [])) != 2:
+            if shape is None or saved_dim(node) % len(shape) != len(shape) - 1 or len(self.consumers.get(node, [])) != 2:
                 return None
             half, node = nr, node.next_functions[0][0]
         lin = self.linear_outputs.get(node)
@@ -582,155 +353,3 @@ class _Analysis:
             p = next((nx for nx, _ in p.next_functions if nx is not None), None)
         branches = p is None or len(self.consumers.get(p, [])) >= 2
         return feeds_add and branches
-
-    # -- sparsity expressions
-    def _input_expr(self, name: str) -> Expr:
-        if name in self.fixed_exprs:
-            return self.fixed_exprs[name]
-        call = self.calls[name][0]
-        m = self.modules[name]
-        width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
-        if not call["in"] or (isinstance(m, nn.Linear) and len(call.get("in_shape") or ()) > 2):
-            return ["dense", width]      # channels last: the walk below follows dim 1 only
-        old = sys.getrecursionlimit()
-        sys.setrecursionlimit(max(old, 20000))
-        try:
-            e = self._expr(*call["in"])
-        finally:
-            sys.setrecursionlimit(old)
-        return e if expr_width(e) == width else ["dense", width]
-
-    def _expr(self, node, nr: int) -> Expr:
-        key = (node, nr)
-        if key not in self.memo:
-            self.memo[key] = _simplify(self._expr_uncached(node, nr))
-        return self.memo[key]
-
-    def _inputs(self, node) -> List[Optional[Tuple[Any, int]]]:
-        return [(nx, i) if nx is not None else None for nx, i in node.next_functions]
-
-    def _expr_uncached(self, node, nr: int) -> Expr:
-        if node in self.unit_end_nodes:
-            return ["unit", *self.unit_end_nodes[node]]
-        kind = type(node).__name__
-        width = self._width(node, nr)
-        dense = ["dense", width]
-        ins = self._inputs(node)
-        if kind in _ZERO_PRESERVING or kind in _RESHAPES:
-            if not ins or ins[0] is None:
-                return dense
-            src = self._expr(*ins[0])
-            if kind in _RESHAPES:
-                return self._reshape(src, ins[0], node, nr)
-            return src if expr_width(src) == width else dense
-        if kind.startswith("MeanBackward"):
-            dims = getattr(node, "_saved_dim", None)
-            in_shape = self.shapes.get(ins[0][0], [None])[ins[0][1]] if ins and ins[0] else None
-            if dims is not None and in_shape is not None and all((d % len(in_shape)) >= 2 for d in dims):
-                src = self._expr(*ins[0])
-                return src if expr_width(src) == width else dense
-            return dense
-        if kind in ("MulBackward0", "DivBackward0"):
-            tensors = [i for i in ins if i is not None]
-            if kind == "DivBackward0" and (ins[0] is None):
-                return dense
-            terms = [self._expr(*i) for i in (tensors if kind == "MulBackward0" else [ins[0]])]
-            terms = [t for t in terms if expr_width(t) == width]        # broadcast operands (width 1) drop out
-            return ["all", terms] if terms else dense
-        if kind in ("AddBackward0", "SubBackward0"):
-            if any(i is None for i in ins):                         # x + constant: zeros become the constant
-                return dense
-            terms = [self._expr(*i) for i in ins]
-            if any(expr_width(t) != width for t in terms):
-                return dense
-            return ["any", terms]
-        if kind == "CatBackward0":
-            dim = _saved_dim(node)
-            shape = self.shapes.get(node, [None])[0]
-            if shape is None or dim % len(shape) != 1 or any(i is None for i in ins):
-                return dense
-            return ["cat", [self._expr(*i) for i in ins]]
-        if kind in ("SplitBackward0", "SplitWithSizesBackward0", "SliceBackward0", "NarrowBackward0"):
-            if not ins or ins[0] is None:
-                return dense
-            parent_shape = self.shapes.get(ins[0][0], [None])[ins[0][1]]
-            if parent_shape is None:
-                return dense
-            dim = _saved_dim(node) % len(parent_shape)
-            if dim != 1:
-                src = self._expr(*ins[0])
-                return src if expr_width(src) == width else dense
-            if kind == "SplitWithSizesBackward0":
-                sizes = list(node._saved_split_sizes)
-                start = sum(sizes[:nr])
-                stop = start + sizes[nr]
-            elif kind == "SplitBackward0":
-                size = int(node._saved_split_size)
-                start, stop = nr * size, min((nr + 1) * size, parent_shape[1])
-            elif kind == "SliceBackward0":
-                start, end, step = node._saved_start, node._saved_end, node._saved_step
-                if step != 1:
-                    return dense
-                start = 0 if start is None else int(start)
-                stop = min(parent_shape[1], int(end) if end is not None else parent_shape[1])
-            else:
-                return dense
-            return ["slice", self._expr(*ins[0]), start, stop]
-        return dense
-
-    def _reshape(self, src: Expr, parent, node, nr) -> Expr:
-        pshape = self.shapes.get(parent[0], [None])[parent[1]] if type(parent[0]).__name__ != "AccumulateGrad" else tuple(self.x.shape)
-        shape = self.shapes.get(node, [None])[nr]
-        if pshape is None or shape is None or len(shape) < 2 or len(pshape) < 2:
-            return ["dense", shape[1] if shape and len(shape) > 1 else 1]
-        if shape[0] == pshape[0] and shape[1] == pshape[1]:
-            return src
-        if len(shape) == 2 and shape[1] == math.prod(pshape[1:]):     # flatten (B,C,H,W) → (B, C·H·W)
-            return ["repeat", src, math.prod(pshape[2:])]
-        return ["dense", shape[1]]
-
-
-def _saved_dim(node) -> int:
-    """A node's saved ``dim`` as a signed int (autograd exposes dim=-1 as 2**64 - 1)."""
-    d = int(getattr(node, "_saved_dim", 0))
-    return d - (1 << 64) if d >= 1 << 63 else d
-
-
-def expr_width(e: Expr) -> int:
-    """Channel count of the tensor an expression describes."""
-    k = e[0]
-    if k == "dense":
-        return int(e[1])
-    if k == "unit":
-        return int(e[2])
-    if k == "cat":
-        return sum(expr_width(t) for t in e[1])
-    if k == "slice":
-        return int(e[3]) - int(e[2])
-    if k in ("any", "all"):
-        return expr_width(e[1][0])
-    if k == "repeat":
-        return expr_width(e[1]) * int(e[2])
-    raise ValueError(e)
-
-
-def _simplify(e: Expr) -> Expr:
-    k = e[0]
-    if k == "any":
-        terms = e[1]
-        if any(t[0] == "dense" for t in terms):
-            return ["dense", expr_width(terms[0])]
-        return terms[0] if len(terms) == 1 else e
-    if k == "all":
-        terms = [t for t in e[1] if t[0] != "dense"]
-        if not terms:
-            return e[1][0]
-        return terms[0] if len(terms) == 1 else ["all", terms]
-    if k == "cat":
-        if all(t[0] == "dense" for t in e[1]):
-            return ["dense", sum(int(t[1]) for t in e[1])]
-    if k == "slice" and e[1][0] == "dense":
-        return ["dense", int(e[3]) - int(e[2])]
-    if k == "repeat" and e[1][0] == "dense":
-        return ["dense", int(e[1][1]) * int(e[2])]
-    return e

@@ -31,7 +31,7 @@ def bench_cli(
     """Latency (p50/p90) of dense, gated-masked and gated-compact execution, with the MACs ratio beside it."""
     import torch
 
-    from ..arch.registry import DataConfig
+    from ..arch.dataconfig import DataConfig
     from ..attach import parse_input_size
     from ..fast.timing import bench, oracle_masks
     from ..runs.loader import load

@@ -1,5 +1,6 @@
 """Inference only: the compact execution path (only the kept filters are computed) and latency measurement."""
-from .compact import STRATEGIES, CompactConv, CompactModel, make_compact
+from .calibrate import make_compact
+from .compact import STRATEGIES, CompactConv, CompactModel
 from .fold import fold_bn, folded_backbone
 from .timing import BenchReport, BenchRow, bench, oracle_masks
 

@@ -7,7 +7,6 @@ oracle masks at some r) while still running their gates, so the gate cost is alw
 from __future__ import annotations
 
 import copy
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
@@ -15,7 +14,8 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 
 from ..gating.model import GatedModel
-from .compact import make_compact
+from .calibrate import make_compact
+from .clock import time_ms
 from .fold import folded_backbone
 
 __all__ = ["BenchRow", "BenchReport", "bench", "oracle_masks"]
@@ -53,18 +53,6 @@ class BenchReport:
         return self.row("compact").p50_ms / self.row("dense-folded").p50_ms
 
 
-def _timeit(fn, warmup: int, reps: int) -> Tuple[float, float]:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    ts.sort()
-    return ts[len(ts) // 2], ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))]
-
-
 @torch.no_grad()
 def oracle_masks(model: GatedModel, x: torch.Tensor, r: float) -> Dict[str, torch.Tensor]:
     mode, old_r = model.mode, model.r
@@ -99,7 +87,7 @@ def bench(model: GatedModel, x: torch.Tensor, *, masks: Optional[Mapping[str, to
         if compact is not None:
             variants += [("masked", masked, float(stats.macs.mean())), ("compact", lambda: compact(x, masks), float(stats.macs.mean()))]
         for name, fn, macs in variants:
-            p50, p90 = _timeit(fn, warmup, reps)
+            p50, p90 = time_ms(fn, warmup, reps, x.device)
             rows.append(BenchRow(name, p50, p90, macs))
         counts: Dict[str, int] = {}
         for s in (compact.strategies.values() if compact is not None else ()):

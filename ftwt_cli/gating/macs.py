@@ -21,7 +21,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
-from ..arch.trace import Expr, MacOp, Unit, expr_width
+from ..arch.plan import Expr, MacOp, Unit, expr_width
 
 __all__ = ["active_channels", "op_macs", "count_macs", "gated_share", "MacsBreakdown"]
 

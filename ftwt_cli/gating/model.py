@@ -28,7 +28,9 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..arch.trace import Plan, Unit, attention_macs, trace_plan
+from ..arch.attention import attention_macs
+from ..arch.plan import Plan, Unit
+from ..arch.trace import trace_plan
 from ..errors import FtwtError
 from ..settings import GATE_MODES
 from .gate import Gate, gate_key

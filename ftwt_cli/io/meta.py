@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar
 
 from .. import __version__
-from ..arch.registry import DataConfig
-from ..arch.trace import Plan
+from ..arch.dataconfig import DataConfig
+from ..arch.plan import Plan
 from ..errors import FtwtError
 
 __all__ = ["FORMAT_VERSION", "RUN_FORMAT", "environment", "RunFiles", "ArchInfo", "SourceInfo", "GatingInfo", "MacsInfo", "EvalSummary",

@@ -9,7 +9,7 @@ import torch
 
 from ..arch.registry import ArchSpec, build_model
 from ..errors import FtwtError
-from ..fast.compact import make_compact
+from ..fast.calibrate import make_compact
 from ..gating.model import GatedModel
 from ..io.exported import meta_from_export
 from ..io.meta import RunMeta
