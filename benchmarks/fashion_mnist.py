@@ -4,7 +4,7 @@
 2. For each r: `ftwt attach` → `ftwt fit-gates` → `ftwt finetune`, recording accuracy and exact MACs.
 3. Dense control: the baseline gets the same extra epochs (`ftwt finetune --dense-control`), so the accuracy
    delta measures gating, not extra training.
-4. Write benchmarks/RESULTS.md.
+4. Write benchmarks/results/fashion_mnist.md (whole; the readings in benchmarks/RESULTS.md are hand-written).
 
     python benchmarks/fashion_mnist.py [--baseline-epochs 15] [--fit-epochs 2] [--ft-epochs 2] [--rs 1.0,0.95,0.92,0.9]
         [--freeze-gates-at 0.5] [--distill 0.5]
@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 import torchvision
+from results_file import write_results  # benchmarks/ is on sys.path when a script runs
 
 from ftwt_cli.arch import DataConfig
 from ftwt_cli.data import make_loader, open_data
@@ -58,8 +59,6 @@ def meta(run: Path) -> dict:
     return json.loads((run / "ftwt.json").read_text())
 
 
-# RESULTS.md: what follows this line (hand-written analyses of other runs) survives a rerun of the script
-KEEP_MARKER = "<!-- generated above by benchmarks/fashion_mnist.py; the sections below are kept when it reruns -->"
 
 
 def main() -> int:
@@ -75,7 +74,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="--seed for fit-gates, finetune and the dense control")
     ap.add_argument("--workers", type=int, default=2,
                     help="DataLoader workers for the training runs (2: as the cached rows were made)")
-    ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--out", default=str(HERE / "results" / "fashion_mnist.md"))
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
     ckpt = WORK / f"resnet18-fashion-mnist-b{args.baseline_epochs}.pth"
@@ -184,9 +183,7 @@ def main() -> int:
           "with the machine otherwise idle.",
         "",
     ]
-    out = Path(args.out)
-    kept = out.read_text().split(KEEP_MARKER, 1)[1] if out.exists() and KEEP_MARKER in out.read_text() else "\n"
-    out.write_text("\n".join(lines) + KEEP_MARKER + kept)
+    write_results(Path(args.out), "\n".join(lines))
     print("\n".join(lines))
     return 0
 

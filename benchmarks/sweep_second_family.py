@@ -3,7 +3,7 @@ static L1 twin at equal MACs, dense control) on another architecture trained her
 
     python benchmarks/sweep_second_family.py [--arch torchvision:mobilenet_v2] [--baseline-epochs 10] [--rs 0.9]
 
-Writes (or replaces) its section of benchmarks/SWEEP.md, keeping the rest of the file.
+Writes benchmarks/results/sweep_second_family.md (whole).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from fashion_mnist import CFG, train_baseline
-from md_sections import write_section
+from results_file import write_results
 from sweep_fashion_mnist import HERE, WORK, sweep, table
 
 from ftwt_cli.arch import build_model, parse_arch
@@ -29,7 +29,7 @@ def main() -> int:
     ap.add_argument("--exclude", default="*.conv.1.0",
                     help="attach --exclude: MobileNetV2's depthwise convs, whose gates (C×C MACs) cost more than the "
                          "convs at 32 px ('' gates every unit)")
-    ap.add_argument("--out", default=str(HERE / "SWEEP.md"))
+    ap.add_argument("--out", default=str(HERE / "results" / "sweep_second_family.md"))
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
     spec = parse_arch(args.arch)
@@ -43,7 +43,7 @@ def main() -> int:
                    extra=("--exclude", args.exclude) if args.exclude else ())
     by = {p["name"]: p for p in points}
     ctl = by.get("control", {}).get("top1")
-    title = f"## Second model family: {spec}"
+    title = f"# Second model family: {spec}"
     lines = [title, "",
              f"The same sweep (recipe, static L1 twin at the dynamic point's MACs, the same fine-tuning budget, dense control) "
              f"on `{spec}` trained here for {args.baseline_epochs} epochs (SGD, cosine) on Fashion-MNIST at 32 px; "
@@ -54,7 +54,7 @@ def main() -> int:
              "Points not finished: " + (", ".join(p["name"] for p in points if p["status"] != "done") or "none") + ".", ""]
     section = "\n".join(lines)
     print(section)
-    write_section(Path(args.out), title, section)
+    write_results(Path(args.out), section)
     return 0
 
 

@@ -5,7 +5,7 @@ control, through `ftwt sweep` (one run per point, as a user would).
    dict, as a user would bring it.
 2. `ftwt sweep CKPT --rs ... --dense-control`: per r, fit-gates then finetune; the dense control gets the same
    finetune epochs with every gate open.
-3. Write the "Transformer MLP units" section of benchmarks/RESULTS.md (below its keep marker).
+3. Write benchmarks/results/transformer_fashion_mnist.md (whole).
 
     python benchmarks/transformer_fashion_mnist.py [--arch timm:test_vit] [--baseline-epochs 10] [--rs 0.9]
 """
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 from fashion_mnist import train_baseline
-from md_sections import write_section
+from results_file import write_results
 
 from ftwt_cli.arch import DataConfig, build_model, parse_arch
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
 MEAN, STD = (0.286,) * 3, (0.353,) * 3       # Fashion-MNIST pixel statistics
-SECTION = "## Transformer MLP units (timm test_vit, Fashion-MNIST)"
+SECTION = "# Transformer MLP units (timm test_vit, Fashion-MNIST)"
 
 
 def main() -> int:
@@ -41,7 +41,7 @@ def main() -> int:
     ap.add_argument("--fit-epochs", type=int, default=2)
     ap.add_argument("--finetune-epochs", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--out", default=str(HERE / "results" / "transformer_fashion_mnist.md"))
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
     spec = parse_arch(args.arch)
@@ -86,7 +86,7 @@ def main() -> int:
                      f"{'–' if oracle is None else f'{oracle:.1%}'} |")
     section = "\n".join(lines) + "\n"
     print(section)
-    write_section(Path(args.out), SECTION, section)
+    write_results(Path(args.out), section)
     return 0
 
 

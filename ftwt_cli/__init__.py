@@ -9,7 +9,7 @@ Public API::
     y = model(x); model.last_stats.macs    # per-sample MACs of that forward
 
 The package is layered, imports running one way (docs/architecture.md; tests/test_layers.py): ``runtime`` →
-``arch`` → ``data``, ``io`` (file formats) → ``gating`` → ``fast``, ``static``, ``attach`` → ``runs`` (load, export) →
+``arch`` → ``data``, ``formats`` (file formats) → ``gating`` → ``fast``, ``static``, ``attach`` → ``runs`` (load, export) →
 ``eval`` → ``train`` → ``sweep``, ``demo`` → ``cli``. The names below are imported on first use, so that importing the package
 (as the ``ftwt`` command does before anything else) does not import torch yet.
 """
@@ -21,7 +21,7 @@ __version__ = "0.2.0"
 __all__ = ["__version__", "load", "load_static", "preprocess", "GatedModel", "Gate", "ForwardStats", "RunMeta",
            "FtwtError"]
 
-_WHERE = {"load": ".runs", "RunMeta": ".io", "GatedModel": ".gating", "Gate": ".gating", "ForwardStats": ".gating",
+_WHERE = {"load": ".runs", "RunMeta": ".formats", "GatedModel": ".gating", "Gate": ".gating", "ForwardStats": ".gating",
           "FtwtError": ".errors", "load_static": ".runs", "preprocess": ".images"}
 
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
 from .arch.dataconfig import DataConfig, resolve_data_config
@@ -12,19 +12,64 @@ from .arch.detect import Detection, detect_arch
 from .arch.registry import build_model, head_and_stem, load_weights, parse_arch
 from .arch.trace import trace_plan
 from .errors import FtwtError
+from .formats.checkpoints import read_checkpoint
+from .formats.meta import ArchInfo, GatingInfo, MacsInfo, RunMeta, SourceInfo, environment
+from .formats.rundir import check_replaceable, write_new_run
 from .gating.macs import gated_share
 from .gating.model import GatedModel
-from .io.checkpoints import read_checkpoint
-from .io.meta import ArchInfo, GatingInfo, MacsInfo, RunMeta, SourceInfo, environment
-from .io.rundir import check_replaceable, write_new_run
 
-__all__ = ["attach", "AttachReport", "LayerRow", "parse_input_size", "MIN_GATEABLE_SHARE", "LOW_GATEABLE_SHARE"]
+__all__ = ["attach", "AttachOptions", "AttachReport", "LayerRow", "parse_input_size", "MIN_GATEABLE_SHARE", "LOW_GATEABLE_SHARE"]
 
 # Below this share of the model's MACs in gateable convs and MLPs, gating cannot pay for its gates (a model whose MLPs
 # are all gated GLUs: EVA-02 2%). CNNs hold 40–99% even at small inputs; a ViT's MLPs about 60%; efficient hybrids
 # (LeViT, TinyViT, MambaOut) 14–24%, where attach warns that the saving is capped at that share.
 MIN_GATEABLE_SHARE = 0.10
 LOW_GATEABLE_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class AttachOptions:
+    """How ``attach`` reads a checkpoint: what to check it against (arch, classes, stem channels), the input config
+    that overrides what it states (size, mean/std, interpolation, crop, augmentation), how to read it (pickles, EMA
+    weights) and which units to gate. Built once from the flags; a sweep saves ``to_dict()`` in ``sweep.json``."""
+    arch: Optional[str] = None
+    num_classes: Optional[int] = None
+    in_chans: Optional[int] = None
+    input_size: Optional[Tuple[int, int, int]] = None
+    mean: Optional[Tuple[float, ...]] = None
+    std: Optional[Tuple[float, ...]] = None
+    interpolation: Optional[str] = None
+    crop_pct: Optional[float] = None
+    augment: Optional[str] = None
+    trust_pickle: bool = False
+    use_ema: bool = False
+    include: Tuple[str, ...] = ()
+    exclude: Tuple[str, ...] = ()
+    gate_shortcuts: bool = False
+
+    def __post_init__(self) -> None:     # lists (JSON, callers) become tuples: the options are frozen and hashable
+        for k in ("input_size", "mean", "std", "include", "exclude"):
+            v = getattr(self, k)
+            if v is not None and not isinstance(v, tuple):
+                object.__setattr__(self, k, tuple(v))
+
+    @property
+    def input_flags(self) -> Dict[str, object]:
+        """The input-config overrides, by DataConfig field (None: not given)."""
+        return {"input_size": self.input_size, "mean": self.mean, "std": self.std, "interpolation": self.interpolation,
+                "crop_pct": self.crop_pct, "augment": self.augment}
+
+    def to_dict(self) -> dict:
+        """JSON-ready (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "AttachOptions":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise FtwtError(f"unknown attach option(s) {', '.join(sorted(unknown))}",
+                            f"use {', '.join(f.name for f in fields(cls))}")
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -88,21 +133,20 @@ def _select(units, include: Sequence[str], exclude: Sequence[str]):
     return [u for u in chosen if not any(fnmatch.fnmatchcase(u.name, p) for p in exclude)]
 
 
-def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: Optional[int] = None,
-           in_chans: Optional[int] = None, input_size: Optional[Tuple[int, int, int]] = None,
-           mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-           run_dir: Path | str = "ftwt-run", force: bool = False, trust_pickle: bool = False, use_ema: bool = False,
-           include: Sequence[str] = (), exclude: Sequence[str] = (), gate_shortcuts: bool = False,
-           interpolation: Optional[str] = None, crop_pct: Optional[float] = None, augment: Optional[str] = None
-           ) -> AttachReport:
+def attach(checkpoint: Path | str, options: Optional[AttachOptions] = None, *, run_dir: Path | str = "ftwt-run",
+           force: bool = False, **flags: Any) -> AttachReport:
     """Read ``checkpoint``, find its architecture and input config, trace it and write a new run with one gate per
-    gateable unit. Input config precedence: the architecture's reference weights < what the checkpoint states (a
-    timm train.py checkpoint's args, a pretrained_cfg, a hub config.json) < the arguments given here."""
+    gateable unit. ``options`` (or, for a call from Python, its fields as keywords: ``attach(ckpt, arch="timm:resnet18")``)
+    say how. Input config precedence: the architecture's reference weights < what the checkpoint states (a timm
+    train.py checkpoint's args, a pretrained_cfg, a hub config.json) < the options."""
+    if options is not None and flags:
+        raise TypeError("attach() takes options or keyword flags, not both")
+    o = options if options is not None else AttachOptions(**flags)
     run_dir = Path(run_dir)
-    input_size = tuple(input_size) if input_size is not None else None
     check_replaceable(run_dir, force=force, inputs=[Path(checkpoint)])     # fail before any slow work
-    ckpt = read_checkpoint(checkpoint, use_ema=use_ema, trust_pickle=trust_pickle)
-    det = _arch_for(ckpt.state_dict, arch, ckpt.hub_config, ckpt.arch)
+    ckpt = read_checkpoint(checkpoint, use_ema=o.use_ema, trust_pickle=o.trust_pickle)
+    det = _arch_for(ckpt.state_dict, o.arch, ckpt.hub_config, ckpt.arch)
+    num_classes, in_chans = o.num_classes, o.in_chans
     if num_classes is not None and det.num_classes is not None and num_classes != det.num_classes:
         raise FtwtError(f"--num-classes {num_classes} but the checkpoint's head has {det.num_classes} classes",
                         f"drop --num-classes or pass --num-classes {det.num_classes}")
@@ -115,18 +159,17 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
     model.eval()
 
     # the input the model expects: its architecture's reference config, then what the checkpoint says, then flags
-    flags = {"input_size": input_size, "mean": mean, "std": std, "interpolation": interpolation, "crop_pct": crop_pct,
-             "augment": augment}
-    stated = {k: v for k, v in ckpt.input_config.items() if flags.get(k) is None}     # a flag overrides, unread
+    given = o.input_flags
+    stated = {k: v for k, v in ckpt.input_config.items() if given.get(k) is None}     # a flag overrides, unread
     dc = resolve_data_config(det.arch, model, det.in_chans).updated(stated, "the checkpoint")
-    dc = dc.updated(flags, "the flags")
+    dc = dc.updated(given, "the flags")
 
     try:
-        plan = trace_plan(model, dc.input_size, gate_shortcuts=gate_shortcuts)
+        plan = trace_plan(model, dc.input_size, gate_shortcuts=o.gate_shortcuts)
     except RuntimeError as e:
         raise FtwtError(f"{det.arch} cannot run at input size {dc.input_size} ({str(e).splitlines()[0]})",
                         "pass a larger --input-size") from None
-    units = _select(plan.units, include, exclude)
+    units = _select(plan.units, o.include, o.exclude)
     if not plan.units:
         raise FtwtError(f"{det.arch} has nothing gateable: no Conv2d followed only by BatchNorm/activation feeds a later layer, "
                         "and no fc1 → activation → fc2 MLP runs on tokens", "use a model built from convolutions or MLP blocks")
@@ -160,6 +203,6 @@ def attach(checkpoint: Path | str, *, arch: Optional[str] = None, num_classes: O
                         float(dense.total[0]), gated.gate_macs_dense(),
                         {n: w for n, w in plan.rejected.items()} | {u.name: "excluded by --include/--exclude" for u in plan.units if u not in units},
                         det.alternatives, dc,
-                        "from the flags" if any(v is not None for v in (input_size, mean, std, interpolation, crop_pct, augment))
+                        "from the flags" if any(v is not None for v in given.values())
                         else "as the checkpoint states" if ckpt.input_config else "the architecture's reference config",
                         share, det.other_functions, det.other_preprocessing, det.rule)

@@ -5,6 +5,14 @@ Small images (≤ 64 px: CIFAR, Fashion-MNIST, or a folder of such images) are r
 training augments them with pad-crop + flip. Larger (ImageNet-like) images use the data config's resize/center-crop
 for evaluation and random-resized-crop + flip for training. The data config's ``augment`` (small | imagenet) picks
 one of the two whatever the size. Grayscale is repeated to the model's ``in_chans``.
+
+Why not the libraries' own: timm's ``create_transform`` builds the same resize/center-crop for evaluation, but it
+refuses the uint8 tensors our in-memory datasets hold and a grayscale image for an RGB model (tested in
+``tests/test_data.py``), has no hook for a corruption on the [0, 1] image before normalisation, and adds colour jitter
+to training by default. torchvision's ``FashionMNIST`` reads only uncompressed idx files under
+``root/FashionMNIST/raw`` (it extracts the ``.gz`` files only when downloading), while Debian installs the gzipped files
+in a read-only folder: ``read_idx`` reads them where they are. CIFAR is read by torchvision's ``CIFAR10``/``CIFAR100``,
+folders by its ``ImageFolder`` (wrapped so that an unreadable image is named, never skipped, and 16-bit PNGs scale).
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .arch.dataconfig import DataConfig
 from .errors import FtwtError
 
-__all__ = ["DataSplits", "open_data", "make_loader", "with_transform", "build_transform", "FASHION_MNIST_DIR", "DATA_KINDS", "read_idx", "find_idx",
+__all__ = ["DataChoice", "DataSplits", "open_data", "make_loader", "with_transform", "build_transform", "FASHION_MNIST_DIR", "DATA_KINDS", "read_idx", "find_idx",
            "default_workers", "check_classes", "size_note", "SMALL_IMAGE"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")   # Debian package dataset-fashion-mnist
@@ -31,6 +39,14 @@ DATA_KINDS = ("ImageFolder DIR (DIR/train + DIR/val, or DIR/CLASS with --val-spl
               "fashion-mnist (or a folder of its idx files)", "digits")
 _FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 _VAL_NAMES = ("val", "validation", "test")
+
+
+@dataclass(frozen=True)
+class DataChoice:
+    """Which images of ``--data`` a command uses, beyond the data itself: the share of a DIR/CLASS folder held out for
+    validation (``--val-split``) and a fixed random subset of the training split (``--train-samples``)."""
+    val_split: Optional[float] = None
+    train_samples: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -233,11 +249,12 @@ def _split(n: int, frac: float) -> Tuple[List[int], List[int]]:
     return perm[k:], perm[:k]
 
 
-def open_data(data: str | Path, cfg: DataConfig, *, val_split: Optional[float] = None,
-              num_classes: Optional[int] = None, train_samples: Optional[int] = None) -> DataSplits:
-    """Resolve ``--data`` into train/val datasets with the run's transforms, checking the class count.
-    ``train_samples`` keeps a fixed random subset of the training split (quick experiments, the demo)."""
+def open_data(data: str | Path, cfg: DataConfig, *, choice: DataChoice = DataChoice(),
+              num_classes: Optional[int] = None) -> DataSplits:
+    """Resolve ``--data`` into train/val datasets with the run's transforms, checking the class count; ``choice``
+    holds the held-out share of a DIR/CLASS folder and the training subset (quick experiments, the demo)."""
     text = str(data)
+    val_split, train_samples = choice.val_split, choice.train_samples
     if val_split is not None and not 0 < val_split < 1:
         raise FtwtError(f"--val-split {val_split} is outside (0, 1)", "pass a fraction such as --val-split 0.1")
 

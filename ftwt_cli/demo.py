@@ -24,7 +24,7 @@ from .data import FASHION_MNIST_DIR, DataSplits, find_idx, make_loader, open_dat
 from .errors import FtwtError
 from .eval.report import write_report
 from .eval.run import EvalReport, evaluate_run
-from .io.rundir import atomic_write_bytes, atomic_write_text, inside, read_meta
+from .formats.rundir import atomic_write_bytes, atomic_write_text, inside, read_meta
 from .runs.exporter import export
 from .runtime.device import resolve_device
 from .train.config import FinetuneConfig, FitGatesConfig

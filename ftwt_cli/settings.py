@@ -4,6 +4,7 @@ list from here."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from .errors import FtwtError
 
@@ -20,9 +21,12 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 STATIC_IMPORTANCES = ("l1", "l2", "taylor", "fpgm")          # Torch-Pruning's filter importance for static twins
 
 
-def check_r(r: float) -> float:
-    """r in (0, 1]: the heatmap mass to keep (the fraction of channels for the uniform rule)."""
+def check_r(r: float, flag: Optional[str] = None) -> float:
+    """r in (0, 1]: the heatmap mass to keep (the fraction of channels for the uniform rule). ``flag``: the list
+    option it came from (``--rs``), named in the error."""
     if not isinstance(r, (int, float)) or isinstance(r, bool) or math.isnan(r) or not 0.0 < r <= 1.0:
+        if flag:
+            raise FtwtError(f"{flag} value {r:g} is outside (0, 1]", f"e.g. {flag} 0.97,0.95,0.92,0.9")
         raise FtwtError(f"r={r} is outside (0, 1]", "pass --r in (0, 1], e.g. --r 0.95 (1.0 drops only dead channels)")
     return float(r)
 

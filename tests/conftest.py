@@ -1,13 +1,13 @@
 """Shared test helpers: tiny checkpoints written into tmp_path, never anywhere else."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-warnings.filterwarnings("ignore")
+# helpers.py asserts too (one_line_error): pytest rewrites its asserts so that a failure shows the values
+pytest.register_assert_rewrite("helpers")
 
 
 @pytest.fixture(autouse=True)

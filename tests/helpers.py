@@ -1,12 +1,15 @@
 """Helpers shared by several test files (import them as ``from helpers import ...``)."""
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
 from ftwt_cli.gating import GatedModel
 
-__all__ = ["no_natural_zeros", "MacsMeter", "StopAfter"]
+__all__ = ["no_natural_zeros", "MacsMeter", "StopAfter", "tree", "one_line_error"]
 
 
 def no_natural_zeros(model: nn.Module) -> nn.Module:
@@ -108,3 +111,15 @@ class StopAfter:
     def end(self, stats) -> None:
         if stats.epoch >= self.n:
             raise KeyboardInterrupt
+
+
+def tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(res, expect):
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], res.stderr
+    assert "Traceback" not in res.output

@@ -8,7 +8,7 @@ from ftwt_cli.data import open_data
 from ftwt_cli.errors import FtwtError
 from ftwt_cli.eval import evaluate_loader, evaluate_run
 from ftwt_cli.eval.budget import calibration_batches, find_r
-from ftwt_cli.io import read_meta
+from ftwt_cli.formats import read_meta
 from ftwt_cli.train.config import FitGatesConfig
 from ftwt_cli.train.loops import fit_gates
 

@@ -6,7 +6,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from ftwt_cli.errors import FtwtError
-from ftwt_cli.io.checkpoints import clean_state_dict, read_checkpoint
+from ftwt_cli.formats.checkpoints import clean_state_dict, read_checkpoint
 
 
 @pytest.fixture

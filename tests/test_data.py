@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ftwt_cli.arch import DataConfig
-from ftwt_cli.data import FASHION_MNIST_DIR, make_loader, open_data, read_idx
+from ftwt_cli.data import FASHION_MNIST_DIR, DataChoice, build_transform, make_loader, open_data, read_idx
 from ftwt_cli.errors import FtwtError
 
 CFG = DataConfig((3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 0.875, "center")
@@ -17,7 +17,8 @@ CFG = DataConfig((3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 0
 def _write_idx(path, arr: np.ndarray, gz=True):
     header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
     data = header + arr.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(data)
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(data)
 
 
 def _fashion_folder(root, n_train=20, n_test=10):
@@ -73,7 +74,7 @@ def test_imagefolder_train_val(tmp_path):
 
 def test_imagefolder_val_split(tmp_path):
     _image_tree(tmp_path, n=10)
-    d = open_data(tmp_path, CFG, val_split=0.2)
+    d = open_data(tmp_path, CFG, choice=DataChoice(val_split=0.2))
     assert len(d.train) == 16 and len(d.val) == 4
 
 
@@ -136,3 +137,20 @@ def test_loader_order_depends_only_on_seed_and_epoch():
     d = open_data("digits", CFG)
     first = lambda s, e: next(iter(make_loader(d.train, 16, train=True, workers=0, seed=s, epoch=e)))[1].tolist()
     assert first(0, 1) == first(0, 1) and first(0, 1) != first(0, 2)
+
+
+def test_timm_create_transform_loses_what_ours_keeps():
+    """Why data.py builds its own transforms (its docstring): timm's eval transform refuses the in-memory uint8 tensors
+    and a grayscale image for an RGB model; ours takes both, with the same normalised result for an RGB image."""
+    from timm.data import create_transform
+    cfg = DataConfig((3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_pct=1.0)
+    theirs = create_transform(cfg.input_size, is_training=False, mean=cfg.mean, std=cfg.std, crop_pct=1.0)
+    ours = build_transform(cfg, train=False, small=False)
+    gray = torch.randint(0, 256, (1, 32, 32), dtype=torch.uint8)
+    with pytest.raises((TypeError, RuntimeError)):
+        theirs(gray)                                               # a uint8 tensor (ArrayDataset)
+    with pytest.raises(RuntimeError):
+        theirs(Image.fromarray(gray[0].numpy(), mode="L"))         # grayscale for a 3-channel model
+    assert ours(gray).shape == (3, 32, 32)
+    rgb = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy(), mode="RGB")
+    assert torch.allclose(ours(rgb), theirs(rgb), atol=1e-6)

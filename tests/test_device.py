@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 import ftwt_cli
 from ftwt_cli.arch import trace_plan
 from ftwt_cli.cli import app
+from ftwt_cli.formats import read_meta
 from ftwt_cli.gating import GatedModel
-from ftwt_cli.io import read_meta
 from ftwt_cli.runtime.device import resolve_precision
 from ftwt_cli.train import FinetuneConfig, FitGatesConfig, finetune, fit_gates
 

@@ -14,7 +14,7 @@ import torchvision
 import ftwt_cli
 from ftwt_cli.attach import attach
 from ftwt_cli.eval import evaluate_run
-from ftwt_cli.io import read_meta
+from ftwt_cli.formats import read_meta
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -94,15 +94,15 @@ def test_resume_under_torchrun_ends_where_an_uninterrupted_run_ends(runs, tmp_pa
     script = tmp_path / "fit.py"
     script.write_text(textwrap.dedent("""
         import sys
-        import ftwt_cli.train.loops as loops
+        import ftwt_cli.train.phase as phase
         from ftwt_cli.train import FitGatesConfig, fit_gates
         cfg = FitGatesConfig(r=0.9, epochs=2, lr=0.05, batch_size=32, workers=0)
         if sys.argv[2] == "interrupt":           # Ctrl-C reaches every process once epoch 1 is committed
-            barrier = loops.barrier
+            barrier = phase.barrier
             def interrupted(d):
                 barrier(d)
                 raise KeyboardInterrupt
-            loops.barrier = interrupted
+            phase.barrier = interrupted
             try:
                 fit_gates(sys.argv[1], "digits", cfg, train_samples=256, check_source=False)
             except KeyboardInterrupt:

@@ -13,10 +13,10 @@ LAYERS = [
     ("errors", "settings", "solve"),          # no dependency inside the package
     ("runtime",),                             # device and precision, the torchrun process group
     ("arch",),                                # the registry, detection, the dataflow trace
-    ("data", "io"),                           # datasets and transforms; file formats only
+    ("data", "formats"),                      # datasets and transforms; file formats only
     ("gating",),                              # gates, the gated model, ground truth, MACs
     ("fast", "static", "attach"),             # compact inference, static pruning, a new run from a checkpoint
-    ("runs",),                                # runs as models: load, export, static twins as runs
+    ("runs",),                                # runs as models: load, export, static twins, latency, defaults
     ("eval",),
     ("train",),
     ("sweep", "demo", "images"),

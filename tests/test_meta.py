@@ -4,7 +4,7 @@ import json
 import pytest
 
 from ftwt_cli.errors import FtwtError
-from ftwt_cli.io import RunMeta, read_meta
+from ftwt_cli.formats import RunMeta, read_meta
 
 
 def test_round_trip_and_types(r18_run):

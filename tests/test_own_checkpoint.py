@@ -16,7 +16,7 @@ from ftwt_cli.attach import attach
 from ftwt_cli.cli import app
 from ftwt_cli.data import open_data
 from ftwt_cli.errors import FtwtError
-from ftwt_cli.io import read_meta
+from ftwt_cli.formats import read_meta
 from ftwt_cli.train import FitGatesConfig, fit_gates
 
 runner = CliRunner()

@@ -12,7 +12,7 @@ from ftwt_cli.cli import app
 from ftwt_cli.errors import FtwtError
 from ftwt_cli.eval import evaluate_run
 from ftwt_cli.eval.source import CHECK_SAMPLES, chance_threshold
-from ftwt_cli.io import read_meta
+from ftwt_cli.formats import read_meta
 from ftwt_cli.train import FinetuneConfig, FitGatesConfig, finetune, fit_gates
 
 runner = CliRunner()

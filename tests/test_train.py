@@ -11,7 +11,7 @@ import ftwt_cli
 from ftwt_cli.attach import attach
 from ftwt_cli.cli import app
 from ftwt_cli.errors import FtwtError
-from ftwt_cli.io import read_meta
+from ftwt_cli.formats import read_meta
 from ftwt_cli.train.config import FinetuneConfig, FitGatesConfig
 from ftwt_cli.train.loops import (
     distill_loss,
@@ -96,8 +96,15 @@ def test_finetune_before_fit_gates_is_refused(run):
 
 
 def test_dense_control_trains_with_open_gates(run):
+    before = ftwt_cli.load(run).state_dict()
     rep = finetune(run, "digits", FinetuneConfig(epochs=1, batch_size=64, workers=0), dense_control=True)
-    assert rep.final.reduction == 0.0 and rep.epochs[0].val_top1 > 0.1
+    after = rep.model.state_dict()
+    assert rep.final.reduction == 0.0 and rep.epochs[0].val_macs_cut == 0.0          # every gate open: no MACs cut
+    assert rep.epochs[0].val_top1 == rep.final.top1 and rep.epochs[0].bce == 0.0     # no gate loss
+    gates = [k for k in before if k.startswith("gates.")]
+    assert gates and all(torch.equal(before[k], after[k].cpu()) for k in gates)       # the gates did not learn
+    assert any(not torch.equal(before[k], after[k].cpu()) for k in before if k.startswith("backbone.")
+               and before[k].is_floating_point())                                    # the backbone did
 
 
 class _Snapshots:

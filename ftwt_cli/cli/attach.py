@@ -24,7 +24,7 @@ from .options import (
     Std,
     TrustPickle,
     UseEma,
-    attach_kwargs,
+    attach_options,
 )
 
 if TYPE_CHECKING:
@@ -113,8 +113,8 @@ def attach_cli(
 ) -> None:
     """Load a checkpoint, find its architecture and insert a decision gate before every gateable conv."""
     from ..attach import attach
-    report = attach(checkpoint, run_dir=run, force=force, **attach_kwargs(
+    report = attach(checkpoint, attach_options(
         arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size, mean=mean, std=std,
         interpolation=interpolation, crop_pct=crop_pct, augment=augment, trust_pickle=trust_pickle, use_ema=use_ema,
-        include=include, exclude=exclude, gate_shortcuts=gate_shortcuts))
+        include=include, exclude=exclude, gate_shortcuts=gate_shortcuts), run_dir=run, force=force)
     print_attach_report(report)

@@ -1,4 +1,4 @@
-"""``ftwt bench``: latency of dense, gated-masked and gated-compact execution (wraps :func:`ftwt_cli.bench.bench`)."""
+"""``ftwt bench``: latency of dense, gated-masked and gated-compact execution (wraps :func:`ftwt_cli.runs.bench.bench_run`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,6 @@ import typer
 from rich.table import Table
 from typing_extensions import Annotated
 
-from ..errors import FtwtError
 from .application import command, console
 from .options import DATA_HELP, Run
 
@@ -29,29 +28,13 @@ def bench_cli(
     json_out: Annotated[bool, typer.Option("--json", help="Print the measurements as JSON.")] = False,
 ) -> None:
     """Latency (p50/p90) of dense, gated-masked and gated-compact execution, with the MACs ratio beside it."""
-    import torch
-
-    from ..arch.dataconfig import DataConfig
     from ..attach import parse_input_size
-    from ..fast.timing import bench, oracle_masks
-    from ..runs.loader import load
-    model = load(file if file is not None else run)
-    dc = model.meta.data_config
-    size = parse_input_size(input_size) or tuple(dc.input_size)
-    if batch_size < 1 or reps < 1:
-        raise FtwtError("--batch-size and --reps must be at least 1", "e.g. --batch-size 1 --reps 50")
-    if model.meta.gating.mode != "predict" and r is None:
-        raise FtwtError("the gates are not fitted yet", "run `ftwt fit-gates` first, or pass --r to replay oracle masks")
-    if data is not None:
-        from ..data import make_loader, open_data
-        cfg = DataConfig(size, dc.mean, dc.std, dc.interpolation, dc.crop_pct, dc.crop_mode)
-        x, _ = next(iter(make_loader(open_data(data, cfg).val, batch_size, train=False, workers=0)))
-    else:
-        x = torch.randn(batch_size, *size)
-        if not json_out:
-            console.print("note: random inputs; gates decide differently on real images (pass --data)", markup=False)
-    masks = oracle_masks(model, x, r) if r is not None else None
-    rep = bench(model, x, masks=masks, warmup=warmup, reps=reps, threads=threads)
+    from ..runs.bench import bench_run
+    if data is None and not json_out:
+        console.print("note: random inputs; gates decide differently on real images (pass --data)", markup=False)
+    rep = bench_run(file if file is not None else run, batch_size=batch_size, input_size=parse_input_size(input_size),
+                    data=data, r=r, warmup=warmup, reps=reps, threads=threads)
+    size = rep.input_size
     if json_out:
         import dataclasses
         import json

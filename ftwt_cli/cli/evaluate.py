@@ -1,7 +1,6 @@
 """``ftwt evaluate``: accuracy, exact dynamic MACs and OOD behaviour of a run (wraps :func:`ftwt_cli.evaluate.evaluate_run`)."""
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
@@ -17,9 +16,8 @@ from rich.progress import (
 from rich.table import Table
 from typing_extensions import Annotated
 
-from ..errors import FtwtError
 from .application import command, console
-from .options import DATA_HELP, Amp, ChannelsLast, Device, GateMode, NoSourceCheck, Run, Workers, data_arg, value
+from .options import DATA_HELP, Amp, ChannelsLast, Device, GateMode, NoSourceCheck, Run, Workers, value
 
 if TYPE_CHECKING:
     from ..eval.run import EvalReport
@@ -120,37 +118,22 @@ def evaluate_cli(
     run: Run = Path("ftwt-run"),
 ) -> None:
     """Report accuracy, exact dynamic MACs, gate behaviour and (with --ood) robustness; writes report.* into the run."""
-    from ..eval.report import write_report
-    from ..eval.run import evaluate_run
-    from ..io.rundir import check_writable, read_meta, run_lock
-    if target_cut is not None:
-        from ..settings import check_cut
-        check_cut(target_cut)
-        if gates != GateMode.oracle:
-            raise FtwtError("--target-cut applies to --gates oracle", "pass --gates oracle, or fit gates with `ftwt fit-gates --target-cut`")
-        if r is not None:
-            raise FtwtError("--r and --target-cut both given", "pass one of them")
-    if gates == GateMode.oracle and r is None and target_cut is None:
-        raise FtwtError("--gates oracle needs --r or --target-cut", "pass e.g. --r 0.95, or --target-cut 0.4")
-    meta = read_meta(run)                               # a missing or damaged run fails before any slow work
-    data = data_arg(data, None, run)
+    from ..eval.command import evaluate_and_report
+    from ..formats.rundir import read_meta
+    from ..runtime.dist import launched_rank
+    main = launched_rank() == 0                         # under torchrun, rank 0 alone prints
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=console, transient=True) if console.is_terminal else None
-    main = int(os.environ.get("RANK", "0")) == 0      # under torchrun, rank 0 alone locks, writes and prints
+                        console=console, transient=True) if console.is_terminal and main else None
+    passes = _passes(gates.value, ood, corruption, ood_data, read_meta(run))
+    with (progress or nullcontext()):
+        rep, files = evaluate_and_report(
+            run, data, gates=gates.value, r=r, ood=ood, ood_data=ood_data, corruptions=corruption or (),
+            ood_samples=ood_samples or None, batch_size=batch_size, workers=workers, on_stage=_Stages(progress, passes),
+            device=device, amp=value(amp), channels_last=channels_last, target_cut=target_cut,
+            calib_samples=calib_samples, check_source=not no_source_check)
     if not main:
-        progress = None
-    with run_lock(run, "ftwt evaluate") if main else nullcontext():
-        if main:
-            check_writable(run)
-        with (progress or nullcontext()):
-            rep = evaluate_run(run, data, gates=gates.value, r=r, ood=ood, ood_data=ood_data, corruptions=corruption or (),
-                               ood_samples=ood_samples or None, batch_size=batch_size, workers=workers,
-                               on_stage=_Stages(progress, _passes(gates.value, ood, corruption, ood_data, meta)), device=device, amp=value(amp), channels_last=channels_last,
-                               target_cut=target_cut, calib_samples=calib_samples, check_source=not no_source_check)
-        if not main:
-            return
-        for n in rep.notes:
-            console.print(f"note: {n}", markup=False, highlight=False, soft_wrap=True)
-        print_eval_report(rep)
-        files = write_report(rep, run)
+        return
+    for n in rep.notes:
+        console.print(f"note: {n}", markup=False, highlight=False, soft_wrap=True)
+    print_eval_report(rep)
     console.print(f"wrote {', '.join(p.name for p in files)} into {run}", markup=False, highlight=False, soft_wrap=True)

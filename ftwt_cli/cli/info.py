@@ -16,9 +16,9 @@ def _read(path: Path):
     """The metadata alone (no model is built: torchvision and timm stay unimported, so info answers in a second or
     two); damaged files still fail with the loader's one-line errors."""
     from ..errors import FtwtError
-    from ..io.rundir import META_FILE, read_meta
+    from ..formats.rundir import META_FILE, read_meta
     if path.is_file():
-        from ..io.exported import meta_from_export
+        from ..formats.exported import meta_from_export
         return meta_from_export(path)
     if path.is_dir() or not path.exists():
         return read_meta(path)

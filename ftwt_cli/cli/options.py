@@ -23,7 +23,7 @@ from ..settings import (
 __all__ = ["GateMode", "GtRule", "FinetuneMode", "Schedule", "Interpolation", "Augment", "default_of", "config_option", "Run", "Workers", "Recipe",
            "Resume", "ValSplit", "TrainSamples", "Device", "Amp", "ChannelsLast", "DATA_HELP", "value", "DataOrRecipe", "data_arg", "int_list",
            "float_list", "Arch", "NumClasses", "InChans", "InputSize", "Mean", "Std", "InterpolationOpt", "CropPct", "AugmentOpt",
-           "TrustPickle", "UseEma", "Include", "Exclude", "GateShortcuts", "attach_kwargs", "StaticImportance",
+           "TrustPickle", "UseEma", "Include", "Exclude", "GateShortcuts", "attach_options", "StaticImportance",
            "NoSourceCheck"]
 
 DATA_HELP = "ImageFolder DIR, a CIFAR-10/100 folder, 'fashion-mnist' (or its idx folder), or 'digits'."
@@ -68,20 +68,9 @@ NoSourceCheck = Annotated[bool, typer.Option(
 
 
 def data_arg(data: Optional[str], recipe: Optional[dict], run: Optional[Path] = None) -> str:
-    """--data, else the recipe's ``data`` key, else the data the run was last trained on; one of them is needed."""
-    from ..errors import FtwtError
-    chosen = data or (recipe or {}).get("data")
-    if not chosen and run is not None:
-        from ..io.rundir import is_run, read_meta
-        if is_run(Path(run)):
-            chosen = read_meta(Path(run)).trained_data()
-    if not chosen:
-        raise FtwtError("no --data given" + (" and the recipe names none" if recipe else "")
-                        + (" and the run was never trained on any" if run is not None else ""),
-                        "pass --data DIR (or fashion-mnist, digits), or a recipe with a `data:` key")
-    if not isinstance(chosen, str):
-        raise FtwtError(f"the recipe's data={chosen!r} must be a string", "e.g. data: fashion-mnist")
-    return chosen
+    """--data, else the recipe's ``data`` key, else the data the run was last trained on (``runs.defaults``)."""
+    from ..runs.defaults import default_data
+    return default_data(data, recipe, run)
 
 
 def int_list(text: Optional[str], flag: str) -> Optional[list]:
@@ -125,15 +114,16 @@ Exclude = Annotated[Optional[List[str]], typer.Option(help="Do not gate layers m
 GateShortcuts = Annotated[bool, typer.Option(help="Also gate 1×1 shortcut/downsample convs.")]
 
 
-def attach_kwargs(*, arch, num_classes, in_chans, input_size, mean, std, interpolation, crop_pct, augment, trust_pickle,
-                  use_ema, include, exclude, gate_shortcuts) -> dict:
-    """attach's options as ``ftwt_cli.attach.attach`` keyword arguments (JSON-ready: a sweep saves them)."""
-    from ..attach import parse_input_size
-    size = parse_input_size(input_size)
-    return dict(arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=list(size) if size else None,
-                mean=float_list(mean, "--mean"), std=float_list(std, "--std"), interpolation=value(interpolation),
-                crop_pct=crop_pct, augment=value(augment), trust_pickle=trust_pickle, use_ema=use_ema,
-                include=list(include or ()), exclude=list(exclude or ()), gate_shortcuts=gate_shortcuts)
+def attach_options(*, arch, num_classes, in_chans, input_size, mean, std, interpolation, crop_pct, augment, trust_pickle,
+                   use_ema, include, exclude, gate_shortcuts):
+    """attach's flags, parsed, as the one ``AttachOptions`` that ``ftwt attach`` and ``ftwt sweep`` pass on."""
+    from ..attach import AttachOptions, parse_input_size
+    mean, std = float_list(mean, "--mean"), float_list(std, "--std")
+    return AttachOptions(arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=parse_input_size(input_size),
+                         mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
+                         interpolation=value(interpolation), crop_pct=crop_pct, augment=value(augment),
+                         trust_pickle=trust_pickle, use_ema=use_ema, include=tuple(include or ()),
+                         exclude=tuple(exclude or ()), gate_shortcuts=gate_shortcuts)
 
 
 Run = Annotated[Path, typer.Option(help="Run directory.")]

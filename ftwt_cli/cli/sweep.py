@@ -33,7 +33,7 @@ from .options import (
     UseEma,
     ValSplit,
     Workers,
-    attach_kwargs,
+    attach_options,
     data_arg,
     float_list,
     value,
@@ -86,17 +86,9 @@ def sweep_cli(
 ) -> None:
     """Accuracy against MACs over several r: dynamic points, static twins at equal MACs and a dense control.
     Re-running the same command skips finished points and resumes an interrupted one."""
-    from ..errors import FtwtError
-    from ..settings import check_cut
+    # the values are checked by run_sweep, before any slow work
     r_list = float_list(rs, "--rs", "0.95,0.9") or []
     cut_list = float_list(target_cuts, "--target-cuts", "0.3,0.4") or []
-    for r in r_list:
-        if not 0.0 < r <= 1.0:
-            raise FtwtError(f"--rs value {r:g} is outside (0, 1]", "e.g. --rs 0.97,0.95,0.92,0.9")
-    for c in cut_list:
-        check_cut(c, "--target-cuts")
-    if not r_list and not cut_list:
-        raise FtwtError("no dynamic point given", "pass --rs 0.95,0.9 and/or --target-cuts 0.3,0.4")
     from ..sweep import run_sweep
     from ..train.config import (
         FinetuneConfig,
@@ -110,11 +102,11 @@ def sweep_cli(
     ft = resolve_config(FinetuneConfig, rec, "finetune", dict(epochs=finetune_epochs or None, seed=seed, workers=workers))
     if finetune_epochs == 0:
         ft.epochs = 0
-    opts = attach_kwargs(arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size, mean=mean, std=std,
-                         interpolation=interpolation, crop_pct=crop_pct, augment=augment, trust_pickle=trust_pickle,
-                         use_ema=use_ema, include=include, exclude=exclude, gate_shortcuts=gate_shortcuts)
-    import os
-    main = int(os.environ.get("RANK", "0")) == 0
+    opts = attach_options(arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size, mean=mean, std=std,
+                          interpolation=interpolation, crop_pct=crop_pct, augment=augment, trust_pickle=trust_pickle,
+                          use_ema=use_ema, include=include, exclude=exclude, gate_shortcuts=gate_shortcuts)
+    from ..runtime.dist import launched_rank
+    main = launched_rank() == 0                     # under torchrun, rank 0 alone prints
     say = (lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)) if main else None
     points = run_sweep(checkpoint, data_arg(data, rec), out, rs=r_list, target_cuts=cut_list, static=value(static),
                        dense_control=dense_control, attach_options=opts, fit_cfg=fit, finetune_cfg=ft, val_split=val_split,

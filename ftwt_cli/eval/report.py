@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
-from ..io.rundir import atomic_write_bytes, atomic_write_text
+from ..formats.rundir import atomic_write_bytes, atomic_write_text
 from .run import EvalReport
 
 __all__ = ["write_report", "report_markdown", "changes", "REPORT_FILES", "PLOT_FILES", "fmt_macs", "ood_summary", "png_bytes"]

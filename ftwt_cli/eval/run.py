@@ -12,10 +12,11 @@ from torch.utils.data import Subset
 
 from ..data import check_classes, make_loader, open_data, size_note
 from ..errors import FtwtError
-from ..io.rundir import record_source_eval
+from ..formats.rundir import record_source_eval
 from ..runs.loader import load
-from ..runtime.device import resolve_precision
-from ..runtime.dist import process_group, shard
+from ..runtime.dist import shard
+from ..runtime.session import Session, session
+from ..settings import check_cut
 from . import ood as ood_mod
 from .budget import calibration_batches, find_r
 from .evaluate import EvalResult, evaluate_loader
@@ -107,15 +108,26 @@ def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[floa
     ``on_stage(label, samples)`` may return a per-batch callback for progress display. Under torchrun each process
     evaluates its shard and every process returns the whole report. A run that never saw data first measures (and
     records in its ``ftwt.json``) the source checkpoint's top-1; ``check_source`` stops there when it is near chance."""
-    precision = resolve_precision(device, amp, channels_last)
-    with process_group(precision.device) as (d, dev):
-        return _evaluate_run(run_dir, data, gates, r, ood, ood_data, corruptions, severities, ood_samples, batch_size,
-                             workers, on_stage, d, dataclasses.replace(precision, device=dev), target_cut, calib_samples,
-                             check_source)
+    if target_cut is not None:
+        check_cut(target_cut)
+        if gates != "oracle":
+            raise FtwtError("--target-cut applies to --gates oracle", "pass --gates oracle, or fit gates with `ftwt fit-gates --target-cut`")
+        if r is not None:
+            raise FtwtError("--r and --target-cut both given", "pass one of them")
+    if gates == "oracle" and r is None and target_cut is None:
+        raise FtwtError("--gates oracle needs --r or --target-cut", "pass e.g. --r 0.95, or --target-cut 0.4")
+    with session(device, amp, channels_last) as sess:
+        return _evaluate_run(run_dir, data, sess, gates=gates, r=r, ood=ood, ood_data=ood_data, corruptions=corruptions,
+                             severities=severities, ood_samples=ood_samples, batch_size=batch_size, workers=workers,
+                             on_stage=on_stage, target_cut=target_cut, calib_samples=calib_samples,
+                             check_source=check_source)
 
 
-def _evaluate_run(run_dir, data, gates, r, ood, ood_data, corruptions, severities, ood_samples, batch_size, workers,
-                  on_stage, d, precision, target_cut=None, calib_samples=2048, check_source=True) -> EvalReport:
+def _evaluate_run(run_dir, data: str, sess: Session, *, gates: str, r: Optional[float], ood: bool,
+                  ood_data: Optional[str], corruptions: Sequence[str], severities: Sequence[int],
+                  ood_samples: Optional[int], batch_size: int, workers: Optional[int], on_stage, target_cut: Optional[float],
+                  calib_samples: int, check_source: bool) -> EvalReport:
+    precision, d = sess.precision, sess.dist
     model = precision.model(load(run_dir))
     meta = model.meta
     if gates == "predict" and meta.gating.mode != "predict":
@@ -133,8 +145,6 @@ def _evaluate_run(run_dir, data, gates, r, ood, ood_data, corruptions, severitie
     if source is not None and first_contact and d.main and Path(run_dir).is_dir():
         record_source_eval(Path(run_dir), source)
     if target_cut is not None:
-        if gates != "oracle":
-            raise FtwtError("--target-cut applies to --gates oracle", "pass --gates oracle, or fit gates with `ftwt fit-gates --target-cut`")
         choice = find_r(model, calibration_batches(splits.calibration(cfg, calib_samples), batch_size, workers, d), target_cut,
                         precision=precision, dist=d)
         r = choice.r

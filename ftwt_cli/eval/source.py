@@ -18,14 +18,14 @@ from torch.utils.data import Subset
 
 from ..data import make_loader
 from ..errors import FtwtError
+from ..formats.meta import SourceEval
 from ..gating.model import GatedModel
-from ..io.meta import SourceEval
 from ..runtime.dist import shard
 from .evaluate import evaluate_loader
 
 if TYPE_CHECKING:
     from ..data import DataSplits
-    from ..io.meta import RunMeta, SourceEval
+    from ..formats.meta import RunMeta, SourceEval
     from ..runtime.device import Precision
     from ..runtime.dist import Dist
 

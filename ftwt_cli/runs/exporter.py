@@ -16,9 +16,9 @@ import torch
 
 from .. import __version__
 from ..errors import FtwtError
-from ..io.exported import export_metadata
-from ..io.meta import RunMeta
-from ..io.rundir import atomic_write_bytes, atomic_write_text, read_meta, save_weights
+from ..formats.exported import export_metadata
+from ..formats.meta import RunMeta
+from ..formats.rundir import atomic_write_bytes, atomic_write_text, read_meta, save_weights
 from .loader import load
 
 __all__ = ["export", "ExportReport"]

@@ -10,10 +10,10 @@ import torch
 from ..arch.registry import ArchSpec, build_model
 from ..errors import FtwtError
 from ..fast.calibrate import make_compact
+from ..formats.exported import meta_from_export
+from ..formats.meta import RunMeta
+from ..formats.rundir import META_FILE, read_meta, read_weights
 from ..gating.model import GatedModel
-from ..io.exported import meta_from_export
-from ..io.meta import RunMeta
-from ..io.rundir import META_FILE, read_meta, read_weights
 from ..runtime.device import resolve_device
 from ..static.plan import PruningPlan, apply_plan
 

@@ -17,9 +17,9 @@ from .. import __version__
 from ..arch.registry import ArchSpec, head_and_stem
 from ..arch.trace import trace_plan
 from ..errors import FtwtError
+from ..formats.meta import GatingInfo, MacsInfo, RunMeta, StaticInfo, environment
+from ..formats.rundir import read_meta, write_new_run
 from ..gating.model import GatedModel, model_macs
-from ..io.meta import GatingInfo, MacsInfo, RunMeta, StaticInfo, environment
-from ..io.rundir import read_meta, write_new_run
 from ..static.prune import StaticResult, prune_to_macs
 from .loader import load
 

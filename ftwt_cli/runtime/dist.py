@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from ..errors import FtwtError
 
-__all__ = ["Dist", "process_group", "setup", "shard", "train_sampler", "all_sum", "gather_cat", "average_buffers", "barrier"]
+__all__ = ["Dist", "launched_rank", "process_group", "setup", "shard", "train_sampler", "all_sum", "gather_cat", "average_buffers", "barrier"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,12 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def launched_rank() -> int:
+    """This process's rank in the torchrun job, from the environment torchrun sets (0 outside torchrun): what a
+    command needs to know before it joins the process group (only rank 0 prints and takes the run's lock)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 @contextlib.contextmanager

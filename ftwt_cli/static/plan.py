@@ -14,7 +14,7 @@ from typing import Dict, List, Mapping
 import torch.nn as nn
 
 from ..errors import FtwtError
-from ..io.rundir import atomic_write_text
+from ..formats.rundir import atomic_write_text
 
 __all__ = ["PruningPlan", "apply_plan", "PLAN_FORMAT_VERSION"]
 

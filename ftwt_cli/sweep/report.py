@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..eval.report import fmt_macs, png_bytes
-from ..io.rundir import atomic_write_bytes, atomic_write_text
+from ..formats.rundir import atomic_write_bytes, atomic_write_text
 
 __all__ = ["write_sweep_report", "sweep_markdown", "pareto_front", "standard_error", "SWEEP_FILES"]
 

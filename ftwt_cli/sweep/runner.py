@@ -14,121 +14,35 @@ import dataclasses
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .. import __version__
-from ..attach import attach
+import torch
+import torch.distributed as tdist
+
+from ..attach import AttachOptions, attach
 from ..data import make_loader, open_data
 from ..errors import FtwtError
 from ..eval.run import evaluate_run
-from ..fast.timing import bench
-from ..io.checkpoints import sha256_file
-from ..io.rundir import atomic_write_text, is_run, read_meta, record_source_eval, run_lock
-from ..runs.loader import load
+from ..formats.checkpoints import sha256_file
+from ..formats.rundir import is_run, read_meta, record_source_eval, run_lock
+from ..runs.bench import bench_run
 from ..runs.static import make_static_run
-from ..runtime.device import resolve_precision
-from ..runtime.dist import barrier, process_group
+from ..runtime.dist import Dist, barrier
+from ..runtime.session import session
 from ..settings import STATIC_IMPORTANCES, check_cut, check_r
 from ..train.config import FinetuneConfig, FitGatesConfig
 from ..train.loops import finetune, fit_gates
 from .report import write_sweep_report
+from .state import KINDS, SWEEP_FILE, Point, SweepSettings, planned_points, point_from, read_sweep, write_sweep
 
-__all__ = ["SweepSettings", "Point", "run_sweep", "planned_points", "SWEEP_FILE", "SWEEP_FORMAT_VERSION", "KINDS"]
-
-SWEEP_FILE = "sweep.json"
-SWEEP_FORMAT_VERSION = 1
-KINDS = ("dense", "control", "dynamic", "static")     # Point.kind
-
-
-@dataclass
-class SweepSettings:
-    """What every point shares; a sweep folder holds one setting (re-running with other settings is refused)."""
-    checkpoint: str
-    checkpoint_sha256: str
-    data: str
-    attach: Dict[str, Any] = field(default_factory=dict)     # attach's keyword arguments (arch, input_size, ...)
-    fit_gates: Dict[str, Any] = field(default_factory=dict)   # resolved FitGatesConfig (r and target_cut per point)
-    finetune: Dict[str, Any] = field(default_factory=dict)    # resolved FinetuneConfig; epochs 0: no finetune
-    val_split: Optional[float] = None
-    train_samples: Optional[int] = None
-
-
-@dataclass
-class Point:
-    kind: str                              # one of KINDS
-    name: str                              # its run directory under the sweep folder
-    r: Optional[float] = None              # dynamic: the rule's r (found from target_cut if given); static: its twin's
-    target_cut: Optional[float] = None
-    importance: Optional[str] = None       # static: Torch-Pruning importance
-    twin: Optional[str] = None             # static: the dynamic point it matches
-    status: str = "pending"                # pending | done | failed
-    error: Optional[str] = None
-    run: str = ""                          # the run directory, as given
-    top1: Optional[float] = None
-    top5: Optional[float] = None
-    macs_mean: Optional[float] = None      # per sample, gates included
-    dense_macs: Optional[float] = None     # the source model's
-    oracle_macs: Optional[float] = None    # dynamic: oracle masks at r on the source, before any training
-    oracle_top1: Optional[float] = None
-    target_macs: Optional[float] = None    # static: what it was pruned to
-    tp_macs: Optional[float] = None        # static: Torch-Pruning's count of its conv and linear layers
-    latency_ms: Optional[float] = None     # with bench: median latency at batch 1 on this machine (``ftwt bench``)
-    samples: Optional[int] = None          # validation images its top-1 is measured on
-    seconds: float = 0.0
-
-    @property
-    def cut(self) -> Optional[float]:
-        return None if self.macs_mean is None or not self.dense_macs else 1.0 - self.macs_mean / self.dense_macs
-
-
-def _name(x: float) -> str:
-    return f"{x:g}"
-
-
-def planned_points(rs: Sequence[float], target_cuts: Sequence[float], static: Optional[str], dense_control: bool) -> List[Point]:
-    pts = [Point("dense", "dense")]
-    dyn = [Point("dynamic", f"dynamic-r{_name(r)}", r=r) for r in rs] + \
-          [Point("dynamic", f"dynamic-cut{_name(c)}", target_cut=c) for c in target_cuts]
-    for p in dyn:
-        pts.append(p)
-        if static:
-            pts.append(Point("static", f"static-{static}-{p.name[len('dynamic-'):]}", importance=static, twin=p.name))
-    if dense_control:
-        pts.append(Point("control", "control"))
-    return pts
-
-
-def _read(out: Path) -> Optional[dict]:
-    f = out / SWEEP_FILE
-    if not f.is_file():
-        return None
-    try:
-        doc = json.loads(f.read_text())
-        if not isinstance(doc, dict) or doc.get("format") != "ftwt-sweep":
-            raise ValueError("not a sweep file")
-    except (OSError, ValueError) as e:
-        raise FtwtError(f"{f} is damaged ({e})", "move it away to start the sweep over, or pass another --out") from None
-    if int(doc.get("format_version", 0)) > SWEEP_FORMAT_VERSION:
-        raise FtwtError(f"{f} was written by a newer ftwt", "upgrade ftwt")
-    return doc
-
-
-def _write(out: Path, settings: SweepSettings, points: List[Point]) -> None:
-    doc = {"format": "ftwt-sweep", "format_version": SWEEP_FORMAT_VERSION, "ftwt_version": __version__,
-           "settings": dataclasses.asdict(settings),
-           "points": [{**dataclasses.asdict(p), "cut": p.cut} for p in points]}
-    atomic_write_text(out / SWEEP_FILE, json.dumps(doc, indent=1))
-
-
-def _point_from(d: Mapping) -> Point:
-    names = {f.name for f in dataclasses.fields(Point)}
-    return Point(**{k: v for k, v in d.items() if k in names})
+# the sweep's state types are re-exported: a caller of run_sweep reads its points
+__all__ = ["run_sweep", "SweepSettings", "Point", "planned_points", "SWEEP_FILE", "KINDS"]
 
 
 def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequence[float] = (), target_cuts: Sequence[float] = (),
-              static: Optional[str] = None, dense_control: bool = False, attach_options: Optional[Dict[str, Any]] = None,
+              static: Optional[str] = None, dense_control: bool = False, attach_options: AttachOptions | Mapping[str, Any] | None = None,
               fit_cfg=None, finetune_cfg=None, val_split: Optional[float] = None, train_samples: Optional[int] = None,
               device: str = "auto", amp: str = "auto", on_event: Optional[Callable[[str], None]] = None,
               progress=None, bench: bool = False, check_source: bool = True) -> List[Point]:
@@ -136,10 +50,11 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
     ``FitGatesConfig`` / ``FinetuneConfig`` shared by every point (their r / target cut set per point; finetune
     ``epochs`` 0 skips finetuning). ``bench``: also each point's median latency at batch 1 (``ftwt bench``: the
     compact path with the gates' decisions for dynamic points, the BN-folded network for the others), on rank 0.
+    ``attach_options``: how every point attaches the checkpoint (an ``AttachOptions``, or its ``to_dict()``).
     Under torchrun every process calls this; rank 0 alone writes. ``check_source``: stop when the source checkpoint
     scores near chance on the data (``eval.source``), before any point trains."""
 
-    rs, target_cuts = [check_r(float(r)) for r in rs], [check_cut(float(c), "--target-cuts") for c in target_cuts]
+    rs, target_cuts = [check_r(float(r), "--rs") for r in rs], [check_cut(float(c), "--target-cuts") for c in target_cuts]
     if not rs and not target_cuts:
         raise FtwtError("no dynamic point: --rs and --target-cuts are both empty", "pass e.g. --rs 0.95,0.9")
     if len(set(rs)) != len(rs) or len(set(target_cuts)) != len(target_cuts):
@@ -154,13 +69,14 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
     fit_cfg.validate()
     if finetune_cfg.epochs:
         finetune_cfg.validate()
+    options = attach_options if isinstance(attach_options, AttachOptions) else AttachOptions.from_dict(attach_options or {})
     settings = SweepSettings(str(checkpoint), sha256_file(checkpoint) if checkpoint.is_file() else "", data,
-                             dict(attach_options or {}), {k: v for k, v in dataclasses.asdict(fit_cfg).items() if k not in ("r", "target_cut")},
+                             options.to_dict(), {k: v for k, v in dataclasses.asdict(fit_cfg).items() if k not in ("r", "target_cut")},
                              dataclasses.asdict(finetune_cfg), val_split, train_samples)
     emit = on_event or (lambda text: None)
-    precision = resolve_precision(device, amp, None)
-    with process_group(precision.device) as (d, _dev):
-        prior = _read(out)
+    with session(device, amp) as sess:
+        d = sess.dist
+        prior = read_sweep(out)
         if prior is not None:
             old = prior.get("settings", {})
             now = json.loads(json.dumps(dataclasses.asdict(settings)))
@@ -173,7 +89,7 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
             raise FtwtError(f"{out} exists and holds no sweep", "pass a new or empty --out folder")
         # a sweep grows: earlier points stay in their order (finished ones as they are, unfinished ones listed again start
         # afresh from their run's state); new points follow in the order planned
-        before = [_point_from(p) for p in (prior or {}).get("points", [])]
+        before = [point_from(p) for p in (prior or {}).get("points", [])]
         planned = {p.name: p for p in planned_points(rs, target_cuts, static, dense_control)}
         listed = set(planned)
         points = [q if q.status == "done" or q.name not in planned else planned[q.name] for q in before] + \
@@ -183,10 +99,11 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
             out.mkdir(parents=True, exist_ok=True)
         barrier(d)
         with run_lock(out, "ftwt sweep") if d.main else nullcontext():
-            ctx = _Ctx(checkpoint, data, out, settings, fit_cfg, finetune_cfg, device, amp, d, emit, progress, bench,
-                       check_source)
+            ctx = _Ctx(checkpoint=checkpoint, data=data, out=out, settings=settings, options=options, fit_cfg=fit_cfg,
+                       ft_cfg=finetune_cfg, device=device, amp=amp, d=d, emit=emit, progress=progress, with_bench=bench,
+                       check_source=check_source)
             if d.main:
-                _write(out, settings, points)
+                write_sweep(out, settings, points)
             first_error: Optional[FtwtError] = None
             for p in points:
                 if p.status == "done" and bench and p.latency_ms is None and d.main:
@@ -203,10 +120,10 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
                     emit(f"{p.name}: failed: {e}")
                 p.seconds += time.perf_counter() - t0
                 if d.main:
-                    _write(out, settings, points)
+                    write_sweep(out, settings, points)
                 barrier(d)
             if d.main:
-                _write(out, settings, points)
+                write_sweep(out, settings, points)
                 write_sweep_report(out, points)
         if first_error is not None:
             raise first_error
@@ -219,7 +136,6 @@ def _on_rank0(d, fn: Callable[[], Any]) -> None:
     if not d.active:
         fn()
         return
-    import torch.distributed as tdist
     msg: List[Any] = [None]
     if d.main:
         try:
@@ -231,20 +147,28 @@ def _on_rank0(d, fn: Callable[[], Any]) -> None:
         raise FtwtError(*msg[0])
 
 
+@dataclass
 class _Ctx:
     """What every point's steps need."""
-
-    def __init__(self, checkpoint, data, out, settings, fit_cfg, ft_cfg, device, amp, d, emit, progress, bench=False,
-                 check_source=True) -> None:
-        self.checkpoint, self.data, self.out, self.settings = checkpoint, data, out, settings
-        self.fit_cfg, self.ft_cfg, self.device, self.amp, self.d, self.emit = fit_cfg, ft_cfg, device, amp, d, emit
-        self.progress, self.with_bench, self.check_source = progress, bench, check_source
+    checkpoint: Path
+    data: str
+    out: Path
+    settings: SweepSettings
+    options: AttachOptions
+    fit_cfg: FitGatesConfig
+    ft_cfg: FinetuneConfig
+    device: str
+    amp: str
+    d: Dist
+    emit: Callable[[str], None]
+    progress: Any = None
+    with_bench: bool = False
+    check_source: bool = True
 
     def bench(self, p: Point) -> None:
-        """Median latency at batch 1 of the point's model on one validation image (``fast.timing.bench``)."""
-        model = load(p.run)
-        x, _ = next(iter(make_loader(open_data(self.data, model.meta.data_config, **self._split()).val, 1, train=False, workers=0)))
-        rep = bench(model, x, warmup=5, reps=30)
+        """Median latency at batch 1 of the point's model on one validation image (``runs.bench``)."""
+        rep = bench_run(p.run, data=self.data, choice=self.settings.choice, warmup=5, reps=30,
+                        check_gates=p.kind == "dynamic")
         p.latency_ms = rep.row("compact" if p.kind == "dynamic" else "dense-folded").p50_ms
 
     def _attach(self, run: Path) -> None:
@@ -253,7 +177,7 @@ class _Ctx:
         def make() -> None:
             if not is_run(run):
                 self.emit(f"{run.name}: attach")
-                attach(self.checkpoint, run_dir=run, **self.settings.attach)
+                attach(self.checkpoint, self.options, run_dir=run)
                 # every point attaches the same checkpoint: the dense point's measurement of it serves them all
                 dense = self.out / "dense"
                 if run != dense and is_run(dense) and read_meta(dense).source_eval is not None:
@@ -277,41 +201,15 @@ class _Ctx:
                             device=self.device, amp=self.amp, check_source=self.check_source)
 
     def _split(self) -> dict:
-        return dict(val_split=self.settings.val_split, train_samples=self.settings.train_samples)
+        """The training commands' --val-split and --train-samples."""
+        return dataclasses.asdict(self.settings.choice)
 
     def run_point(self, p: Point, by_name: Dict[str, Point]) -> None:
+        """The point's steps (``_STEPS`` by kind), then its evaluation (and latency)."""
         run = self.out / p.name
         p.run = str(run)
-        ft = self.ft_cfg
-        if p.kind in ("dense", "control", "dynamic"):
-            self._attach(run)
-        if p.kind == "dynamic":
-            if p.oracle_macs is None and p.r is not None:
-                o = self._evaluate(run, "oracle", p.r)
-                p.oracle_macs, p.oracle_top1 = o.macs_mean, o.top1
-            cfg = dataclasses.replace(self.fit_cfg, r=p.r if p.r is not None else self.fit_cfg.r, target_cut=p.target_cut)
-            self._train(run, "fit-gates", cfg.epochs, lambda resume: fit_gates(
-                run, self.data, None if resume else cfg, resume=resume, device=self.device, amp=self.amp,
-                progress=self.progress, check_source=self.check_source, **self._split()))
-            p.r = read_meta(run).gating.r
-            if p.oracle_macs is None:      # a target cut: the oracle estimate at the r found
-                o = self._evaluate(run, "oracle", p.r)
-                p.oracle_macs, p.oracle_top1 = o.macs_mean, o.top1
-        if p.kind == "static":
-            twin = by_name.get(p.twin)
-            if twin is None or twin.status != "done" or twin.macs_mean is None:
-                raise FtwtError(f"{p.name}: its dynamic twin {p.twin} did not finish", "fix the twin's error and re-run the sweep")
-            p.r, p.target_macs = twin.r, twin.macs_mean
-            if twin.macs_mean >= twin.dense_macs:
-                raise FtwtError(f"{p.twin} cuts no MACs ({twin.macs_mean / 1e6:.2f} M per sample, gates included, against "
-                                f"{twin.dense_macs / 1e6:.2f} M dense): there is nothing for a static twin to match",
-                                "give the dynamic point a smaller r or more fit-gates epochs")
-            self._static_run(run, p)
-        if p.kind in ("control", "dynamic", "static") and ft.epochs:
-            dense_control = p.kind != "dynamic"
-            self._train(run, "finetune", ft.epochs, lambda resume: finetune(
-                run, self.data, None if resume else ft, resume=resume, dense_control=dense_control, device=self.device,
-                amp=self.amp, progress=self.progress, check_source=self.check_source, **self._split()))
+        for step in _STEPS[p.kind]:
+            step(self, run, p, by_name)
         self.emit(f"{p.name}: evaluate")
         res = self._evaluate(run, "predict" if p.kind == "dynamic" else "open")
         p.top1, p.top5, p.macs_mean, p.samples = res.top1, res.top5, res.macs_mean, res.samples
@@ -319,6 +217,44 @@ class _Ctx:
             self.emit(f"{p.name}: bench")
             self.bench(p)
         p.dense_macs = by_name["dense"].dense_macs if p.kind != "dense" and by_name["dense"].dense_macs else res.dense_macs
+
+    def _attach_step(self, run: Path, p: Point, by_name: Dict[str, Point]) -> None:
+        self._attach(run)
+
+    def _oracle(self, run: Path, p: Point) -> None:
+        """The oracle estimate: the source's MACs and top-1 with oracle masks at the point's r, before training."""
+        o = self._evaluate(run, "oracle", p.r)
+        p.oracle_macs, p.oracle_top1 = o.macs_mean, o.top1
+
+    def _fit_gates_step(self, run: Path, p: Point, by_name: Dict[str, Point]) -> None:
+        if p.oracle_macs is None and p.r is not None:
+            self._oracle(run, p)
+        cfg = dataclasses.replace(self.fit_cfg, r=p.r if p.r is not None else self.fit_cfg.r, target_cut=p.target_cut)
+        self._train(run, "fit-gates", cfg.epochs, lambda resume: fit_gates(
+            run, self.data, None if resume else cfg, resume=resume, device=self.device, amp=self.amp,
+            progress=self.progress, check_source=self.check_source, **self._split()))
+        p.r = read_meta(run).gating.r
+        if p.oracle_macs is None:      # a target cut: the oracle estimate at the r found
+            self._oracle(run, p)
+
+    def _prune_step(self, run: Path, p: Point, by_name: Dict[str, Point]) -> None:
+        twin = by_name.get(p.twin)
+        if twin is None or twin.status != "done" or twin.macs_mean is None:
+            raise FtwtError(f"{p.name}: its dynamic twin {p.twin} did not finish", "fix the twin's error and re-run the sweep")
+        p.r, p.target_macs = twin.r, twin.macs_mean
+        if twin.macs_mean >= twin.dense_macs:
+            raise FtwtError(f"{p.twin} cuts no MACs ({twin.macs_mean / 1e6:.2f} M per sample, gates included, against "
+                            f"{twin.dense_macs / 1e6:.2f} M dense): there is nothing for a static twin to match",
+                            "give the dynamic point a smaller r or more fit-gates epochs")
+        self._static_run(run, p)
+
+    def _finetune_step(self, run: Path, p: Point, by_name: Dict[str, Point]) -> None:
+        if not self.ft_cfg.epochs:
+            return
+        dense_control = p.kind != "dynamic"      # the control and the static twins train with every gate open
+        self._train(run, "finetune", self.ft_cfg.epochs, lambda resume: finetune(
+            run, self.data, None if resume else self.ft_cfg, resume=resume, dense_control=dense_control,
+            device=self.device, amp=self.amp, progress=self.progress, check_source=self.check_source, **self._split()))
 
     def _static_run(self, run: Path, p: Point) -> None:
 
@@ -334,8 +270,17 @@ class _Ctx:
     def _calib_batch(self) -> Tuple[Any, Any]:
         """A batch of training images (eval transform) with labels, for the Taylor importance's gradients."""
         meta = read_meta(self.out / "dense")
-        splits = open_data(self.data, meta.data_config, num_classes=meta.arch.num_classes, **self._split())
+        splits = open_data(self.data, meta.data_config, num_classes=meta.arch.num_classes, choice=self.settings.choice)
         ds = splits.calibration(meta.data_config, min(self.fit_cfg.calib_samples, 256), self.fit_cfg.seed)
         xs, ys = zip(*make_loader(ds, 256, train=False, workers=0))
-        import torch
         return torch.cat(xs), torch.cat(ys)
+
+
+# What each kind of point does before its evaluation, in order (``Point.kind``; every kind of KINDS has a row).
+_STEPS: Dict[str, Tuple[Callable[..., None], ...]] = {
+    "dense": (_Ctx._attach_step,),
+    "control": (_Ctx._attach_step, _Ctx._finetune_step),
+    "dynamic": (_Ctx._attach_step, _Ctx._fit_gates_step, _Ctx._finetune_step),
+    "static": (_Ctx._prune_step, _Ctx._finetune_step),
+}
+assert set(_STEPS) == set(KINDS)
