@@ -16,6 +16,7 @@ folders by its ``ImageFolder`` (wrapped so that an unreadable image is named, ne
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gzip
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -74,7 +76,6 @@ class DataSplits:
 
 def with_transform(ds: Dataset, transform: Callable) -> Dataset:
     """A shallow copy of ``ds`` (or of the dataset a Subset wraps) with another transform."""
-    import copy
     if isinstance(ds, Subset):
         return Subset(with_transform(ds.dataset, transform), ds.indices)
     out = copy.copy(ds)
@@ -104,7 +105,7 @@ class _Normalise:
 
 
 def _interp(name: str):
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # deferred: torchvision loads only when this runs (start-up)
     try:
         return v2.InterpolationMode(name)
     except ValueError:
@@ -114,7 +115,7 @@ def _interp(name: str):
 def build_transform(cfg: DataConfig, *, train: bool, small: bool, corruption: Optional[Callable] = None) -> Callable:
     """``corruption`` (for out-of-distribution tests) acts on the resized float image in [0, 1]. With the data config's
     ``augment: none`` training sees what evaluation sees."""
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # deferred: torchvision loads only when this runs (start-up)
     train = train and cfg.augment != "none"
     _, h, w = cfg.input_size
     interp = _interp(cfg.interpolation)
@@ -149,7 +150,7 @@ class _SafeImageFolder(Dataset):
     """ImageFolder whose unreadable files are fatal with the file's name (not skipped silently)."""
 
     def __init__(self, root: Path, transform: Optional[Callable], in_chans: int) -> None:
-        from torchvision.datasets import ImageFolder
+        from torchvision.datasets import ImageFolder  # deferred: torchvision loads only when this runs (start-up)
         try:
             self.inner = ImageFolder(str(root))
         except (FileNotFoundError, RuntimeError) as e:
@@ -162,7 +163,7 @@ class _SafeImageFolder(Dataset):
         return len(self.inner.samples)
 
     def __getitem__(self, i: int):
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, UnidentifiedImageError  # deferred: only image files need PIL
         path, label = self.inner.samples[i]
         try:
             with Image.open(path) as im:
@@ -176,8 +177,7 @@ def _to_8bit(im):
     """A 16-bit grayscale image (PIL mode I;16*) scaled to 8 bits (v·255/65535); PIL's own convert clips at 255."""
     if not im.mode.startswith("I;16"):
         return im
-    import numpy as np
-    from PIL import Image
+    from PIL import Image  # deferred: only image files need PIL
     a = np.asarray(im).astype(np.float32) * (255.0 / 65535.0)
     return Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
 
@@ -219,7 +219,7 @@ def _fashion(folder: Path):
 
 
 def _cifar(path: Path):
-    from torchvision.datasets import CIFAR10, CIFAR100
+    from torchvision.datasets import CIFAR10, CIFAR100  # deferred: torchvision loads only when this runs (start-up)
     for cls, folder, kind in ((CIFAR10, "cifar-10-batches-py", "cifar10"), (CIFAR100, "cifar-100-python", "cifar100")):
         root = path.parent if path.name == folder else path if (path / folder).is_dir() else None
         if root is None:
@@ -234,7 +234,7 @@ def _cifar(path: Path):
 
 
 def _digits():
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # deferred: only --data digits needs scikit-learn
     d = load_digits()
     x = torch.from_numpy(d.images).mul(255 / 16).round().clamp(0, 255).to(torch.uint8).unsqueeze(1)
     y = torch.from_numpy(d.target).long()
@@ -311,7 +311,7 @@ def _small(cfg: DataConfig, native: Tuple[int, int]) -> bool:
 
 def _folder_size(folder: "_SafeImageFolder", n: int = 16) -> Tuple[int, int]:
     """(H, W) of the largest of the first ``n`` images (their headers only)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # deferred: only image files need PIL
     sizes = []
     for path, _ in folder.inner.samples[:n]:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,6 @@ def write_fashion_subset(folder: Path, train: int, val: int, seed: int = 0) -> P
 def _idx_bytes(t: torch.Tensor) -> bytes:
     """The idx format (MNIST's): zero, type 0x08 (unsigned byte), the number of dimensions, each size big-endian, then
     the bytes (a file format, written once: the NumPy view is the plain way to a tensor's raw bytes)."""
-    import struct
     return struct.pack(f">HBB{t.dim()}I", 0, 0x08, t.dim(), *t.shape) + t.numpy().tobytes()
 
 
@@ -125,7 +125,7 @@ def train_classifier(model: nn.Module, data: DataSplits, epochs: int, *, lr: flo
 def run_demo(folder: Path | str = "ftwt-demo", *, data: Optional[str] = None, force: bool = False, workers: Optional[int] = None,
              log: Callable[[str], None] = print, progress: Optional[Progress] = None, device: str = "auto",
              amp: str = "auto") -> DemoResult:
-    import torchvision
+    import torchvision  # deferred: torchvision loads only when this runs (start-up)
     t0 = time.time()
     folder = Path(folder)
     if folder.exists():

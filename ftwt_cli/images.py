@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence, Union
 
+import numpy as np
 import torch
 
 from .data import SMALL_IMAGE, _to_8bit, build_transform
@@ -20,7 +21,7 @@ Image = Any   # a PIL image, a path to one, a (C, H, W) uint8/float tensor in [0
 
 
 def _as_pil(image: Image, mode: str):
-    from PIL import Image as PILImage
+    from PIL import Image as PILImage  # deferred: only image files need PIL
 
     if isinstance(image, (str, Path)):
         try:
@@ -39,7 +40,6 @@ def _as_pil(image: Image, mode: str):
         from torchvision.transforms.v2.functional import to_pil_image  # torchvision's own tensor → PIL conversion
         return to_pil_image(t.to(torch.uint8)).convert(mode)
     try:
-        import numpy as np
         a = np.asarray(image)
     except Exception:
         a = None

@@ -113,3 +113,26 @@ def test_library_imports_its_own_modules_at_the_top():
     bad = [f"{a}:{line} imports {b}" for a, b, line, inner, commented in _imports()
            if inner and not commented and _layer(a) not in ("cli", "__main__")]
     assert not bad, "\n".join(bad)
+
+
+def test_third_party_imports_inside_library_functions_say_why():
+    """A package imported inside a library function (for start-up time, or as an optional dependency) has a comment
+    on that line or the one before saying which; the standard library is imported at the top."""
+    bad = []
+    for name, path, _ in _modules():
+        if _layer(name) in ("cli", "__main__"):
+            continue
+        src = path.read_text().splitlines()
+        tree = ast.parse("\n".join(src))
+        for f in ast.walk(tree):
+            if not isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(f):
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and not (isinstance(node, ast.ImportFrom) and node.level):
+                    top = (node.module if isinstance(node, ast.ImportFrom) else node.names[0].name).split(".")[0]
+                    if top == "ftwt_cli":
+                        continue
+                    line = node.lineno - 1
+                    if not ("#" in src[line] or (line > 0 and src[line - 1].strip().startswith("#"))):
+                        bad.append(f"{name}:{node.lineno}: {src[line].strip()}")
+    assert not bad, "\n".join(bad)

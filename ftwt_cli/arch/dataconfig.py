@@ -73,12 +73,13 @@ class DataConfig:
 def resolve_data_config(arch: ArchSpec, model: nn.Module, in_chans: int = 3) -> DataConfig:
     """Input size, mean/std, interpolation and crop the architecture's reference weights were trained with."""
     if arch.source == "timm":
+        # deferred: timm takes seconds to import, and torchvision models never need it
         from timm.data import resolve_model_data_config
         c = resolve_model_data_config(model)
         size, mean, std = tuple(c["input_size"]), tuple(c["mean"]), tuple(c["std"])
         interp, crop_pct, crop_mode = c.get("interpolation", "bilinear"), c.get("crop_pct", 0.875), c.get("crop_mode", "center")
     else:
-        from torchvision.models import get_model_weights
+        from torchvision.models import get_model_weights  # deferred: torchvision loads only when this runs (start-up)
         size, mean, std = (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
         interp, crop_pct, crop_mode = "bilinear", 0.875, "center"
         try:

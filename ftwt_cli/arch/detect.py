@@ -45,8 +45,8 @@ def _key_hash(keys: Sequence[str]) -> str:
 
 
 def _versions() -> Dict[str, str]:
-    import timm
-    import torchvision
+    import timm  # deferred: timm takes seconds to import, and torchvision models never need it
+    import torchvision  # deferred: torchvision loads only when this runs (start-up)
     return {"timm": timm.__version__, "torchvision": torchvision.__version__.split("+")[0]}
 
 
@@ -125,7 +125,7 @@ def _plain_name(name: str) -> str:
 @lru_cache(maxsize=None)
 def _timm_module_of() -> Dict[str, str]:
     """timm model name → the module that registers it (public ``list_modules`` / ``list_models(module=...)``)."""
-    import timm
+    import timm  # deferred: timm takes seconds to import, and torchvision models never need it
     return {n: m for m in timm.list_modules() for n in timm.list_models(module=m)}
 
 

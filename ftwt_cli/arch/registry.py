@@ -34,13 +34,13 @@ class ArchSpec:
 
 @lru_cache(maxsize=None)
 def _torchvision_names() -> Tuple[str, ...]:
-    import torchvision
+    import torchvision  # deferred: torchvision loads only when this runs (start-up)
     return tuple(torchvision.models.list_models(module=torchvision.models))
 
 
 @lru_cache(maxsize=None)
 def _timm_names() -> Tuple[str, ...]:
-    import timm
+    import timm  # deferred: timm takes seconds to import, and torchvision models never need it
     return tuple(timm.list_models())
 
 
@@ -90,10 +90,10 @@ def build_model(arch: ArchSpec, num_classes: Optional[int] = None, in_chans: int
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if arch.source == "timm":
-                import timm
+                import timm  # deferred: timm takes seconds to import, and torchvision models never need it
                 kw = {} if num_classes is None else {"num_classes": num_classes}
                 return timm.create_model(arch.name, pretrained=False, in_chans=in_chans, **kw)
-            import torchvision
+            import torchvision  # deferred: torchvision loads only when this runs (start-up)
             kw = {} if num_classes is None else {"num_classes": num_classes}
             if arch.name in ("googlenet", "inception_v3"):
                 kw["init_weights"] = False   # the scipy-based init is slow and irrelevant: weights get loaded

@@ -37,7 +37,7 @@ DEFAULT_CORRUPTIONS = CORRUPTIONS
 
 
 def _gaussian_noise(x, sigma):
-    from torchvision.transforms.v2 import functional as TF
+    from torchvision.transforms.v2 import functional as TF  # deferred: torchvision loads only when this runs (start-up)
     return TF.gaussian_noise(x, mean=0.0, sigma=float(sigma), clip=True)
 
 
@@ -55,7 +55,7 @@ def _impulse_noise(x, amount):
 
 
 def _gaussian_blur(x, sigma):
-    from torchvision.transforms.v2 import functional as TF
+    from torchvision.transforms.v2 import functional as TF  # deferred: torchvision loads only when this runs (start-up)
     k = 2 * math.ceil(3 * sigma) + 1
     k = min(k, 2 * (min(x.shape[-2:]) // 2) - 1 if min(x.shape[-2:]) > 2 else 1)
     return TF.gaussian_blur(x, kernel_size=[k, k], sigma=[float(sigma)] * 2) if k > 1 else x
@@ -90,14 +90,14 @@ def _brightness(x, c):
 
 
 def _jpeg(x, quality):
-    from torchvision.transforms.v2 import functional as TF
+    from torchvision.transforms.v2 import functional as TF  # deferred: torchvision loads only when this runs (start-up)
     u8 = (x * 255).round().clamp(0, 255).to(torch.uint8)
     return TF.jpeg(u8, quality=int(quality)).float() / 255
 
 
 def _pixelate(x, c):
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
+    from torchvision.transforms.v2 import InterpolationMode  # deferred: torchvision loads only when this runs (start-up)
+    from torchvision.transforms.v2 import functional as TF  # deferred: torchvision loads only when this runs (start-up)
     h, w = x.shape[-2:]
     small = TF.resize(x, [max(1, int(h * c)), max(1, int(w * c))], interpolation=InterpolationMode.BILINEAR, antialias=True)
     return TF.resize(small, [h, w], interpolation=InterpolationMode.NEAREST)

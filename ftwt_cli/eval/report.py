@@ -127,15 +127,15 @@ def _by_severity(rep: EvalReport):
 def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: only plots need matplotlib, slow to import
     plt.close(fig)
     return buf.getvalue()
 
 
 def _plots(rep: EvalReport) -> Dict[str, bytes]:
-    import matplotlib
+    import matplotlib  # deferred: only plots need matplotlib, slow to import
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: only plots need matplotlib, slow to import
 
     out = {}
     fig, ax = plt.subplots(figsize=(max(6, len(rep.layers) * 0.18), 3.5))

@@ -196,8 +196,8 @@ def _classes(hub_config: Optional[Mapping]) -> Optional[Tuple[str, ...]]:
 
 
 def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError  # deferred: only safetensors files need it
+    from safetensors.torch import load_file  # deferred: only safetensors files need it
 
     try:
         return load_file(str(path), device="cpu")

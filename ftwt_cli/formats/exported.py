@@ -33,7 +33,7 @@ def export_metadata(meta: RunMeta, evaluation: Optional[Dict[str, Any]]) -> Dict
 
 def meta_from_export(path: Path) -> RunMeta:
     """Rebuild the run metadata from an exported file's ``__metadata__``."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # deferred: only safetensors files need it
     try:
         with safe_open(str(path), "pt") as f:
             md = f.metadata() or {}

@@ -6,7 +6,9 @@ unknown keys, naming them; ``to_dict`` writes JSON-ready dicts. Every module rea
 from __future__ import annotations
 
 import dataclasses
+import platform
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar
 
 from .. import __version__
@@ -25,11 +27,9 @@ T = TypeVar("T")
 
 def environment(device: Optional[str] = None, amp: str = "off") -> Dict[str, str]:
     """What ran: ftwt, Python, torch, torchvision and timm versions, the device and the autocast mode."""
-    import platform
-    from importlib.metadata import version
 
-    import torch
-    import torchvision
+    import torch  # deferred: the run's metadata reads without torch (ftwt info)
+    import torchvision  # deferred: torchvision loads only when this runs (start-up)
 
     # timm's version from its package metadata (the same string as timm.__version__): importing timm only to read it
     # would add seconds to every command on a torchvision model

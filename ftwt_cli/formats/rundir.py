@@ -149,7 +149,7 @@ def check_writable(folder: Path) -> None:
 def run_lock(run_dir: Path, command: str = "ftwt") -> Iterator[None]:
     """Hold the run's write lock (refusing at once if another process holds it), then clean crash leftovers.
     The lock file exists only while held: it is removed, still locked, on release."""
-    import fcntl
+    import fcntl  # POSIX advisory locks; imported where the lock is taken
     path = Path(run_dir) / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())

@@ -7,6 +7,7 @@ load with ``load_state_dict``: .pth (torch.save) or .safetensors, by the file's 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,6 @@ def export(run_dir: Path | str = "ftwt-run", out: Optional[Path | str] = None, *
         if out.suffix == ".safetensors":
             save_weights(out, sd, {"format": "pt"})
         else:
-            import io
             buf = io.BytesIO()
             torch.save({k: v.detach().clone() for k, v in sd.items()}, buf)
             atomic_write_bytes(out, buf.getvalue())

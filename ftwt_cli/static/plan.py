@@ -61,7 +61,7 @@ class PruningPlan:
 
 
 def _pruner(module: nn.Module):
-    import torch_pruning as tp
+    import torch_pruning as tp  # deferred: only static twins need Torch-Pruning
     p = tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
     if p is None:
         raise FtwtError(f"the pruning plan names a {type(module).__name__}, which Torch-Pruning cannot prune",

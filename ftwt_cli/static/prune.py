@@ -39,7 +39,7 @@ class StaticResult:
 
 
 def _importance(name: str):
-    import torch_pruning as tp
+    import torch_pruning as tp  # deferred: only static twins need Torch-Pruning
     if name not in IMPORTANCES:
         raise FtwtError(f"unknown static importance '{name}'", f"use one of {', '.join(IMPORTANCES)}")
     return {"l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
@@ -53,7 +53,7 @@ def prune_at_ratio(source: nn.Module, example: torch.Tensor, ratio: float, impor
                    ) -> Tuple[nn.Module, PruningPlan]:
     """A pruned copy of ``source`` with ``ratio`` of every prunable group's channels removed, and its plan.
     ``calib`` = (images, labels) for the Taylor importance's gradients."""
-    import torch_pruning as tp
+    import torch_pruning as tp  # deferred: only static twins need Torch-Pruning
     model = copy.deepcopy(source).eval()
     names = {m: n for n, m in model.named_modules()}
     imp = _importance(importance)
@@ -105,7 +105,7 @@ def prune_to_macs(source: nn.Module, input_size: Tuple[int, int, int], target_ma
                   tol: float = 0.005, count: Optional[Callable[[nn.Module], float]] = None) -> StaticResult:
     """Search the per-layer pruning ratio until ftwt's MACs count of the pruned copy is within ``tol`` (relative)
     of ``target_macs``; the closest try is returned if no ratio lands that close (channel counts are integers)."""
-    import torch_pruning as tp
+    import torch_pruning as tp  # deferred: only static twins need Torch-Pruning
 
     count = count or (lambda m: model_macs(m, input_size))
     dev = next(source.parameters()).device

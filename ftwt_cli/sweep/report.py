@@ -74,9 +74,9 @@ def standard_error(top1: float, samples: int) -> float:
 
 
 def _plot(points: Sequence) -> bytes:
-    import matplotlib
+    import matplotlib  # deferred: only plots need matplotlib, slow to import
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: only plots need matplotlib, slow to import
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     series = [("dynamic (FTWT)", [p for p in points if p.kind == "dynamic"], dict(color="tab:blue", marker="o"))]
     colours, markers = ("tab:orange", "tab:red", "tab:purple", "tab:brown"), ("s", "^", "v", "P")

@@ -115,7 +115,7 @@ def _workers(cfg) -> None:
 
 
 def load_recipe(path: Path | str) -> Dict[str, Any]:
-    import yaml
+    import yaml  # deferred: only recipes need PyYAML
     path = Path(path)
     if not path.is_file():
         raise FtwtError(f"recipe not found: {path}", "pass a YAML file such as recipes/resnet18-fashion-mnist.yaml")

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..data import DataChoice, DataSplits, check_classes, default_workers, make_loader, open_data, size_note
 from ..errors import FtwtError
@@ -179,6 +180,7 @@ class Phase:
         """Also log each epoch's metrics to TensorBoard (``RUN/tensorboard``) while training."""
         if tensorboard and self.dist.main:
             try:
+                # optional dependency: --tensorboard needs the tensorboard package
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise FtwtError("--tensorboard needs the tensorboard package", "pip install tensorboard") from None
@@ -204,7 +206,6 @@ class Phase:
         requires grad now is what it all-reduces); else the model itself."""
         if not self.dist.active:
             return self.model
-        from torch.nn.parallel import DistributedDataParallel
         dev = self.precision.device
         return DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
