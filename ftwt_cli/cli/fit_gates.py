@@ -43,6 +43,9 @@ def fit_gates_cli(
         help="Instead of --r: the share of MACs to cut (e.g. 0.4); fit-gates first finds the r whose oracle masks cut it "
              "on --calib-samples training images, then fits at that r.")] = None,
     calib_samples: Annotated[Optional[int], _opt("Training images (eval transform) --target-cut is measured on.", "calib_samples")] = None,
+    recalibrate_bn: Annotated[Optional[int], _opt(
+        "Re-estimate BatchNorm statistics under the predicted masks at the end of every epoch, on this many training "
+        "images (0: keep the dense model's).", "recalibrate_bn")] = None,
     gt: Annotated[Optional[GtRule], _opt("Ground-truth rule (uniform keeps a fraction r per layer).", "gt")] = None,
     epochs: Annotated[Optional[int], _opt("Epochs.", "epochs")] = None,
     lr: Annotated[Optional[float], _opt("Adam learning rate of the gates.", "lr")] = None,
@@ -72,7 +75,8 @@ def fit_gates_cli(
     rec = load_recipe(recipe) if recipe else None
     cfg = resolve_config(FitGatesConfig, rec, "fit_gates",
                          dict(r=r, gt=value(gt), epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, workers=workers,
-                              seed=seed, target_cut=target_cut, calib_samples=calib_samples), partial=resume)
+                              seed=seed, target_cut=target_cut, calib_samples=calib_samples, recalibrate_bn=recalibrate_bn),
+                         partial=resume)
     rep = fit_gates(run, data_arg(data, rec, run), cfg, resume=resume, val_split=val_split, train_samples=train_samples, progress=EpochProgress(), tensorboard=tensorboard,
                    device=device, amp=value(amp), channels_last=channels_last, check_source=not no_source_check)
     f = rep.final

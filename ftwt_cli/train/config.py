@@ -33,9 +33,13 @@ class FitGatesConfig:
     # fit-gates finds that r by bisection first and saves it as ``r``
     target_cut: Optional[float] = None
     calib_samples: int = 2048
+    # BatchNorm statistics re-estimated under the predicted masks at the end of every epoch, on this many training
+    # images with the evaluation transform (``train.recalibrate``); 0: the dense model's statistics stay
+    recalibrate_bn: int = 0
 
     def validate(self) -> None:
         check_r(self.r)
+        _non_negative(self, "recalibrate_bn")
         if self.target_cut is not None:
             check_cut(self.target_cut)
         _positive(self, "calib_samples")

@@ -31,11 +31,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import DataChoice
+from ..data import DataChoice, make_loader
 from ..errors import FtwtError
 from ..eval.budget import calibration_batches, find_r
 from ..gating.model import GatedModel
 from ..runtime.device import Precision
+from ..runtime.dist import shard
 from .config import FinetuneConfig, FitGatesConfig
 from .loss import distill_loss, gate_loss
 from .phase import (
@@ -49,6 +50,7 @@ from .phase import (
     batch_metrics,
     open_phase,
 )
+from .recalibrate import recalibrate_bn
 
 # the loops' neighbours are re-exported: callers reach the training API through one module
 __all__ = ["fit_gates", "finetune", "fit_gates_step", "gate_optimizer", "EpochStats", "TrainReport", "Progress",
@@ -141,8 +143,19 @@ def _fit_gates(ph: "Phase", progress: Progress) -> TrainReport:
             m = sums.add(model, i, {"loss": loss, "bce": loss}, gated=True)
             if m is not None:
                 progress.step(sums.batches, m)
+        if cfg.recalibrate_bn:
+            _recalibrate(ph, cfg, epoch)
         ph.finish_epoch(epoch, sums, time.perf_counter() - t0, {"gates": opt, "scaler": scaler}, progress)
     return ph.report()
+
+
+def _recalibrate(ph: "Phase", cfg: FitGatesConfig, epoch: int) -> None:
+    """BatchNorm statistics under this epoch's predicted masks, on a fixed subset of the training images (a new one
+    each epoch, seeded, so a resumed run recalibrates on the same images)."""
+    ds = ph.data.calibration(ph.meta.data_config, cfg.recalibrate_bn, cfg.seed * 1_000 + epoch)
+    loader = make_loader(shard(ds, ph.dist), cfg.batch_size, train=False, workers=cfg.workers,
+                         pin_memory=ph.precision.device.type == "cuda")
+    recalibrate_bn(ph.model, loader, ph.precision, ph.dist)
 
 
 def _r_for_cut(ph: "Phase", cfg: FitGatesConfig, progress: Progress):
