@@ -121,3 +121,25 @@ def test_unreadable_image_in_a_worker_is_one_line(tmp_path, run):
     assert res.exit_code == 2, res.output
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot read image" in lines[0] and "bad.png" in lines[0] and "Traceback" not in res.stderr
+
+
+@pytest.mark.integration
+def test_predicted_gates_report_whether_per_image_choice_pays(tmp_path, digits_r18):
+    """On a trained model with fitted gates: the share of decisions that vary, the gates' majority decisions frozen
+    into one static mask at the same MACs (its top-1 beside the gates'), and FTWT's counter beside the exact count."""
+    from ftwt_cli.attach import attach
+    from ftwt_cli.train import FitGatesConfig, fit_gates
+    run = tmp_path / "run"
+    attach(digits_r18, run_dir=run, arch="torchvision:resnet18", input_size=(3, 16, 16), mean=(0.33,) * 3, std=(0.38,) * 3,
+           crop_pct=1.0)
+    fit_gates(run, "digits", FitGatesConfig(r=0.9, epochs=1, lr=0.05, batch_size=64, workers=0))
+    rep = evaluate_run(run, "digits", workers=0)
+    assert rep.gates == "predict" and 0 <= rep.varying_share <= 1
+    assert 0 < rep.frozen_top1 <= 1 and abs(rep.frozen_macs - rep.macs_mean) <= 0.1 * rep.dense_macs
+    assert 0 < rep.ftwt_counter_macs < rep.dense_macs
+    assert len(rep.correct) == rep.samples and sum(rep.correct) == round(rep.top1 * rep.samples)
+    md = (tmp_path / "out")
+    write_report(rep, md)
+    text = (md / "report.md").read_text()
+    assert "frozen into one static mask" in text and "FTWT's released counter" in text
+    assert "correct" not in json.loads((md / "report.json").read_text())

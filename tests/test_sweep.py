@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from ftwt_cli.cli import app
 from ftwt_cli.errors import FtwtError
 from ftwt_cli.sweep import Point, run_sweep
+from ftwt_cli.sweep.paired import mcnemar, pack, unpack, verdict
 from ftwt_cli.sweep.report import pareto_front, sweep_markdown
 from ftwt_cli.train.config import FinetuneConfig, FitGatesConfig
 
@@ -48,6 +49,10 @@ def test_a_sweep_runs_resumes_and_keeps_finished_points_when_one_fails(ckpt, tmp
         assert meta["training"]["finetune"]["config"]["epochs"] == 1
         assert meta["training"]["finetune"]["config"]["lr"] == FinetuneConfig().lr
     assert (out / "pareto.png").stat().st_size > 1000 and "Δ dynamic − static" in (out / "sweep.md").read_text()
+    md = (out / "sweep.md").read_text()
+    assert "McNemar" in md and "- dynamic-r0.9: use the " in md       # the paired test and the plain sentence
+    assert len(unpack(dyn["correct_bits"], dyn["samples"])) == dyn["samples"] == 359
+    assert sum(unpack(dyn["correct_bits"], dyn["samples"])) == round(dyn["top1"] * 359)
     # a third run re-does only what failed; with bench, finished points get their latency at batch 1
     events.clear()
     with pytest.raises(FtwtError):
@@ -91,3 +96,17 @@ def test_the_report_pairs_each_dynamic_point_with_its_static_twin():
     assert "Validation split: 10000 images" in md and "standard error of one top-1 near 92.0% is 0.27 pt" in md
     front = [p.name for p in pareto_front(pts)]
     assert front[0] == "dynamic-r0.9" and "static-l1-r0.9" not in front
+
+
+def test_mcnemar_is_the_exact_binomial_test_and_bits_round_trip():
+    a = [True] * 10 + [False] * 2 + [True] * 50
+    b = [False] * 10 + [True] * 2 + [True] * 50
+    only_a, only_b, p = mcnemar(a, b)
+    assert (only_a, only_b) == (10, 2) and p == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert mcnemar(a, a) == (0, 0, 1.0) and mcnemar(b, a)[2] == pytest.approx(p)
+    assert mcnemar([True] * 3000 + [False] * 3000, [False] * 3000 + [True] * 3000)[2] == pytest.approx(1.0)
+    bits = [bool((i * 7) % 3) for i in range(1001)]
+    assert unpack(pack(bits), 1001) == tuple(bits)
+    assert verdict(0.92, 0.90, 0.01, 0.5, "l1").startswith("use the dynamic model at 50% fewer MACs: +2.00 pt")
+    assert verdict(0.90, 0.92, 0.01, 0.5, "l1").startswith("use the static twin (l1)")
+    assert "not a significant difference" in verdict(0.905, 0.90, 0.4, 0.5, "l1")

@@ -26,7 +26,7 @@ __all__ = ["evaluate_cli", "print_eval_report"]
 
 
 def print_eval_report(rep: "EvalReport") -> None:
-    from ..eval.report import changes, fmt_macs, ood_summary
+    from ..eval.report import changes, diagnostics, fmt_macs, ood_summary
     src1 = f"{rep.source_top1:.2%}" if rep.source_top1 is not None else "–"
     src5 = f"{rep.source_top5:.2%}" if rep.source_top5 is not None else "–"
     t = Table(title=f"{rep.arch} on {rep.data} ({rep.samples} images), "
@@ -51,6 +51,8 @@ def print_eval_report(rep: "EvalReport") -> None:
     console.print(t)
     for c in changes(rep):
         console.print(f"accuracy change {c}", markup=False, highlight=False, soft_wrap=True)
+    for line in diagnostics(rep):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     if rep.ood:
         o = Table(title="out of distribution (mean over severities)")
         for c in ("shift", "top-1 gated", "top-1 open", "Δ pt", "MACs", "MACs change", "keep change pt"):
@@ -92,7 +94,7 @@ def _passes(gates: str, ood: bool, corruption, ood_data, meta) -> Optional[int]:
     from ..eval.source import to_measure
     if not (ood or corruption or ood_data):
         return None
-    n = (1 if gates == "open" else 2) + to_measure(meta)
+    n = (1 if gates == "open" else 2) + to_measure(meta) + (gates == "predict")    # predict: + the frozen masks
     n += 2 * len(tuple(corruption or ()) or DEFAULT_CORRUPTIONS) * 5 if (ood or corruption) else 0
     return n + (2 if ood_data else 0)
 

@@ -125,4 +125,10 @@ def sweep_cli(
                   "–" if p.cut is None else f"{p.cut:.1%}", "–" if p.top1 is None else f"{p.top1:.2%}",
                   *((("–" if p.latency_ms is None else f"{p.latency_ms:.2f}"),) if bench else ()))
     console.print(t)
+    from ..sweep.report import verdict_of
+    by = {p.name: p for p in points}
+    for p in points:
+        twin = by.get(p.twin) if p.kind == "static" else None
+        if twin is not None and twin.top1 is not None and p.top1 is not None:
+            console.print(f"{twin.name}: {verdict_of(twin, p)}.", markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote sweep.json, sweep.md and pareto.png into {out}", markup=False, highlight=False, soft_wrap=True)

@@ -9,7 +9,7 @@ from typing import Dict, List
 from ..formats.rundir import atomic_write_bytes, atomic_write_text
 from .run import EvalReport
 
-__all__ = ["write_report", "report_markdown", "changes", "REPORT_FILES", "PLOT_FILES", "fmt_macs", "ood_summary", "png_bytes"]
+__all__ = ["diagnostics", "write_report", "report_markdown", "changes", "REPORT_FILES", "PLOT_FILES", "fmt_macs", "ood_summary", "png_bytes"]
 
 PLOT_FILES = ("keep_ratio.png", "macs_hist.png", "ood.png")
 REPORT_FILES = ("report.json", "report.md", *PLOT_FILES)
@@ -52,6 +52,24 @@ def changes(rep: EvalReport) -> List[str]:
     return out
 
 
+def diagnostics(rep: EvalReport) -> List[str]:
+    """Plain sentences on whether per-image choice pays (predicted gates only)."""
+    out = []
+    if rep.varying_share is not None:
+        out.append(f"Decisions that vary per image: {rep.varying_share:.1%} of the gated channels fire on between 5% and "
+                   f"95% of the images (the others are nearly always on or always off).")
+    if rep.frozen_top1 is not None:
+        d = (rep.top1 - rep.frozen_top1) * 100
+        out.append(f"The gates' majority decisions frozen into one static mask at {fmt_macs(rep.frozen_macs)} MACs (no "
+                   f"gates) score {rep.frozen_top1:.2%}: the per-image gates are {d:+.2f} pt against it"
+                   + (" (per-image choice adds nothing here: a static mask does as well without the gates)." if d <= 0 else "."))
+    if rep.ftwt_counter_macs is not None and rep.dense_macs:
+        out.append(f"In FTWT's released counter (pre-add input sparsity credited, no gate cost, masked depthwise convs "
+                   f"free) the same masks read {1 - rep.ftwt_counter_macs / rep.dense_macs:.1%} fewer MACs; the exact "
+                   f"count above is {rep.reduction:.1%}.")
+    return out
+
+
 def report_markdown(rep: EvalReport) -> str:
     gap_clean = rep.top1 - rep.top1_open
     src1 = f"{rep.source_top1:.2%}" if rep.source_top1 is not None else "not measured on this data"
@@ -89,6 +107,7 @@ def report_markdown(rep: EvalReport) -> str:
         f"| mean keep ratio (gated layers) | {rep.keep_mean:.1%} | 100% | 100% |",
         "",
         *[f"Accuracy change {c}." for c in changes(rep)],
+        *([""] + diagnostics(rep) if diagnostics(rep) else []),
         "",
         "## Per layer",
         "",

@@ -20,6 +20,7 @@ from ..settings import check_cut
 from . import ood as ood_mod
 from .budget import calibration_batches, find_r
 from .evaluate import EvalResult, evaluate_loader
+from .frozen import frozen_masks
 from .source import measure_source, to_measure
 
 __all__ = ["EvalReport", "LayerStat", "ShiftResult", "evaluate_run"]
@@ -74,6 +75,14 @@ class EvalReport:
     source_top5: Optional[float] = None
     static: bool = False                  # the run is a statically pruned model (a sweep's static twin)
     static_source_macs: Optional[float] = None   # its unpruned source's MACs
+    # diagnostics of predicted gates: the share of gated channels whose firing rate lies in (0.05, 0.95); the top-1 of
+    # the gates' majority decisions frozen into one static mask at the same MACs (``eval.frozen``) and those MACs; the
+    # mean MACs in FTWT's released counter (``gating.ftwt_count``: the paper's convention, not ftwt's)
+    varying_share: Optional[float] = None
+    frozen_top1: Optional[float] = None
+    frozen_macs: Optional[float] = None
+    ftwt_counter_macs: Optional[float] = None
+    correct: Tuple[bool, ...] = ()        # per validation image: top-1 right (the sweep's paired test)
 
     @property
     def cut_vs_source(self) -> float:
@@ -84,6 +93,7 @@ class EvalReport:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("macs_per_sample")
+        d.pop("correct")
         return d
 
 
@@ -160,6 +170,14 @@ def _evaluate_run(run_dir, data: str, sess: Session, *, gates: str, r: Optional[
     main = run(gates, splits.val, f"evaluate ({gates} gates)", agreement=gates == "predict")
     dense = main if gates == "open" else run("open", splits.val, "evaluate (open gates)")
     layers, keep = _keep_stats(main)
+    frozen = None
+    if gates == "predict" and main.fire_rate:
+        masks, frozen_macs = frozen_masks(model, main.fire_rate, main.mean_macs, cfg.input_size)
+        model.set_gates("predict", r=r if r is not None else model.r)
+        frozen = (evaluate_loader(model, make_loader(shard(splits.val, d), batch_size, train=False, workers=workers,
+                                                     pin_memory=precision.device.type == "cuda"),
+                                  on_batch=stage("frozen majority masks", len(shard(splits.val, d))) if d.main else None,
+                                  precision=precision, dist=d, forced=masks), frozen_macs)
     shifts = []
     if ood or corruptions:
         names = tuple(corruptions) or ood_mod.DEFAULT_CORRUPTIONS
@@ -184,4 +202,7 @@ def _evaluate_run(run_dir, data: str, sess: Session, *, gates: str, r: Optional[
                       main.top1, main.top5, dense.top1, dense.top5, main.dense_macs, main.mean_macs, q[0], q[1], q[2],
                       main.reduction, main.gate_macs, keep, layers, keep, tuple(shifts), tuple(main.macs.tolist()), notes,
                       source.top1 if source else None, source.top5 if source else None, meta.static is not None,
-                      meta.static.source_macs if meta.static is not None else None)
+                      meta.static.source_macs if meta.static is not None else None,
+                      main.varying_share if main.fire_rate else None, frozen[0].top1 if frozen else None,
+                      frozen[1] if frozen else None, float(main.ftwt_macs.mean()) if main.ftwt_macs.numel() and main.fire_rate else None,
+                      tuple(main.correct.tolist()))

@@ -53,6 +53,7 @@ class ForwardStats:
     dense_macs: float                   # MACs of the source model at this input size
     masks: Dict[str, torch.Tensor]      # gated layer -> (B, C_out) bool (empty when gates are open)
     per_layer: Dict[str, torch.Tensor] = field(default_factory=dict)   # conv/linear -> (B,) MACs
+    positions: Dict[str, int] = field(default_factory=dict)            # conv/linear -> output positions (H·W, tokens)
 
 
 @dataclass
@@ -343,7 +344,7 @@ class GatedModel(nn.Module):
         if size not in self._dense_cache:
             self._dense_cache[size] = float(count_macs(self.plan.ops, self.units, {}, rec.positions, 1, gates_run=False,
                                                        attention=attn).total[0])
-        return ForwardStats(b.total, b.gates, self._dense_cache[size], masks, b.per_op)
+        return ForwardStats(b.total, b.gates, self._dense_cache[size], masks, b.per_op, dict(rec.positions))
 
     def dense_macs(self, input_size: Optional[tuple] = None) -> MacsBreakdown:
         """MACs of the source model (gates open, no gate cost) at ``input_size`` (default: the plan's)."""

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from ..errors import FtwtError
 
-__all__ = ["Dist", "launched_rank", "process_group", "setup", "shard", "train_sampler", "all_sum", "gather_cat", "average_buffers", "barrier"]
+__all__ = ["Dist", "launched_rank", "process_group", "setup", "shard", "train_sampler", "all_sum", "all_sum_tensor", "gather_cat", "average_buffers", "barrier"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,15 @@ def all_sum(values: Dict[str, float], d: Dist, device: torch.device) -> Dict[str
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def all_sum_tensor(t: torch.Tensor, d: Dist, device: torch.device) -> torch.Tensor:
+    """A tensor summed elementwise over the processes (on the CPU)."""
+    if not d.active:
+        return t
+    x = t.to(device).clone()
+    dist.all_reduce(x)
+    return x.cpu()
 
 
 def gather_cat(t: torch.Tensor, d: Dist, device: torch.device) -> torch.Tensor:

@@ -3,12 +3,13 @@ the dense control, the dynamic points (their oracle estimate drawn faintly) and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ..eval.report import fmt_macs, png_bytes
 from ..formats.rundir import atomic_write_bytes, atomic_write_text
+from .paired import mcnemar, unpack, verdict
 
-__all__ = ["write_sweep_report", "sweep_markdown", "pareto_front", "standard_error", "SWEEP_FILES"]
+__all__ = ["write_sweep_report", "sweep_markdown", "pareto_front", "standard_error", "paired_test", "verdict_of", "SWEEP_FILES"]
 
 SWEEP_FILES = ("sweep.md", "pareto.png")
 
@@ -52,11 +53,15 @@ def sweep_markdown(points: Sequence) -> str:
     pairs = [(d, s) for d, s in pairs if d.top1 is not None and s.top1 is not None]
     if pairs:
         lines += ["", "## Dynamic against static at equal MACs", "",
-                  "| dynamic point | static importance | MACs dynamic / static | top-1 dynamic | top-1 static | Δ dynamic − static (pt) |",
-                  "|---|---|---|---|---|---|"]
+                  "McNemar's exact test on the same validation images: *only dyn.* and *only stat.* count the images "
+                  "one of the two gets right and the other wrong.", "",
+                  "| dynamic point | static importance | MACs dynamic / static | top-1 dynamic | top-1 static | Δ dynamic − static (pt) | only dyn. / only stat. | p |",
+                  "|---|---|---|---|---|---|---|---|"]
         for d, s in pairs:
+            b, c, p = paired_test(d, s)
             lines.append(f"| {d.name} | {s.importance} | {fmt_macs(d.macs_mean)} / {fmt_macs(s.macs_mean)} | {_pct(d.top1)} | {_pct(s.top1)} | "
-                         f"{(d.top1 - s.top1) * 100:+.2f} |")
+                         f"{(d.top1 - s.top1) * 100:+.2f} | {'–' if p is None else f'{b} / {c}'} | {'–' if p is None else f'{p:.3g}'} |")
+        lines += ["", "What to use:", ""] + [f"- {d.name}: {verdict_of(d, s)}." for d, s in pairs]
     if dense is not None and dense.top1 is not None:
         lines += ["", f"Dense source model: top-1 {_pct(dense.top1)} at {fmt_macs(dense.macs_mean)}."]
     n = next((p.samples for p in points if getattr(p, "samples", None)), None)
@@ -66,6 +71,18 @@ def sweep_markdown(points: Sequence) -> str:
                       f"{standard_error(ref, n) * 100:.2f} pt, so a gap between two points under about twice that "
                       "({:.2f} pt) is within noise; one seed per point.".format(2 * standard_error(ref, n) * 100)]
     return "\n".join(lines) + "\n"
+
+
+def paired_test(d, s) -> Tuple[Optional[int], Optional[int], Optional[float]]:
+    """McNemar between a dynamic point and its static twin, when both stored their per-image results."""
+    if not (getattr(d, "correct_bits", None) and getattr(s, "correct_bits", None)) or d.samples != s.samples:
+        return None, None, None
+    return mcnemar(unpack(d.correct_bits, d.samples), unpack(s.correct_bits, s.samples))
+
+
+def verdict_of(d, s) -> str:
+    """The plain sentence for a dynamic point and its static twin."""
+    return verdict(d.top1, s.top1, paired_test(d, s)[2], d.cut, s.importance)
 
 
 def standard_error(top1: float, samples: int) -> float:

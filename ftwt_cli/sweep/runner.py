@@ -34,6 +34,7 @@ from ..runtime.session import session
 from ..settings import STATIC_IMPORTANCES, check_cut, check_r
 from ..train.config import FinetuneConfig, FitGatesConfig
 from ..train.loops import finetune, fit_gates
+from .paired import pack
 from .report import write_sweep_report
 from .state import KINDS, SWEEP_FILE, Point, SweepSettings, planned_points, point_from, read_sweep, write_sweep
 
@@ -213,6 +214,7 @@ class _Ctx:
         self.emit(f"{p.name}: evaluate")
         res = self._evaluate(run, "predict" if p.kind == "dynamic" else "open")
         p.top1, p.top5, p.macs_mean, p.samples = res.top1, res.top5, res.macs_mean, res.samples
+        p.correct_bits = pack(res.correct)
         if self.with_bench and self.d.main:
             self.emit(f"{p.name}: bench")
             self.bench(p)
