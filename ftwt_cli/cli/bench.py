@@ -26,6 +26,7 @@ def bench_cli(
     reps: Annotated[int, typer.Option(help="Timed repetitions per variant.")] = 50,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per variant.")] = 10,
     json_out: Annotated[bool, typer.Option("--json", help="Print the measurements as JSON.")] = False,
+    onnx: Annotated[Optional[Path], typer.Option(help="Also time this ONNX file (`ftwt export --format onnx`) in onnxruntime.")] = None,
 ) -> None:
     """Latency (p50/p90) of dense, gated-masked and gated-compact execution, with the MACs ratio beside it."""
     from ..attach import parse_input_size
@@ -33,12 +34,14 @@ def bench_cli(
     if data is None and not json_out:
         console.print("note: random inputs; gates decide differently on real images (pass --data)", markup=False)
     rep = bench_run(file if file is not None else run, batch_size=batch_size, input_size=parse_input_size(input_size),
-                    data=data, r=r, warmup=warmup, reps=reps, threads=threads)
+                    data=data, r=r, warmup=warmup, reps=reps, threads=threads, onnx=onnx)
     size = rep.input_size
     if json_out:
         import dataclasses
         import json
-        console.print_json(json.dumps({**dataclasses.asdict(rep), "latency_ratio": rep.latency_ratio, "macs_ratio": rep.macs_ratio}))
+        compact = any(row.variant == "compact" for row in rep.rows)
+        console.print_json(json.dumps({**dataclasses.asdict(rep), "latency_ratio": rep.latency_ratio if compact else None,
+                                       "macs_ratio": rep.macs_ratio if compact else None}))
         return
     t = Table(title=f"{rep.arch}, batch {rep.batch_size}, {size[1]}×{size[2]}, {rep.threads} threads, mean keep {rep.keep:.1%}")
     for c in ("variant", "p50 ms", "p90 ms", "MACs", "latency ratio", "MACs ratio"):
@@ -48,6 +51,8 @@ def bench_cli(
         t.add_row(row.variant, f"{row.p50_ms:.2f}", f"{row.p90_ms:.2f}", f"{row.macs / 1e6:.1f} M",
                   f"{row.p50_ms / d.p50_ms:.2f}", f"{row.macs / d.macs:.2f}")
     console.print(t)
+    if not any(row.variant == "compact" for row in rep.rows):      # a static twin: a plain dense network
+        return
     console.print(f"compact vs dense with the same BN folding: latency ratio {rep.latency_ratio:.2f} for a MACs ratio of "
                   f"{rep.macs_ratio:.2f} ({rep.latency_ratio / rep.macs_ratio:.2f}× the ideal; strategies {rep.strategies}; {rep.chains} chained pairs)",
                   markup=False, highlight=False, soft_wrap=True)

@@ -2,6 +2,7 @@
 inputs), and ``fast.timing.bench`` on it. ``ftwt bench`` and the sweep's latency column both call ``bench_run``."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -10,7 +11,8 @@ import torch
 from ..arch.dataconfig import DataConfig
 from ..data import DataChoice, make_loader, open_data
 from ..errors import FtwtError
-from ..fast.timing import BenchReport, bench, oracle_masks
+from ..fast.clock import time_ms
+from ..fast.timing import BenchReport, BenchRow, bench, oracle_masks
 from .loader import load
 
 __all__ = ["bench_run"]
@@ -18,11 +20,13 @@ __all__ = ["bench_run"]
 
 def bench_run(source: Path | str, *, batch_size: int = 1, input_size: Optional[Tuple[int, int, int]] = None,
               data: Optional[str] = None, choice: DataChoice = DataChoice(), r: Optional[float] = None,
-              warmup: int = 10, reps: int = 50, threads: Optional[int] = None, check_gates: bool = True) -> BenchReport:
+              warmup: int = 10, reps: int = 50, threads: Optional[int] = None, check_gates: bool = True,
+              onnx: Optional[Path | str] = None) -> BenchReport:
     """Latency of ``source`` (a run directory or exported file) on ``batch_size`` validation images of ``data`` at
     ``input_size`` (default: the run's), or on random inputs when ``data`` is None. ``r`` replays oracle masks at that
     r instead of the gates' decisions (a model whose gates are not fitted needs it, unless ``check_gates`` is
-    False: then only its dense rows mean anything, as for a sweep's dense point)."""
+    False: then only its dense rows mean anything, as for a sweep's dense point). ``onnx``: also time that ONNX file
+    (``ftwt export --format onnx``) in onnxruntime on the same input, as the row "onnxruntime"."""
     if batch_size < 1 or reps < 1:
         raise FtwtError("--batch-size and --reps must be at least 1", "e.g. --batch-size 1 --reps 50")
     model = load(source)
@@ -36,4 +40,30 @@ def bench_run(source: Path | str, *, batch_size: int = 1, input_size: Optional[T
     else:
         x = torch.randn(batch_size, *size)
     masks = oracle_masks(model, x, r) if r is not None else None
-    return bench(model, x, masks=masks, warmup=warmup, reps=reps, threads=threads)
+    rep = bench(model, x, masks=masks, warmup=warmup, reps=reps, threads=threads)
+    if onnx is None:
+        return rep
+    # what the ONNX graph computes: every filter (masks zero them, nothing is skipped), and every gate of a gated run
+    gated_graph = bool(model.units) and model.meta.gating.mode == "predict"
+    macs = rep.row("dense").macs + (model.gate_macs_dense() if gated_graph else 0)
+    p50, p90 = onnx_latency(onnx, x, warmup=warmup, reps=reps, threads=rep.threads)
+    return dataclasses.replace(rep, rows=rep.rows + (BenchRow("onnxruntime", p50, p90, macs),))
+
+
+def onnx_latency(path: Path | str, x: torch.Tensor, *, warmup: int, reps: int, threads: int) -> Tuple[float, float]:
+    """(p50, p90) ms of one onnxruntime run on ``x`` (CPU provider, ``threads`` intra-op threads)."""
+    try:
+        import onnxruntime as ort  # optional dependency: only --onnx needs it
+    except ImportError:
+        raise FtwtError("--onnx needs the onnxruntime package", "pip install 'ftwt[onnx]' (or: pip install onnxruntime)") from None
+    path = Path(path)
+    if not path.is_file():
+        raise FtwtError(f"ONNX file not found: {path}", "write one with `ftwt export --format onnx --out FILE`")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise FtwtError(f"onnxruntime cannot load {path} ({str(e).splitlines()[0]})", "export it again with `ftwt export --format onnx`") from None
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    return time_ms(lambda: sess.run(None, feed), warmup, reps)
