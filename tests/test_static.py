@@ -12,9 +12,11 @@ from ftwt_cli.gating.model import model_macs
 from ftwt_cli.runs import load_static, make_static_run
 from ftwt_cli.static import (
     PruningPlan,
+    StaticOptions,
     apply_plan,
     prune_at_ratio,
     prune_to_macs,
+    taylor_grads,
 )
 from ftwt_cli.train.config import FinetuneConfig, FitGatesConfig
 from ftwt_cli.train.loops import finetune, fit_gates
@@ -147,3 +149,37 @@ def test_a_damaged_plan_is_refused():
         PruningPlan.from_dict({"layers": {}, "unknown": 1})
     with pytest.raises(FtwtError, match="does not have"):
         apply_plan(_net("resnet18"), PruningPlan("l1", {"nope": {"out": [0]}}, {"nope": {"out": 2}}))
+
+
+@pytest.mark.parametrize("options", [StaticOptions(global_pruning=True), StaticOptions(True, True),
+                                     StaticOptions(round_to=8), StaticOptions(True, False, 16)])
+def test_the_strong_torch_pruning_settings_reach_the_target(options):
+    """Global (and isomorphic) ranking and channel rounding, Torch-Pruning's strongest settings, as choices of the twin."""
+    torch.manual_seed(0)
+    src, size = _TinyResNet().eval(), (3, 8, 8)
+    dense = model_macs(src, size)
+    res = prune_to_macs(src, size, 0.5 * dense, "l1", ignored=["fc"], options=options, tol=0.02)
+    assert res.model.fc.out_features == 10
+    # rounding to whole blocks of channels makes the exact target unreachable: the closest try is within a block's MACs
+    assert abs(res.macs - 0.5 * dense) <= (0.02 if options.round_to is None else 0.15) * 0.5 * dense
+    if options.round_to:
+        convs = [m for m in res.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert all(m.out_channels % options.round_to == 0 for m in convs)
+    uniform = prune_to_macs(src, size, 0.5 * dense, "l1", ignored=["fc"], tol=0.02)
+    if options.global_pruning and not options.isomorphic:    # one ranking across layers: they lose different shares
+        share = lambda m: [c.out_channels / o for c, o in zip((m.stem, m.conv1, m.wide), (96, 128, 160))]
+        assert max(share(res.model)) - min(share(res.model)) > max(share(uniform.model)) - min(share(uniform.model))
+
+
+def test_taylor_gradients_are_accumulated_once_over_the_batches():
+    torch.manual_seed(0)
+    src, size = _TinyResNet().eval(), (3, 8, 8)
+    batches = [(torch.randn(8, *size), torch.randint(0, 10, (8,))) for _ in range(4)]
+    grads = taylor_grads(src, batches)
+    assert set(grads) == {n for n, _ in src.named_parameters()} and all(p.grad is None for p in src.parameters())
+    a, _ = prune_at_ratio(src, torch.zeros(1, *size), 0.4, "taylor", ["fc"], batches)
+    b, _ = prune_at_ratio(src, torch.zeros(1, *size), 0.4, "taylor", ["fc"], grads)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(FtwtError, match="isomorphic"):
+        prune_to_macs(src, size, 1e5, "l1", ignored=["fc"], options=StaticOptions(isomorphic=True))

@@ -67,7 +67,10 @@ def test_sweep_bad_input_is_one_line_and_writes_nothing(ckpt, tmp_path):
     out = tmp_path / "sw"
     for args, text in ((["--rs", "1.2"], "--rs value 1.2"), (["--rs", ""], "no dynamic point"), (["--rs", "a,b"], "comma-separated"),
                        (["--rs", "0.9", "--target-cuts", "1"], "--target-cuts 1.0 is outside"),
-                       (["--rs", "0.9", "--static", "magic"], "'magic' is not one of")):
+                       (["--rs", "0.9", "--static", "magic"], "'magic' is not one of"),
+                       (["--rs", "0.9", "--static-global"], "no static twin is asked for"),
+                       (["--rs", "0.9", "--static", "l1", "--static-isomorphic"], "isomorphic"),
+                       (["--rs", "0.9", "--static", "l1", "--static-round-to", "6"], "power of two")):
         res = runner.invoke(app, ["sweep", str(ckpt), "--data", "digits", "--out", str(out), *args])
         assert res.exit_code == 2 and res.output.startswith("error: ") and text in res.output, res.output
         assert len(res.output.strip().splitlines()) == 1

@@ -56,6 +56,12 @@ def sweep_cli(
                                                            show_default="the recipe's, else 1")] = None,
     static: Annotated[Optional[StaticImportance], typer.Option(help="Also a static twin per dynamic point: Torch-Pruning "
                                                                     "with this filter importance, pruned to the point's mean MACs.")] = None,
+    static_global: Annotated[bool, typer.Option(help="Static twins rank channels across layers (Torch-Pruning global_pruning) "
+                                                     "instead of one ratio per layer.")] = False,
+    static_isomorphic: Annotated[bool, typer.Option(help="With --static-global: rank only among groups of the same "
+                                                         "structure (Torch-Pruning isomorphic pruning).")] = False,
+    static_round_to: Annotated[Optional[int], typer.Option(help="Static twins keep channel counts in multiples of this "
+                                                                "(8, 16: the kernels' blocks).")] = None,
     dense_control: Annotated[bool, typer.Option(help="Also the source fine-tuned with the same budget, every gate open.")] = False,
     bench: Annotated[bool, typer.Option(help="Also each point's median latency at batch 1 on this machine (as `ftwt bench`).")] = False,
     recipe: Recipe = None,
@@ -89,6 +95,7 @@ def sweep_cli(
     # the values are checked by run_sweep, before any slow work
     r_list = float_list(rs, "--rs", "0.95,0.9") or []
     cut_list = float_list(target_cuts, "--target-cuts", "0.3,0.4") or []
+    from ..static.prune import StaticOptions
     from ..sweep import run_sweep
     from ..train.config import (
         FinetuneConfig,
@@ -111,7 +118,8 @@ def sweep_cli(
     points = run_sweep(checkpoint, data_arg(data, rec), out, rs=r_list, target_cuts=cut_list, static=value(static),
                        dense_control=dense_control, attach_options=opts, fit_cfg=fit, finetune_cfg=ft, val_split=val_split,
                        train_samples=train_samples, device=device, amp=value(amp), on_event=say,
-                       progress=EpochProgress() if main else None, bench=bench, check_source=not no_source_check)
+                       progress=EpochProgress() if main else None, bench=bench, check_source=not no_source_check,
+                       static_options=StaticOptions(static_global, static_isomorphic, static_round_to))
     if not main:
         return
     from rich.table import Table

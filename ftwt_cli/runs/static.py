@@ -6,11 +6,11 @@ from the source architecture before loading the (safetensors) weights, so nothin
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
-import torch
 import torch.nn as nn
 
 from .. import __version__
@@ -20,7 +20,7 @@ from ..errors import FtwtError
 from ..formats.meta import GatingInfo, MacsInfo, RunMeta, StaticInfo, environment
 from ..formats.rundir import read_meta, write_new_run
 from ..gating.model import GatedModel, model_macs
-from ..static.prune import StaticResult, prune_to_macs
+from ..static.prune import Calib, StaticOptions, StaticResult, prune_to_macs
 from .loader import load
 
 __all__ = ["make_static_run", "load_static", "StaticRunReport"]
@@ -34,7 +34,8 @@ class StaticRunReport:
 
 
 def make_static_run(source_run: Path | str, run_dir: Path | str, target_macs: float, importance: str = "l1", *,
-                    calib: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, force: bool = False) -> StaticRunReport:
+                    calib: Optional[Calib] = None, force: bool = False,
+                    options: StaticOptions = StaticOptions()) -> StaticRunReport:
     """Prune the backbone of ``source_run`` (an attached run: the user's checkpoint, gates unused) with Torch-Pruning
     to ``target_macs`` (within 0.5%; the classifier's outputs kept) and write it as the new run ``run_dir``."""
     source_run, run_dir = Path(source_run), Path(run_dir)
@@ -42,14 +43,16 @@ def make_static_run(source_run: Path | str, run_dir: Path | str, target_macs: fl
     backbone = load(source_run).plain_backbone()
     head, _ = head_and_stem(backbone, ArchSpec(meta.arch.source, meta.arch.name))
     size = tuple(meta.data_config.input_size)
-    res = prune_to_macs(backbone, size, target_macs, importance, ignored=[head] if head else [], calib=calib)
+    res = prune_to_macs(backbone, size, target_macs, importance, ignored=[head] if head else [], calib=calib,
+                        options=options)
     plan = trace_plan(res.model, size)
     source_macs = model_macs(backbone, size)
     new = RunMeta(
         arch=meta.arch, source=meta.source, data_config=meta.data_config, gating=GatingInfo([], []), plan=plan,
         macs=MacsInfo(res.macs, 0, list(size)),
         history=[*meta.history, {"command": "static", "importance": importance, "target_macs": target_macs,
-                                 "from_run": str(source_run), "ftwt_version": __version__}],
+                                 "options": dataclasses.asdict(options), "from_run": str(source_run),
+                                 "ftwt_version": __version__}],
         classes=meta.classes, environment=environment(), source_eval=meta.source_eval,
         static=StaticInfo(importance, float(target_macs), res.macs, res.tp_macs, res.ratio, source_macs, res.plan.to_dict()),
         ftwt_version=__version__)

@@ -4,6 +4,7 @@
 finds the pruning ratio whose model has a target number of MACs. A static twin as a run: ``runs.static``.
 """
 from .plan import PruningPlan, apply_plan
-from .prune import IMPORTANCES, StaticResult, prune_at_ratio, prune_to_macs
+from .prune import IMPORTANCES, StaticOptions, StaticResult, prune_at_ratio, prune_to_macs, taylor_grads
 
-__all__ = ["PruningPlan", "apply_plan", "IMPORTANCES", "StaticResult", "prune_at_ratio", "prune_to_macs"]
+__all__ = ["PruningPlan", "apply_plan", "IMPORTANCES", "StaticOptions", "StaticResult", "prune_at_ratio", "prune_to_macs",
+           "taylor_grads"]

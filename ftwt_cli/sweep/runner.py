@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import torch
 import torch.distributed as tdist
 
 from ..attach import AttachOptions, attach
@@ -32,6 +31,7 @@ from ..runs.static import make_static_run
 from ..runtime.dist import Dist, barrier
 from ..runtime.session import session
 from ..settings import STATIC_IMPORTANCES, check_cut, check_r
+from ..static.prune import StaticOptions
 from ..train.config import FinetuneConfig, FitGatesConfig
 from ..train.loops import finetune, fit_gates
 from .paired import pack
@@ -46,14 +46,16 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
               static: Optional[str] = None, dense_control: bool = False, attach_options: AttachOptions | Mapping[str, Any] | None = None,
               fit_cfg=None, finetune_cfg=None, val_split: Optional[float] = None, train_samples: Optional[int] = None,
               device: str = "auto", amp: str = "auto", on_event: Optional[Callable[[str], None]] = None,
-              progress=None, bench: bool = False, check_source: bool = True) -> List[Point]:
+              progress=None, bench: bool = False, check_source: bool = True,
+              static_options: StaticOptions = StaticOptions()) -> List[Point]:
     """Run (or continue) the sweep in ``out``; returns its points. ``fit_cfg`` / ``finetune_cfg``: resolved
     ``FitGatesConfig`` / ``FinetuneConfig`` shared by every point (their r / target cut set per point; finetune
     ``epochs`` 0 skips finetuning). ``bench``: also each point's median latency at batch 1 (``ftwt bench``: the
     compact path with the gates' decisions for dynamic points, the BN-folded network for the others), on rank 0.
     ``attach_options``: how every point attaches the checkpoint (an ``AttachOptions``, or its ``to_dict()``).
     Under torchrun every process calls this; rank 0 alone writes. ``check_source``: stop when the source checkpoint
-    scores near chance on the data (``eval.source``), before any point trains."""
+    scores near chance on the data (``eval.source``), before any point trains. ``static_options``: the static twins'
+    Torch-Pruning settings beyond the importance (global and isomorphic pruning, rounding; ``static.prune``)."""
 
     rs, target_cuts = [check_r(float(r), "--rs") for r in rs], [check_cut(float(c), "--target-cuts") for c in target_cuts]
     if not rs and not target_cuts:
@@ -65,6 +67,10 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_file() and not checkpoint.is_dir():
         raise FtwtError(f"checkpoint not found: {checkpoint}", "pass the path of your checkpoint file")
+    static_options.validate()
+    if static is None and static_options != StaticOptions():
+        raise FtwtError("--static-global/--static-isomorphic/--static-round-to set how static twins are pruned, but no "
+                        "static twin is asked for", "add --static l1 (or l2, taylor, fpgm)")
     fit_cfg = fit_cfg or FitGatesConfig()
     finetune_cfg = finetune_cfg or FinetuneConfig()
     fit_cfg.validate()
@@ -73,7 +79,7 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
     options = attach_options if isinstance(attach_options, AttachOptions) else AttachOptions.from_dict(attach_options or {})
     settings = SweepSettings(str(checkpoint), sha256_file(checkpoint) if checkpoint.is_file() else "", data,
                              options.to_dict(), {k: v for k, v in dataclasses.asdict(fit_cfg).items() if k not in ("r", "target_cut")},
-                             dataclasses.asdict(finetune_cfg), val_split, train_samples)
+                             dataclasses.asdict(finetune_cfg), dataclasses.asdict(static_options), val_split, train_samples)
     emit = on_event or (lambda text: None)
     with session(device, amp) as sess:
         d = sess.dist
@@ -81,7 +87,8 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
         if prior is not None:
             old = prior.get("settings", {})
             now = json.loads(json.dumps(dataclasses.asdict(settings)))
-            diff = [k for k in now if old.get(k) != now[k]
+            defaults = dataclasses.asdict(SweepSettings("", "", ""))     # a key an older sweep.json lacks had its default
+            diff = [k for k in now if old.get(k, defaults.get(k)) != now[k]
                     and not (k == "checkpoint" and now["checkpoint_sha256"] and old.get("checkpoint_sha256") == now["checkpoint_sha256"])]
             if diff:
                 raise FtwtError(f"{out} holds a sweep with other settings ({', '.join(diff)} differ)",
@@ -91,7 +98,7 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
         # a sweep grows: earlier points stay in their order (finished ones as they are, unfinished ones listed again start
         # afresh from their run's state); new points follow in the order planned
         before = [point_from(p) for p in (prior or {}).get("points", [])]
-        planned = {p.name: p for p in planned_points(rs, target_cuts, static, dense_control)}
+        planned = {p.name: p for p in planned_points(rs, target_cuts, static, dense_control, static_options.label)}
         listed = set(planned)
         points = [q if q.status == "done" or q.name not in planned else planned[q.name] for q in before] + \
                  [p for n, p in planned.items() if n not in {q.name for q in before}]
@@ -102,7 +109,7 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
         with run_lock(out, "ftwt sweep") if d.main else nullcontext():
             ctx = _Ctx(checkpoint=checkpoint, data=data, out=out, settings=settings, options=options, fit_cfg=fit_cfg,
                        ft_cfg=finetune_cfg, device=device, amp=amp, d=d, emit=emit, progress=progress, with_bench=bench,
-                       check_source=check_source)
+                       check_source=check_source, static_options=static_options)
             if d.main:
                 write_sweep(out, settings, points)
             first_error: Optional[FtwtError] = None
@@ -165,6 +172,7 @@ class _Ctx:
     progress: Any = None
     with_bench: bool = False
     check_source: bool = True
+    static_options: StaticOptions = StaticOptions()
 
     def bench(self, p: Point) -> None:
         """Median latency at batch 1 of the point's model on one validation image (``runs.bench``)."""
@@ -263,19 +271,20 @@ class _Ctx:
         def make() -> None:
             if not is_run(run):
                 self.emit(f"{run.name}: prune to {p.target_macs / 1e6:.2f} M MACs ({p.importance})")
-                calib = self._calib_batch() if p.importance == "taylor" else None
-                make_static_run(self.out / "dense", run, p.target_macs, p.importance, calib=calib)
+                calib = self._calib_batches() if p.importance == "taylor" else None
+                make_static_run(self.out / "dense", run, p.target_macs, p.importance, calib=calib,
+                                options=self.static_options)
         _on_rank0(self.d, make)
         s = read_meta(run).static
         p.tp_macs = s.tp_macs
 
-    def _calib_batch(self) -> Tuple[Any, Any]:
-        """A batch of training images (eval transform) with labels, for the Taylor importance's gradients."""
+    def _calib_batches(self) -> List[Tuple[Any, Any]]:
+        """Training images (eval transform) with labels in batches of 32, for the Taylor importance's gradients:
+        ``calib_samples`` of them (2048: 64 batches, as Torch-Pruning's examples accumulate ~50)."""
         meta = read_meta(self.out / "dense")
         splits = open_data(self.data, meta.data_config, num_classes=meta.arch.num_classes, choice=self.settings.choice)
-        ds = splits.calibration(meta.data_config, min(self.fit_cfg.calib_samples, 256), self.fit_cfg.seed)
-        xs, ys = zip(*make_loader(ds, 256, train=False, workers=0))
-        return torch.cat(xs), torch.cat(ys)
+        ds = splits.calibration(meta.data_config, self.fit_cfg.calib_samples, self.fit_cfg.seed)
+        return list(make_loader(ds, 32, train=False, workers=0))
 
 
 # What each kind of point does before its evaluation, in order (``Point.kind``; every kind of KINDS has a row).

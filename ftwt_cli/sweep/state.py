@@ -12,6 +12,7 @@ from .. import __version__
 from ..data import DataChoice
 from ..errors import FtwtError
 from ..formats.rundir import atomic_write_text
+from ..static.prune import StaticOptions
 
 __all__ = ["SweepSettings", "Point", "planned_points", "read_sweep", "write_sweep", "point_from", "SWEEP_FILE",
            "SWEEP_FORMAT_VERSION", "KINDS"]
@@ -30,6 +31,8 @@ class SweepSettings:
     attach: Dict[str, Any] = field(default_factory=dict)     # AttachOptions.to_dict()
     fit_gates: Dict[str, Any] = field(default_factory=dict)   # resolved FitGatesConfig (r and target_cut per point)
     finetune: Dict[str, Any] = field(default_factory=dict)    # resolved FinetuneConfig; epochs 0: no finetune
+    # the static twins' Torch-Pruning settings beyond the importance (StaticOptions; a sweep.json without them had the defaults)
+    static: Dict[str, Any] = field(default_factory=lambda: dataclasses.asdict(StaticOptions()))
     val_split: Optional[float] = None                          # the DataChoice, flat (as sweep.json has always held it)
     train_samples: Optional[int] = None
 
@@ -71,14 +74,16 @@ def _name(x: float) -> str:
     return f"{x:g}"
 
 
-def planned_points(rs: Sequence[float], target_cuts: Sequence[float], static: Optional[str], dense_control: bool) -> List[Point]:
+def planned_points(rs: Sequence[float], target_cuts: Sequence[float], static: Optional[str], dense_control: bool,
+                   static_label: str = "") -> List[Point]:
     pts = [Point("dense", "dense")]
     dyn = [Point("dynamic", f"dynamic-r{_name(r)}", r=r) for r in rs] + \
           [Point("dynamic", f"dynamic-cut{_name(c)}", target_cut=c) for c in target_cuts]
     for p in dyn:
         pts.append(p)
         if static:
-            pts.append(Point("static", f"static-{static}-{p.name[len('dynamic-'):]}", importance=static, twin=p.name))
+            pts.append(Point("static", f"static-{static}{static_label}-{p.name[len('dynamic-'):]}", importance=static,
+                             twin=p.name))
     if dense_control:
         pts.append(Point("control", "control"))
     return pts
