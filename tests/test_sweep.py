@@ -53,14 +53,14 @@ def test_a_sweep_runs_resumes_and_keeps_finished_points_when_one_fails(ckpt, tmp
     assert "McNemar" in md and "- dynamic-r0.9: use the " in md       # the paired test and the plain sentence
     assert len(unpack(dyn["correct_bits"], dyn["samples"])) == dyn["samples"] == 359
     assert sum(unpack(dyn["correct_bits"], dyn["samples"])) == round(dyn["top1"] * 359)
-    # a third run re-does only what failed; with bench, finished points get their latency at batch 1
+    # a third run re-does only what failed; with bench, finished points get their latency at batch 1 and 32
     events.clear()
     with pytest.raises(FtwtError):
         run_sweep(ckpt, "digits", out, on_event=events.append, bench=True, **kw)
     assert not any(e.startswith(("dynamic-r0.9", "static-l1-r0.9", "control", "dense")) for e in events)
     pts = {p["name"]: p for p in json.loads((out / "sweep.json").read_text())["points"]}
-    assert all(pts[n]["latency_ms"] > 0 for n in ("dense", "dynamic-r0.9", "static-l1-r0.9", "control"))
-    assert "latency, batch 1 (ms)" in (out / "sweep.md").read_text()
+    assert all(pts[n]["latency_ms"] > 0 and pts[n]["latency32_ms"] > 0 for n in ("dense", "dynamic-r0.9", "static-l1-r0.9", "control"))
+    assert "latency, batch 1 / 32 (ms)" in (out / "sweep.md").read_text()
 
 
 def test_sweep_bad_input_is_one_line_and_writes_nothing(ckpt, tmp_path):

@@ -35,9 +35,11 @@ def norm_rest(norm: nn.Module) -> nn.Module:
 
 
 def folded_backbone(model: GatedModel) -> nn.Module:
-    """The source network with each gated unit's norm folded into its conv, as the compact path does."""
+    """The source network with the norm of every conv → norm pair the trace found folded into the conv: the gated
+    units' (as the compact path does) and the others' (a static twin's, ungated layers'), so the dense baseline is the
+    fastest plain network, not a handicapped one."""
     net = model.plain_backbone()
-    for u in model.units:
+    for u in model.plan.units:
         if u.kind != "conv":           # an MLP unit's fc1 has no norm to fold
             continue
         conv = net.get_submodule(u.name)

@@ -18,6 +18,10 @@ def _pct(x: Optional[float]) -> str:
     return "–" if x is None else f"{x:.2%}"
 
 
+def _ms(x: Optional[float]) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
 def pareto_front(points: Sequence) -> List:
     """The points no other point beats on both MACs (fewer) and top-1 (higher), by increasing MACs."""
     done = sorted((p for p in points if p.top1 is not None and p.macs_mean is not None), key=lambda p: (p.macs_mean, -p.top1))
@@ -39,7 +43,7 @@ def sweep_markdown(points: Sequence) -> str:
              "pruned network for static ones); cut is against the dense source model. *oracle*: the r rule's masks on "
              "the source model before any training.", "",
              "| point | kind | r | MACs | cut | top-1 | Δ vs control (pt) | oracle: MACs / top-1 |"
-             + (" latency, batch 1 (ms) |" if bench else "") + " status |",
+             + (" latency, batch 1 / 32 (ms) |" if bench else "") + " status |",
              "|---|---|---|---|---|---|---|---|" + ("---|" if bench else "") + "---|"]
     for p in points:
         delta = "–" if control is None or p.top1 is None else f"{(p.top1 - control.top1) * 100:+.2f}"
@@ -47,7 +51,7 @@ def sweep_markdown(points: Sequence) -> str:
         status = p.status if p.status != "failed" else f"failed: {p.error}"
         lines.append(f"| {p.name} | {p.kind} | {'–' if p.r is None else f'{p.r:g}'} | "
                      f"{'–' if p.macs_mean is None else fmt_macs(p.macs_mean)} | {_pct(p.cut)} | {_pct(p.top1)} | {delta} | "
-                     f"{oracle} |" + (f" {'–' if p.latency_ms is None else f'{p.latency_ms:.2f}'} |" if bench else "")
+                     f"{oracle} |" + (f" {_ms(p.latency_ms)} / {_ms(getattr(p, 'latency32_ms', None))} |" if bench else "")
                      + f" {status} |")
     pairs = [(by[p.twin], p) for p in points if p.kind == "static" and p.twin in by]
     pairs = [(d, s) for d, s in pairs if d.top1 is not None and s.top1 is not None]

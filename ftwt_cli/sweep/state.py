@@ -61,6 +61,7 @@ class Point:
     target_macs: Optional[float] = None    # static: what it was pruned to
     tp_macs: Optional[float] = None        # static: Torch-Pruning's count of its conv and linear layers
     latency_ms: Optional[float] = None     # with bench: median latency at batch 1 on this machine (``ftwt bench``)
+    latency32_ms: Optional[float] = None   # with bench: the same at batch 32 (per batch)
     samples: Optional[int] = None          # validation images its top-1 is measured on
     correct_bits: Optional[str] = None     # per validation image, top-1 right: ``paired.pack`` (the paired test)
     seconds: float = 0.0
