@@ -9,6 +9,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 from . import __version__
 from .arch.dataconfig import DataConfig, resolve_data_config
 from .arch.detect import Detection, detect_arch
+from .arch.plan import Unit
 from .arch.registry import build_model, head_and_stem, load_weights, parse_arch
 from .arch.trace import trace_plan
 from .errors import FtwtError
@@ -46,6 +47,7 @@ class AttachOptions:
     include: Tuple[str, ...] = ()
     exclude: Tuple[str, ...] = ()
     gate_shortcuts: bool = False
+    depthwise_follow: bool = False   # a depthwise conv reading a gated unit's output follows its mask (no gate)
 
     def __post_init__(self) -> None:     # lists (JSON, callers) become tuples: the options are frozen and hashable
         for k in ("input_size", "mean", "std", "include", "exclude"):
@@ -165,7 +167,7 @@ def attach(checkpoint: Path | str, options: Optional[AttachOptions] = None, *, r
     dc = dc.updated(given, "the flags")
 
     try:
-        plan = trace_plan(model, dc.input_size, gate_shortcuts=o.gate_shortcuts)
+        plan = trace_plan(model, dc.input_size, gate_shortcuts=o.gate_shortcuts, depthwise_follow=o.depthwise_follow)
     except RuntimeError as e:
         raise FtwtError(f"{det.arch} cannot run at input size {dc.input_size} ({str(e).splitlines()[0]})",
                         "pass a larger --input-size") from None
@@ -175,6 +177,15 @@ def attach(checkpoint: Path | str, options: Optional[AttachOptions] = None, *, r
                         "and no fc1 → activation → fc2 MLP runs on tokens", "use a model built from convolutions or MLP blocks")
     if not units:
         raise FtwtError("--include/--exclude left no layer to gate", "loosen the patterns (they match layer names, e.g. 'layer*.conv*')")
+    if o.depthwise_follow:
+        chosen = {u.name for u in units}
+        # a follower whose producer is not gated keeps a gate of its own
+        plan.units = [u if not u.follows or u.follows in chosen else Unit(**{**asdict(u), "kernel": tuple(u.kernel), "follows": None})
+                      for u in plan.units]
+        units = _select(plan.units, o.include, o.exclude)
+        if not any(u.follows for u in units):
+            raise FtwtError(f"--depthwise-follow: {det.arch} has no depthwise conv that reads a gated unit's whole output",
+                            "drop --depthwise-follow (it is for inverted residuals: MobileNetV2, EfficientNet, MixNet)")
 
     gated = GatedModel(model, plan, [u.name for u in units]).eval()
     dense = gated.dense_macs(dc.input_size)
@@ -185,7 +196,7 @@ def attach(checkpoint: Path | str, options: Optional[AttachOptions] = None, *, r
 
     rows = tuple(LayerRow(u.name, u.in_channels, u.out_channels, tuple(u.kernel), u.groups,
                           sum(float(dense.per_op[n][0]) for n in (u.name, u.reader, u.partner) if n in dense.per_op),
-                          u.in_channels * u.out_channels, u.kind) for u in units)
+                          0 if u.follows else u.in_channels * u.out_channels, u.kind) for u in units)
     meta = RunMeta(
         arch=ArchInfo(det.arch.source, det.arch.name, nc, det.in_chans),
         source=SourceInfo(str(ckpt.path), ckpt.sha256, ckpt.fmt, list(det.other_functions)),

@@ -81,7 +81,7 @@ class MacsMeter:
                     i = int(a_in[b, grp * cin:(grp + 1) * cin].sum())
                     o = int(a_out[b, grp * cout:(grp + 1) * cout].sum())
                     total[b] += i * o * op.kernel_area * pos
-                if op.name in gated and self.g.mode != "open":
+                if op.name in gated and not gated[op.name].follows and self.g.mode != "open":
                     total[b] += int(a_in[b].sum()) * gated[op.name].out_channels     # the gate: GAP → Linear(C_in → units)
         # attention's matrix products (dense, no weights to hook): the model's own per-size figure
         return total + self.g.attention_macs(tuple(x.shape[1:]))

@@ -10,7 +10,7 @@ from ptflops import get_model_complexity_info
 from ptflops.flops_counter import FLOPS_BACKEND
 
 from ftwt_cli.arch.trace import trace_plan
-from ftwt_cli.gating import GatedModel
+from ftwt_cli.gating import GatedModel, gate_key
 
 
 @pytest.mark.parametrize("name,expect_g", [("resnet18", 1.814), ("resnet34", 3.664), ("mobilenet_v2", 0.301), ("resnet50", 4.089)])
@@ -44,3 +44,35 @@ def test_dynamic_macs_match_independent_measurement(build, mode):
             assert (g.last_stats.macs < g.last_stats.dense_macs).all()
     if mode == "oracle":
         assert not torch.equal(seen[0], seen[1])
+
+
+@pytest.mark.parametrize("build", [
+    lambda: no_natural_zeros(torchvision.models.mobilenet_v2(num_classes=10)),
+    lambda: no_natural_zeros(timm.create_model("efficientnet_b0", num_classes=10)),
+])
+def test_depthwise_followers_carry_the_mask_into_the_projection(build):
+    """attach --depthwise-follow: every depthwise conv of an inverted residual takes its expansion's mask (no gate of its
+    own), its masked channels are exact zeros, and the projection conv after it reads only the kept ones; the exact
+    count still equals what the convs really read and write, and the cut is larger than without following."""
+    torch.manual_seed(0)
+    m = build().eval()
+    plain = trace_plan(m, (3, 64, 64))
+    plan = trace_plan(m, (3, 64, 64), depthwise_follow=True)
+    followers = [u for u in plan.units if u.follows]
+    assert followers and all(u.groups == u.in_channels == u.out_channels for u in followers)
+    g = GatedModel(m, plan, None).eval().set_gates("oracle", r=0.85)
+    assert all(gate_key(u.name) not in g.gates for u in followers)           # no gate of their own
+    x = torch.randn(3, 3, 64, 64)
+    measured = MacsMeter(g).run(x)
+    s = g.last_stats
+    assert torch.allclose(s.macs, measured, rtol=1e-12)
+    for u in followers:
+        assert torch.equal(s.masks[u.name], s.masks[u.follows])
+    # the same expansion masks with the depthwise convs left ungated: their masked channels become BN(0) → act(β),
+    # a constant, so the projection reads them all
+    names = {u.name for u in followers}
+    without = GatedModel(m, plain, [u.name for u in plain.units if u.name not in names]).eval().set_gates("predict")
+    with torch.no_grad(), without.forcing({n: v for n, v in s.masks.items() if n not in names}):
+        without(x)
+    w = without.last_stats
+    assert (s.macs - s.gate_macs < w.macs - w.gate_macs).all()

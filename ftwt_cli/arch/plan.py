@@ -29,6 +29,9 @@ class Unit:
     kind: str = "conv"            # "conv" (channels at dim 1) | "mlp" (a Linear on tokens, channels last) | "glu"
     reader: Optional[str] = None  # mlp, glu: the Linear (fc2) that reads the hidden units (glu: masked on its input)
     partner: Optional[str] = None  # glu: the second fc1 (SwiGLU's gate projection), whose rows follow the mask
+    # a depthwise conv that reads exactly another unit's output: no gate of its own, that unit's mask on its output
+    # (attach --depthwise-follow), so its masked channels are zero, not BN(0) → act(β), for the conv after it
+    follows: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ class Plan:
     def to_dict(self) -> dict:
         # a CNN's plan is written as releases before MLP units wrote it (no kind, reader or attention_macs), so they
         # still read it
-        units = [{k: v for k, v in asdict(u).items() if u.kind != "conv" or k not in ("kind", "reader", "partner")}
+        units = [{k: v for k, v in asdict(u).items()
+                  if not (u.kind == "conv" and k in ("kind", "reader", "partner")) and not (k == "follows" and v is None)}
                  for u in self.units]
         d = {"units": units, "ops": [asdict(o) for o in self.ops], "rejected": self.rejected,
              "input_size": list(self.input_size)}
@@ -65,8 +69,8 @@ class Plan:
 
     @property
     def has_new_features(self) -> bool:
-        """MLP units or attention products: what run format version 1 cannot hold."""
-        return bool(self.attention_macs) or any(u.kind != "conv" for u in self.units)
+        """MLP units, attention products or depthwise followers: what run format version 1 cannot hold."""
+        return bool(self.attention_macs) or any(u.kind != "conv" or u.follows for u in self.units)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":

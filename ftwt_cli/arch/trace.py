@@ -37,7 +37,7 @@ from .plan import Expr, MacOp, Plan, Unit, expr_width
 from .sparsity import Sparsity, inputs
 
 # Plan, Unit, MacOp, Expr, expr_width and attention_macs are re-exported: the tracer is where callers look for them
-__all__ = ["Unit", "MacOp", "Plan", "trace_plan", "attention_macs", "Expr", "expr_width"]
+__all__ = ["Unit", "MacOp", "Plan", "trace_plan", "follow_depthwise", "attention_macs", "Expr", "expr_width"]
 
 # One mask per sample needs the samples in dim 0 (the trace runs one image, so dim 0 must be 1 there).
 _FOLDED = "runs on heads or windows folded into the batch dim: one mask per sample cannot reach them"
@@ -67,8 +67,11 @@ def _zero_at_zero(act: nn.Module, channels: int) -> bool:
         return False
 
 
-def trace_plan(model: nn.Module, input_size: Tuple[int, int, int], *, gate_shortcuts: bool = False) -> Plan:
-    """One hooked forward (and a shape-recording backward) at ``input_size`` → the model's gating Plan."""
+def trace_plan(model: nn.Module, input_size: Tuple[int, int, int], *, gate_shortcuts: bool = False,
+               depthwise_follow: bool = False) -> Plan:
+    """One hooked forward (and a shape-recording backward) at ``input_size`` → the model's gating Plan.
+    ``depthwise_follow``: a depthwise conv unit that reads exactly another conv unit's output follows that unit's mask
+    instead of having a gate (``Unit.follows``)."""
     rec, handles, was_training = Recorder(), [], model.training
     modules = dict(model.named_modules())
     try:
@@ -92,7 +95,23 @@ def trace_plan(model: nn.Module, input_size: Tuple[int, int, int], *, gate_short
         model.train(was_training)
     plan = _Analysis(model, modules, rec.calls, nodes, consumers, shapes, input_size, x, gate_shortcuts).plan()
     plan.attention_macs = float(attn)
+    if depthwise_follow:
+        plan.units = follow_depthwise(plan.units)
     return plan
+
+
+def follow_depthwise(units: List[Unit]) -> List[Unit]:
+    """Each depthwise conv unit (groups = C_in = C_out) whose input is exactly another conv unit's whole output (the
+    expansion of an inverted residual) follows that unit: its channel j runs iff the producer's channel j does."""
+    convs = {u.name: u for u in units if u.kind == "conv"}
+    out = []
+    for u in units:
+        e = u.in_expr
+        if (u.kind == "conv" and u.groups == u.in_channels == u.out_channels and e and e[0] == "unit" and e[1] in convs
+                and int(e[2]) == u.in_channels == convs[e[1]].out_channels):
+            u = Unit(**{**asdict(u), "kernel": tuple(u.kernel), "follows": e[1]})
+        out.append(u)
+    return out
 
 
 class _Analysis:

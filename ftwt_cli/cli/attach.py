@@ -13,6 +13,7 @@ from .options import (
     Arch,
     AugmentOpt,
     CropPct,
+    DepthwiseFollow,
     Exclude,
     GateShortcuts,
     InChans,
@@ -110,11 +111,13 @@ def attach_cli(
     include: Include = None,
     exclude: Exclude = None,
     gate_shortcuts: GateShortcuts = False,
+    depthwise_follow: DepthwiseFollow = False,
 ) -> None:
     """Load a checkpoint, find its architecture and insert a decision gate before every gateable conv."""
     from ..attach import attach
     report = attach(checkpoint, attach_options(
         arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size, mean=mean, std=std,
         interpolation=interpolation, crop_pct=crop_pct, augment=augment, trust_pickle=trust_pickle, use_ema=use_ema,
-        include=include, exclude=exclude, gate_shortcuts=gate_shortcuts), run_dir=run, force=force)
+        include=include, exclude=exclude, gate_shortcuts=gate_shortcuts,
+        depthwise_follow=depthwise_follow), run_dir=run, force=force)
     print_attach_report(report)

@@ -23,7 +23,7 @@ from ..settings import (
 __all__ = ["GateMode", "GtRule", "FinetuneMode", "Schedule", "Interpolation", "Augment", "default_of", "config_option", "Run", "Workers", "Recipe",
            "Resume", "ValSplit", "TrainSamples", "Device", "Amp", "ChannelsLast", "DATA_HELP", "value", "DataOrRecipe", "data_arg", "int_list",
            "float_list", "Arch", "NumClasses", "InChans", "InputSize", "Mean", "Std", "InterpolationOpt", "CropPct", "AugmentOpt",
-           "TrustPickle", "UseEma", "Include", "Exclude", "GateShortcuts", "attach_options", "StaticImportance",
+           "TrustPickle", "UseEma", "Include", "Exclude", "GateShortcuts", "DepthwiseFollow", "attach_options", "StaticImportance",
            "NoSourceCheck"]
 
 DATA_HELP = "ImageFolder DIR, a CIFAR-10/100 folder, 'fashion-mnist' (or its idx folder), or 'digits'."
@@ -112,10 +112,13 @@ UseEma = Annotated[bool, typer.Option(help="Take the EMA weights of a timm train
 Include = Annotated[Optional[List[str]], typer.Option(help="Gate only layers matching this glob (repeatable).")]
 Exclude = Annotated[Optional[List[str]], typer.Option(help="Do not gate layers matching this glob (repeatable).")]
 GateShortcuts = Annotated[bool, typer.Option(help="Also gate 1×1 shortcut/downsample convs.")]
+DepthwiseFollow = Annotated[bool, typer.Option(help="A depthwise conv reading a gated unit's output takes that unit's mask "
+                                                    "instead of a gate of its own (inverted residuals), so its masked channels "
+                                                    "are zero for the conv after it.")]
 
 
 def attach_options(*, arch, num_classes, in_chans, input_size, mean, std, interpolation, crop_pct, augment, trust_pickle,
-                   use_ema, include, exclude, gate_shortcuts):
+                   use_ema, include, exclude, gate_shortcuts, depthwise_follow=False):
     """attach's flags, parsed, as the one ``AttachOptions`` that ``ftwt attach`` and ``ftwt sweep`` pass on."""
     from ..attach import AttachOptions, parse_input_size
     mean, std = float_list(mean, "--mean"), float_list(std, "--std")
@@ -123,7 +126,7 @@ def attach_options(*, arch, num_classes, in_chans, input_size, mean, std, interp
                          mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
                          interpolation=value(interpolation), crop_pct=crop_pct, augment=value(augment),
                          trust_pickle=trust_pickle, use_ema=use_ema, include=tuple(include or ()),
-                         exclude=tuple(exclude or ()), gate_shortcuts=gate_shortcuts)
+                         exclude=tuple(exclude or ()), gate_shortcuts=gate_shortcuts, depthwise_follow=depthwise_follow)
 
 
 Run = Annotated[Path, typer.Option(help="Run directory.")]

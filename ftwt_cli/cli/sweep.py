@@ -15,6 +15,7 @@ from .options import (
     AugmentOpt,
     CropPct,
     DataOrRecipe,
+    DepthwiseFollow,
     Device,
     Exclude,
     GateShortcuts,
@@ -88,6 +89,7 @@ def sweep_cli(
     include: Include = None,
     exclude: Exclude = None,
     gate_shortcuts: GateShortcuts = False,
+    depthwise_follow: DepthwiseFollow = False,
     no_source_check: NoSourceCheck = False,
 ) -> None:
     """Accuracy against MACs over several r: dynamic points, static twins at equal MACs and a dense control.
@@ -111,7 +113,8 @@ def sweep_cli(
         ft.epochs = 0
     opts = attach_options(arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size, mean=mean, std=std,
                           interpolation=interpolation, crop_pct=crop_pct, augment=augment, trust_pickle=trust_pickle,
-                          use_ema=use_ema, include=include, exclude=exclude, gate_shortcuts=gate_shortcuts)
+                          use_ema=use_ema, include=include, exclude=exclude, gate_shortcuts=gate_shortcuts,
+        depthwise_follow=depthwise_follow)
     from ..runtime.dist import launched_rank
     main = launched_rank() == 0                     # under torchrun, rank 0 alone prints
     say = (lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)) if main else None

@@ -41,7 +41,8 @@ def make_compact(gated: GatedModel, *, calibrate: bool = True, input_size: Optio
             continue
         conv = mods[u.name]
         norm = mods[u.end] if u.end != u.name else None
-        cu = CompactConv(u.name, conv, norm, gates[gate_key(u.name)], u.in_expr, shared)
+        cu = CompactConv(u.name, conv, norm, gates[gate_key(u.name)] if not u.follows else None, u.in_expr, shared,
+                         follows=u.follows)
         replace_module(backbone, u.name, cu)
         if norm is not None:      # folded into the conv
             replace_module(backbone, u.end, norm_rest(norm))

@@ -64,9 +64,11 @@ class CompactConv(nn.Module):
     chained consumer. Both are set by ``calibrate.make_compact`` for pairs it has verified.
     """
 
-    def __init__(self, name: str, conv: nn.Conv2d, bn: Optional[nn.Module], gate: Gate, in_expr, shared: Shared) -> None:
+    def __init__(self, name: str, conv: nn.Conv2d, bn: Optional[nn.Module], gate: Optional[Gate], in_expr, shared: Shared,
+                 follows: Optional[str] = None) -> None:
         super().__init__()
         self.name, self.in_expr, self.shared = name, in_expr, shared
+        self.follows = follows             # a depthwise follower: no gate, the mask of this unit
         w, b = fold_bn(conv, bn)
         self.register_buffer("weight", w)                                  # (C_out, C_in/g, k, k), contiguous
         self.register_buffer("bias", b)
@@ -108,14 +110,17 @@ class CompactConv(nn.Module):
         sh = self.shared
         B = x.shape[0]
         in_idx: Optional[torch.Tensor] = None
-        if self.compact_in is not None:        # x holds only the producer's active channels
-            in_idx = sh.idx[self.compact_in]
-            pooled = x.new_zeros(B, self.in_channels)
-            pooled.index_copy_(1, in_idx, x.mean(dim=(2, 3)))
-            logits = self.gate.fc(pooled)      # = gate(dense x): the missing channels are all zero
+        if self.follows is not None:
+            mask = sh.masks[self.follows]
         else:
-            logits = self.gate(x)
-        mask = sh.forced[self.name] if sh.forced is not None else logits > 0
+            if self.compact_in is not None:    # x holds only the producer's active channels
+                in_idx = sh.idx[self.compact_in]
+                pooled = x.new_zeros(B, self.in_channels)
+                pooled.index_copy_(1, in_idx, x.mean(dim=(2, 3)))
+                logits = self.gate.fc(pooled)  # = gate(dense x): the missing channels are all zero
+            else:
+                logits = self.gate(x)
+            mask = sh.forced[self.name] if sh.forced is not None else logits > 0
         sh.masks[self.name] = mask
         any_out = mask.any(0) if B > 1 else mask[0]
         if in_idx is not None and self.strategy == "dense":      # back to the dense layout, then as unchained

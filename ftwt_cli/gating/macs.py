@@ -112,7 +112,7 @@ def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, 
     gates = torch.zeros(batch, dtype=torch.float64, device=dev)
     if gates_run:
         for u in units:
-            if u.name in masks:
+            if u.name in masks and not u.follows:          # a follower has no gate
                 a_in = _per_group(active_channels(u.in_expr, masks, batch), u.in_channels, 1, batch, dev)
                 gates += a_in.squeeze(1) * u.out_channels
     total = gates + attention

@@ -143,7 +143,11 @@ class _MaskHook(_Hook):
     def apply(self, out: torch.Tensor, inplace: bool) -> Optional[torch.Tensor]:
         """Mask ``out`` (the unit's hidden units, channels or features); None leaves it as it is."""
         g, name, rec = self.owner, self.unit.name, self.owner._rec
-        if g.mode == "oracle":                   # the mask is this layer's ground truth: rank now
+        if self.unit.follows:                    # the mask of the unit it follows, whatever decided that one
+            if g.mode == "open":                 # (no gate, so no ground truth to learn from either)
+                return None
+            mask = rec.masks[self.unit.follows]
+        elif g.mode == "oracle":                 # the mask is this layer's ground truth: rank now
             with torch.no_grad():
                 mask = rec.targets[name] = ground_truth(self._scores(out), g.r, g.gt)
         else:
@@ -194,8 +198,13 @@ class GatedModel(nn.Module):
         if unknown:
             raise FtwtError(f"not gateable: {', '.join(unknown[:3])}", "choose layers from the attach table")
         self.units: List[Unit] = [by_name[n] for n in names]
+        lost = [u.name for u in self.units if u.follows and u.follows not in names]
+        if lost:
+            raise FtwtError(f"{lost[0]} follows {by_name[lost[0]].follows}, which is not gated",
+                            "gate the unit it follows too, or attach without --depthwise-follow")
+        # a follower has no gate: it takes the mask of the unit it follows
         self.gates = nn.ModuleDict({gate_key(u.name): Gate(u.in_channels, u.out_channels, u.kind != "conv")
-                                    for u in self.units})
+                                    for u in self.units if not u.follows})
         self.mode, self.r, self.gt = "open", 0.95, "mass"
         self.meta = None               # io.meta.RunMeta once loaded from a run or an export
         self._ctl = _Control()
@@ -213,7 +222,8 @@ class GatedModel(nn.Module):
         self._remove_hooks()
         get = self.backbone.get_submodule
         for u in self.units:
-            self._hook(u.name, get(u.name).register_forward_pre_hook(_GateHook(self, u)))
+            if not u.follows:
+                self._hook(u.name, get(u.name).register_forward_pre_hook(_GateHook(self, u)))
             if u.kind == "glu":
                 self._hook(u.end, get(u.end).register_forward_pre_hook(_ReaderMaskHook(self, u)))
             else:
@@ -380,7 +390,7 @@ class GatedModel(nn.Module):
 
     def gate_macs_dense(self) -> int:
         """Cost of all gates when every input channel is active."""
-        return sum(u.in_channels * u.out_channels for u in self.units)
+        return sum(u.in_channels * u.out_channels for u in self.units if not u.follows)
 
 
 def model_macs(module: nn.Module, input_size: Sequence[int]) -> float:

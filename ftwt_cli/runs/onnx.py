@@ -50,7 +50,7 @@ def onnx_module(model: GatedModel) -> nn.Module:
         raise FtwtError(f"the gates are in {model.mode!r} mode, which an exported model cannot reproduce",
                         "export a run whose gates are fitted (`ftwt fit-gates`), or with open gates")
     masks: Dict[str, torch.Tensor] = {}
-    gates = nn.ModuleDict({gate_key(u.name): model.gates[gate_key(u.name)] for u in model.units})
+    gates = nn.ModuleDict({gate_key(u.name): model.gates[gate_key(u.name)] for u in model.units if not u.follows})
     net.ftwt_gates = gates                  # registered, so the gates' weights travel with the module
     get = net.get_submodule
 
@@ -66,6 +66,9 @@ def onnx_module(model: GatedModel) -> nn.Module:
 
     for u in model.units:
         conv = u.kind == "conv"
+        if u.follows:            # a depthwise follower: the mask of the unit it follows
+            get(u.end).register_forward_hook(lambda module, args, out, f=u.follows: out * expand(masks[f], out, True))
+            continue
         get(u.name).register_forward_pre_hook(gate_hook(u.name, not conv))
         if u.kind == "glu":      # the mask goes on fc2's input
             get(u.end).register_forward_pre_hook(

@@ -85,7 +85,11 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
         d = sess.dist
         prior = read_sweep(out)
         if prior is not None:
-            old = prior.get("settings", {})
+            old = dict(prior.get("settings", {}))
+            try:                                  # attach options an older sweep.json lacks had their defaults
+                old["attach"] = AttachOptions.from_dict(old.get("attach") or {}).to_dict()
+            except (FtwtError, TypeError):
+                pass
             now = json.loads(json.dumps(dataclasses.asdict(settings)))
             defaults = dataclasses.asdict(SweepSettings("", "", ""))     # a key an older sweep.json lacks had its default
             diff = [k for k in now if old.get(k, defaults.get(k)) != now[k]
