@@ -83,15 +83,15 @@ def evaluate_loader(model: GatedModel, loader: DataLoader, *, with_agreement: bo
                 out = model(x)
             s = model.last_stats
             top = out.topk(min(5, out.shape[1]), dim=1).indices
-            right.append((top[:, 0] == y).cpu())
+            right.append(top[:, 0] == y)              # on the device: one copy to the CPU at the end
             correct1 += int(right[-1].sum())
             correct5 += int((top == y[:, None]).any(1).sum())
             n += len(y)
             macs.append(s.macs.cpu())
             gates += float(s.gate_macs.sum())
-            ftwt.append(ftwt_counter_macs(model.plan.ops, model.units, s, model.attention_macs(tuple(x.shape[1:]))).cpu())
+            ftwt.append(ftwt_counter_macs(model.plan.ops, model.units, s, model.attention_macs(tuple(x.shape[1:]))))
             for name, m in s.masks.items():
-                fired[name] = fired.get(name, 0) + m.sum(0).double().cpu()
+                fired[name] = fired.get(name, 0) + m.sum(0, dtype=torch.float64)
             for name in keep:
                 m = s.masks.get(name)
                 keep[name].append(m.float().mean(1).cpu() if m is not None else torch.ones(len(y)))
@@ -106,8 +106,9 @@ def evaluate_loader(model: GatedModel, loader: DataLoader, *, with_agreement: bo
         model.train(was)
     macs_t = torch.cat(macs) if macs else torch.zeros(0, dtype=torch.float64)
     keep_t = {k: torch.cat(v) if v else torch.zeros(0) for k, v in keep.items()}
-    right_t = torch.cat(right) if right else torch.zeros(0, dtype=torch.bool)
-    ftwt_t = torch.cat(ftwt) if ftwt else torch.zeros(0, dtype=torch.float64)
+    right_t = torch.cat(right).cpu() if right else torch.zeros(0, dtype=torch.bool)
+    ftwt_t = torch.cat(ftwt).cpu() if ftwt else torch.zeros(0, dtype=torch.float64)
+    fired = {k: v.cpu() for k, v in fired.items()}
     dense = s.dense_macs if n else 0.0
     if dist is not None and dist.active:           # all processes' shards, each sample once
         dev = next(model.parameters()).device

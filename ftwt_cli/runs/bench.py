@@ -65,5 +65,5 @@ def onnx_latency(path: Path | str, x: torch.Tensor, *, warmup: int, reps: int, t
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise FtwtError(f"onnxruntime cannot load {path} ({str(e).splitlines()[0]})", "export it again with `ftwt export --format onnx`") from None
-    feed = {sess.get_inputs()[0].name: x.numpy()}
+    feed = {sess.get_inputs()[0].name: x.numpy()}      # onnxruntime's Python API takes NumPy arrays (no copy: a view)
     return time_ms(lambda: sess.run(None, feed), warmup, reps)

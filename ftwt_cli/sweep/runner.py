@@ -21,8 +21,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch.distributed as tdist
 
 from ..attach import AttachOptions, attach
-from ..data import make_loader, open_data
+from ..data import open_data
 from ..errors import FtwtError
+from ..eval.budget import calibration_batches
 from ..eval.run import evaluate_run
 from ..formats.checkpoints import sha256_file
 from ..formats.rundir import is_run, read_meta, record_source_eval, run_lock
@@ -291,7 +292,7 @@ class _Ctx:
         meta = read_meta(self.out / "dense")
         splits = open_data(self.data, meta.data_config, num_classes=meta.arch.num_classes, choice=self.settings.choice)
         ds = splits.calibration(meta.data_config, self.fit_cfg.calib_samples, self.fit_cfg.seed)
-        return list(make_loader(ds, 32, train=False, workers=0))
+        return calibration_batches(ds, 32, 0)
 
 
 # What each kind of point does before its evaluation, in order (``Point.kind``; every kind of KINDS has a row).
