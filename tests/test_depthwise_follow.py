@@ -42,6 +42,8 @@ def _predicting(run):
     return g.set_gates("predict")
 
 
+# torch.onnx's TorchScript exporter warns about its own deprecation (ftwt's exporter silences it the same way)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_compact_and_onnx_compute_the_masked_model(mbv2_run, tmp_path):
     g = _predicting(mbv2_run)
     followers = [u for u in g.units if u.follows]
