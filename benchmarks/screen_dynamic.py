@@ -1,8 +1,8 @@
 """A cheap screen of the options that may make the dynamic model beat its static twin (issue 28), before any full
 benchmark: one seed, one cut, a Fashion-MNIST subset, a few epochs. Losers are recorded too.
 
-    python benchmarks/screen_dynamic.py [--cut 0.5] [--train 8000] [--val 2000] [--baseline-epochs 10]
-        [--fit-epochs 2] [--finetune-epochs 2]
+    python benchmarks/screen_dynamic.py [--arch resnet18] [--cut 0.5] [--train 8000] [--val 2000]
+        [--baseline-epochs 10] [--fit-epochs 2] [--finetune-epochs 2] [--configs NAME,...]
 
 Per configuration, one `ftwt sweep` (library calls) in benchmarks/_work/screen-*: a dynamic point at --cut (the r
 found on training images), its Torch-Pruning L1 twin at the dynamic point's MACs fine-tuned with the same budget, and
@@ -35,40 +35,50 @@ HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
 MEAN, STD = (0.2860,) * 3, (0.3530,) * 3          # Fashion-MNIST's own statistics, repeated to 3 channels
 CFG = DataConfig((3, 32, 32), MEAN, STD, "bilinear", 1.0, "center")
-# name -> FitGatesConfig changes (the finetune config is shared)
-CONFIGS = {"ftwt (defaults)": {}, "+ BN recalibration": {"recalibrate_bn": 2048}}
+# name -> (FitGatesConfig changes, attach option changes); the finetune config is shared
+CONFIGS = {"ftwt (defaults)": ({}, {}),
+           "+ BN recalibration": ({"recalibrate_bn": 2048}, {}),
+           # MobileNets: depthwise convs ungated (their C×C gates cost more than the convs at 32 px, as in SWEEP.md) ...
+           "depthwise ungated": ({}, {"exclude": ["*.conv.1.0"]}),
+           # ... against depthwise convs that follow their expansion's mask (no gate)
+           "+ depthwise follow": ({}, {"depthwise_follow": True})}
+ARCHS = ("resnet18", "mobilenet_v2")              # torchvision models the screen trains
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="resnet18", choices=ARCHS, help="a torchvision model")
     ap.add_argument("--cut", type=float, default=0.5)
     ap.add_argument("--train", type=int, default=8000)
     ap.add_argument("--val", type=int, default=2000)
     ap.add_argument("--baseline-epochs", type=int, default=10)
     ap.add_argument("--fit-epochs", type=int, default=2)
     ap.add_argument("--finetune-epochs", type=int, default=2)
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--out", default=str(HERE / "results" / "screen_dynamic.md"))
+    ap.add_argument("--configs", default="ftwt (defaults),+ BN recalibration")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/screen_dynamic[-ARCH].md")
     args = ap.parse_args()
+    args.out = args.out or str(HERE / "results" / ("screen_dynamic.md" if args.arch == "resnet18" else f"screen_dynamic-{args.arch}.md"))
     WORK.mkdir(exist_ok=True)
     data = write_fashion_subset(WORK / f"fashion-{args.train}-{args.val}", args.train, args.val)
-    ckpt = WORK / f"resnet18-fashion{args.train}-b{args.baseline_epochs}.pth"
+    ckpt = WORK / f"{args.arch}-fashion{args.train}-b{args.baseline_epochs}.pth"
     if not ckpt.exists():
         t0 = time.time()
         torch.manual_seed(0)
-        model = train_classifier(torchvision.models.resnet18(num_classes=10), open_data(str(data), CFG, num_classes=10),
+        model = train_classifier(torchvision.models.get_model(args.arch, num_classes=10), open_data(str(data), CFG, num_classes=10),
                                  args.baseline_epochs, workers=0)
         torch.save(model.state_dict(), ckpt)
         print(f"baseline: {time.time() - t0:.0f} s", flush=True)
-    attach = dict(arch="torchvision:resnet18", input_size=[3, 32, 32], mean=list(MEAN), std=list(STD), crop_pct=1.0)
+    attach = dict(arch=f"torchvision:{args.arch}", input_size=[3, 32, 32], mean=list(MEAN), std=list(STD), crop_pct=1.0)
     ft = FinetuneConfig(epochs=args.finetune_epochs, batch_size=128, workers=0)
     rows, points = [], {}
     for i, name in enumerate(c for c in args.configs.split(",") if c):
-        fit = FitGatesConfig(epochs=args.fit_epochs, batch_size=128, workers=0, **CONFIGS[name])
-        out = WORK / f"screen-c{args.cut:g}-b{args.baseline_epochs}-f{args.fit_epochs}-t{args.finetune_epochs}-{i}"
+        fit_changes, attach_changes = CONFIGS[name]
+        fit = FitGatesConfig(epochs=args.fit_epochs, batch_size=128, workers=0, **fit_changes)
+        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+        out = WORK / f"screen-{args.arch}-c{args.cut:g}-b{args.baseline_epochs}-f{args.fit_epochs}-t{args.finetune_epochs}-{slug}"
         t0 = time.time()
         pts = run_sweep(ckpt, str(data), out, target_cuts=[args.cut], static="l1", dense_control=i == 0,
-                        attach_options=attach, fit_cfg=fit, finetune_cfg=ft, device="cpu", on_event=print)
+                        attach_options={**attach, **attach_changes}, fit_cfg=fit, finetune_cfg=ft, device="cpu", on_event=print)
         by = {p.kind: p for p in pts}
         dyn, st = by["dynamic"], by["static"]
         fitted = read_meta(Path(dyn.run)).training["fit-gates"].epochs[-1]
@@ -76,14 +86,14 @@ def main() -> int:
         _, _, p = mcnemar(unpack(dyn.correct_bits, dyn.samples), unpack(st.correct_bits, st.samples))
         points[name] = (dyn, st, by.get("control"), by["dense"], fitted, rep, p, time.time() - t0)
         for kind, q in (("dynamic", dyn), ("static", st)) + ((("control", by["control"]),) if "control" in by else ()):
-            rows.append({"family": "torchvision:resnet18", "seed": 0, "kind": kind, "config": name if kind == "dynamic" else
+            rows.append({"family": f"torchvision:{args.arch}", "seed": 0, "kind": kind, "config": name if kind == "dynamic" else
                          ("l1" if kind == "static" else "dense control"), "macs_cut": q.cut, "top1": q.top1,
                          **({"delta_vs_best_static": dyn.top1 - st.top1, "p_value": p} if kind == "dynamic" else {})})
     lines = ["# Screen: options for the dynamic model against its static twin", "",
              f"Generated by `python benchmarks/screen_dynamic.py` on {platform.machine()}, {torch.get_num_threads()} "
              f"threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')} (load average "
              f"{os.getloadavg()[0]:.1f} at the end).", "",
-             f"* Source: torchvision ResNet-18 trained {args.baseline_epochs} epochs at 32 px on a fixed "
+             f"* Source: torchvision {args.arch} trained {args.baseline_epochs} epochs at 32 px on a fixed "
              f"{args.train}-image Fashion-MNIST subset; validation: {args.val} test images (one seed).",
              f"* Each configuration: attach → `fit-gates --target-cut {args.cut:g}` ({args.fit_epochs} epochs) → "
              f"`finetune` ({args.finetune_epochs} epochs, decoupled); its Torch-Pruning L1 twin pruned to the dynamic "
