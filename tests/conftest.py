@@ -73,3 +73,20 @@ def digits_r18(tmp_path_factory) -> Path:
     model = train_classifier(torchvision.models.resnet18(num_classes=10), open_data("digits", cfg, num_classes=10), 4,
                              batch_size=64, workers=0, log=lambda line: None)
     return save_state_dict(model, tmp_path_factory.mktemp("trained") / "digits-r18.pth")
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory) -> Path:
+    """A random-init ResNet-18 (10 classes, 16 px) attached and fitted one epoch on digits: a run with predicting gates,
+    shared read-only by the export and ONNX tests."""
+    import torchvision
+
+    from ftwt_cli.attach import attach
+    from ftwt_cli.train import FitGatesConfig, fit_gates
+    d = tmp_path_factory.mktemp("exp")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), d / "r18.pth")
+    attach(d / "r18.pth", arch="torchvision:resnet18", input_size=(3, 16, 16), run_dir=d / "run")
+    # a random-init model: at chance, so the source check is off (session fixtures run before conftest's patch)
+    fit_gates(d / "run", "digits", FitGatesConfig(r=0.9, epochs=1, lr=0.05, batch_size=64, workers=0), check_source=False)
+    return d / "run"

@@ -11,25 +11,11 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import ftwt_cli
-from ftwt_cli.attach import attach
 from ftwt_cli.cli import app
 from ftwt_cli.errors import FtwtError
 from ftwt_cli.runs import export
-from ftwt_cli.train.config import FitGatesConfig
-from ftwt_cli.train.loops import fit_gates
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    d = tmp_path_factory.mktemp("exp")
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), d / "r18.pth")
-    attach(d / "r18.pth", arch="torchvision:resnet18", input_size=(3, 16, 16), run_dir=d / "run")
-    # a random-init model: at chance, so the source check is off (module fixtures run before conftest's patch)
-    fit_gates(d / "run", "digits", FitGatesConfig(r=0.9, epochs=1, lr=0.05, batch_size=64, workers=0), check_source=False)
-    return d / "run"
 
 
 def test_export_roundtrip_is_bit_exact(fitted, tmp_path):

@@ -14,19 +14,8 @@ from ftwt_cli.cli import app
 from ftwt_cli.data import make_loader, open_data
 from ftwt_cli.errors import FtwtError
 from ftwt_cli.runs.onnx import export_onnx
-from ftwt_cli.train import FitGatesConfig, fit_gates
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    d = tmp_path_factory.mktemp("onnx")
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), d / "r18.pth")
-    attach(d / "r18.pth", arch="torchvision:resnet18", input_size=(3, 16, 16), run_dir=d / "run")
-    fit_gates(d / "run", "digits", FitGatesConfig(r=0.9, epochs=1, lr=0.05, batch_size=64, workers=0), check_source=False)
-    return d / "run"
 
 
 def _ort(path, x: torch.Tensor) -> np.ndarray:
