@@ -189,6 +189,17 @@ def attach(checkpoint: Path | str, options: Optional[AttachOptions] = None, *, r
 
     gated = GatedModel(model, plan, [u.name for u in units]).eval()
     dense = gated.dense_macs(dc.input_size)
+    if o.depthwise_follow:
+        # a depthwise conv that follows nothing (its expansion is not gated, e.g. a 1×1 conv on a 1×1 map) would keep a
+        # C×C gate of its own, which costs more than the conv once C ≥ k²·H·W: left ungated, as such convs are
+        costly = {u.name for u in units if u.kind == "conv" and not u.follows and u.groups == u.in_channels == u.out_channels
+                  and u.in_channels * u.out_channels >= float(dense.per_op[u.name][0])}
+        if costly:
+            units = [u for u in units if u.name not in costly]
+            plan.rejected.update({n: "a depthwise conv that follows no gated unit, whose gate would cost more than the conv"
+                                  for n in costly})
+            gated = GatedModel(model, plan, [u.name for u in units]).eval()
+            dense = gated.dense_macs(dc.input_size)
     share = gated_share(plan.units, dense.per_op, float(dense.total[0]))
     if share < MIN_GATEABLE_SHARE:
         raise FtwtError(f"{det.arch} has nothing worth gating: only {share:.0%} of its MACs are in gateable convolutions "
