@@ -41,7 +41,8 @@ CONFIGS = {"ftwt (defaults)": ({}, {}),
            # MobileNets: depthwise convs ungated (their C×C gates cost more than the convs at 32 px, as in SWEEP.md) ...
            "depthwise ungated": ({}, {"exclude": ["*.conv.1.0"]}),
            # ... against depthwise convs that follow their expansion's mask (no gate)
-           "+ depthwise follow": ({}, {"depthwise_follow": True})}
+           "+ depthwise follow": ({}, {"depthwise_follow": True}),
+           "+ depthwise follow + BN recalibration": ({"recalibrate_bn": 2048}, {"depthwise_follow": True})}
 ARCHS = ("resnet18", "mobilenet_v2")              # torchvision models the screen trains
 
 
