@@ -23,11 +23,11 @@ from typing import Optional
 
 import torch
 import torchvision
-from results_file import write_results  # benchmarks/ is on sys.path when a script runs
 
 from ftwt_cli.arch import DataConfig
 from ftwt_cli.data import make_loader, open_data
 from ftwt_cli.demo import train_classifier
+from ftwt_cli.formats.rundir import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
@@ -183,7 +183,7 @@ def main() -> int:
           "with the machine otherwise idle.",
         "",
     ]
-    write_results(Path(args.out), "\n".join(lines))
+    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

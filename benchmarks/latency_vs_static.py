@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 import torchvision
-from results_file import write_results
 
 from ftwt_cli.arch import trace_plan
 from ftwt_cli.fast import bench, oracle_masks
 from ftwt_cli.fast.clock import time_ms
 from ftwt_cli.fast.fold import folded_backbone
+from ftwt_cli.formats.rundir import atomic_write_text
 from ftwt_cli.gating import GatedModel
 from ftwt_cli.gating.model import model_macs
 from ftwt_cli.static import prune_to_macs
@@ -70,7 +70,7 @@ def main() -> int:
                          f"{c:.1f} | {st:.1f} | {c / d:.3f} | {st / d:.3f} | {c / st:.2f} |")
             print(lines[-1], flush=True)
     lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
-    write_results(Path(args.out), "\n".join(lines))
+    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
     return 0
 
 

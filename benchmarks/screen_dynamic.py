@@ -20,13 +20,12 @@ from pathlib import Path
 
 import torch
 import torchvision
-from results_file import write_results
 
 from ftwt_cli.arch import DataConfig
 from ftwt_cli.data import open_data
 from ftwt_cli.demo import train_classifier, write_fashion_subset
 from ftwt_cli.eval.run import evaluate_run
-from ftwt_cli.formats.rundir import read_meta
+from ftwt_cli.formats.rundir import atomic_write_text, read_meta
 from ftwt_cli.sweep import run_sweep
 from ftwt_cli.sweep.paired import mcnemar, unpack
 from ftwt_cli.train import FinetuneConfig, FitGatesConfig
@@ -113,8 +112,8 @@ def main() -> int:
     if first[2] is not None:
         lines += ["", f"Dense source: {first[3].top1:.2%}; dense control ({args.finetune_epochs} more epochs, every gate "
                       f"open): {first[2].top1:.2%}."]
-    write_results(Path(args.out), "\n".join(lines))
-    write_results(Path(args.out).with_suffix(".json"), json.dumps(rows, indent=1))
+    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
+    atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
     print("\n".join(lines))
     return 0
 

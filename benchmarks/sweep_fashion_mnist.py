@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from results_file import write_results  # benchmarks/ is on sys.path when a script runs
+
+from ftwt_cli.formats.rundir import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
@@ -155,7 +156,7 @@ def main() -> int:
     if Path(args.out).with_name("sweep-fashion-mnist.png").exists():
         lines += [f"![top-1 against MACs, seed {seeds[0]}](sweep-fashion-mnist.png)", ""]
     # the reading of the numbers is hand-written in benchmarks/SWEEP.md; this file holds the tables alone
-    write_results(Path(args.out), "\n".join(lines))
+    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 from fashion_mnist import CFG, train_baseline
-from results_file import write_results
 from sweep_fashion_mnist import HERE, WORK, sweep, table
 
 from ftwt_cli.arch import build_model, parse_arch
+from ftwt_cli.formats.rundir import atomic_write_text
 
 
 def main() -> int:
@@ -54,7 +54,7 @@ def main() -> int:
              "Points not finished: " + (", ".join(p["name"] for p in points if p["status"] != "done") or "none") + ".", ""]
     section = "\n".join(lines)
     print(section)
-    write_results(Path(args.out), section)
+    atomic_write_text(Path(args.out), section + "\n")
     return 0
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 from fashion_mnist import train_baseline
-from results_file import write_results
 
 from ftwt_cli.arch import DataConfig, build_model, parse_arch
+from ftwt_cli.formats.rundir import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
@@ -86,7 +86,7 @@ def main() -> int:
                      f"{'–' if oracle is None else f'{oracle:.1%}'} |")
     section = "\n".join(lines) + "\n"
     print(section)
-    write_results(Path(args.out), section)
+    atomic_write_text(Path(args.out), section)
     return 0
 
 
