@@ -41,7 +41,12 @@ CONFIGS = {"ftwt (defaults)": ({}, {}),
            "depthwise ungated": ({}, {"exclude": ["*.conv.1.0"]}),
            # ... against depthwise convs that follow their expansion's mask (no gate)
            "+ depthwise follow": ({}, {"depthwise_follow": True}),
-           "+ depthwise follow + BN recalibration": ({"recalibrate_bn": 2048}, {"depthwise_follow": True})}
+           "+ depthwise follow + BN recalibration": ({"recalibrate_bn": 2048}, {"depthwise_follow": True}),
+           # gates of channel groups (issue 29): one decision per 8 or 16 channels, ordered by co-firing or by index
+           "groups of 8": ({}, {"group_size": 8}),
+           "groups of 16": ({}, {"group_size": 16}),
+           "groups of 16 (index order)": ({"group_order": "index"}, {"group_size": 16}),
+           "groups of 16 + BN recalibration": ({"recalibrate_bn": 2048}, {"group_size": 16})}
 ARCHS = ("resnet18", "mobilenet_v2")              # torchvision models the screen trains
 
 
@@ -97,7 +102,8 @@ def main() -> int:
              f"{args.train}-image Fashion-MNIST subset; validation: {args.val} test images (one seed).",
              f"* Each configuration: attach → `fit-gates --target-cut {args.cut:g}` ({args.fit_epochs} epochs) → "
              f"`finetune` ({args.finetune_epochs} epochs, decoupled); its Torch-Pruning L1 twin pruned to the dynamic "
-             "point's mean MACs (gates included) and fine-tuned with the same budget; MACs exact.", "",
+             "point's mean MACs (gates included) and fine-tuned with the same budget; MACs exact. Minutes: this "
+             "invocation's (\"resumed\": the points were finished by an earlier run of the same command).", "",
              "| configuration | cut | top-1 after fit-gates | top-1 after finetune | static twin (L1): cut / top-1 | "
              "Δ dyn − static (pt) | McNemar p | frozen majority masks: top-1 | varying channels | FTWT-counter cut | minutes |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -107,7 +113,8 @@ def main() -> int:
                      f"{(dyn.top1 - st.top1) * 100:+.2f} | {p:.3g} | "
                      + (f"{rep['frozen_top1']:.2%}" if rep.get("frozen_top1") is not None else "–") + " | "
                      + (f"{rep['varying_share']:.1%}" if rep.get("varying_share") is not None else "–") + " | "
-                     + (f"{ftwt_cut:.1%}" if ftwt_cut is not None else "–") + f" | {secs / 60:.1f} |")
+                     + (f"{ftwt_cut:.1%}" if ftwt_cut is not None else "–")
+                     + (f" | {secs / 60:.1f} |" if secs > 30 else " | resumed |"))     # finished by an earlier run
     first = next(iter(points.values()))
     if first[2] is not None:
         lines += ["", f"Dense source: {first[3].top1:.2%}; dense control ({args.finetune_epochs} more epochs, every gate "

@@ -16,6 +16,7 @@ from .errors import FtwtError
 from .formats.checkpoints import read_checkpoint
 from .formats.meta import ArchInfo, GatingInfo, MacsInfo, RunMeta, SourceInfo, environment
 from .formats.rundir import check_replaceable, write_new_run
+from .gating.gate import check_group_size
 from .gating.macs import gated_share
 from .gating.model import GatedModel
 
@@ -48,12 +49,14 @@ class AttachOptions:
     exclude: Tuple[str, ...] = ()
     gate_shortcuts: bool = False
     depthwise_follow: bool = False   # a depthwise conv reading a gated unit's output follows its mask (no gate)
+    group_size: int = 1              # channels per gate decision (the last group of a layer holds the remainder)
 
     def __post_init__(self) -> None:     # lists (JSON, callers) become tuples: the options are frozen and hashable
         for k in ("input_size", "mean", "std", "include", "exclude"):
             v = getattr(self, k)
             if v is not None and not isinstance(v, tuple):
                 object.__setattr__(self, k, tuple(v))
+        check_group_size(self.group_size)
 
     @property
     def input_flags(self) -> Dict[str, object]:
@@ -105,6 +108,13 @@ class AttachReport:
     other_functions: Tuple[str, ...] = ()      # alternatives that compute another function on these weights
     other_preprocessing: Tuple[str, ...] = ()  # alternatives computing the same function with other preprocessing
     choice_rule: str = ""                      # why ``arch`` was chosen among the alternatives
+    group_size: int = 1                        # channels per gate decision
+
+    @property
+    def short_groups(self) -> Dict[str, int]:
+        """Gated layers whose last channel group is shorter than ``group_size``: name → its channels."""
+        g = self.group_size
+        return {l.name: l.out_channels % g for l in self.layers if g > 1 and l.gate_macs and l.out_channels % g}
 
 
 def parse_input_size(text: Optional[str]) -> Optional[Tuple[int, int, int]]:
@@ -187,7 +197,7 @@ def attach(checkpoint: Path | str, options: Optional[AttachOptions] = None, *, r
             raise FtwtError(f"--depthwise-follow: {det.arch} has no depthwise conv that reads a gated unit's whole output",
                             "drop --depthwise-follow (it is for inverted residuals: MobileNetV2, EfficientNet, MixNet)")
 
-    gated = GatedModel(model, plan, [u.name for u in units]).eval()
+    gated = GatedModel(model, plan, [u.name for u in units], group_size=o.group_size).eval()
     dense = gated.dense_macs(dc.input_size)
     if o.depthwise_follow:
         # a depthwise conv that follows nothing (its expansion is not gated, e.g. a 1×1 conv on a 1×1 map) would keep a
@@ -198,7 +208,7 @@ def attach(checkpoint: Path | str, options: Optional[AttachOptions] = None, *, r
             units = [u for u in units if u.name not in costly]
             plan.rejected.update({n: "a depthwise conv that follows no gated unit, whose gate would cost more than the conv"
                                   for n in costly})
-            gated = GatedModel(model, plan, [u.name for u in units]).eval()
+            gated = GatedModel(model, plan, [u.name for u in units], group_size=o.group_size).eval()
             dense = gated.dense_macs(dc.input_size)
     share = gated_share(plan.units, dense.per_op, float(dense.total[0]))
     if share < MIN_GATEABLE_SHARE:
@@ -207,13 +217,14 @@ def attach(checkpoint: Path | str, options: Optional[AttachOptions] = None, *, r
 
     rows = tuple(LayerRow(u.name, u.in_channels, u.out_channels, tuple(u.kernel), u.groups,
                           sum(float(dense.per_op[n][0]) for n in (u.name, u.reader, u.partner) if n in dense.per_op),
-                          0 if u.follows else u.in_channels * u.out_channels, u.kind) for u in units)
+                          0 if u.follows else u.in_channels * gated.gate_outputs[u.name], u.kind) for u in units)
     meta = RunMeta(
         arch=ArchInfo(det.arch.source, det.arch.name, nc, det.in_chans),
         source=SourceInfo(str(ckpt.path), ckpt.sha256, ckpt.fmt, list(det.other_functions)),
         data_config=dc,
         gating=GatingInfo([u.name for u in units], [{"name": r.name, "in_channels": r.in_channels, "out_channels": r.out_channels,
-                                                      "kernel": list(r.kernel), "groups": r.groups} for r in rows]),
+                                                      "kernel": list(r.kernel), "groups": r.groups} for r in rows],
+                          group_size=o.group_size),
         plan=plan,
         macs=MacsInfo(float(dense.total[0]), gated.gate_macs_dense(), list(dc.input_size)),
         history=[{"command": "attach", "ftwt_version": __version__}],
@@ -227,4 +238,4 @@ def attach(checkpoint: Path | str, options: Optional[AttachOptions] = None, *, r
                         det.alternatives, dc,
                         "from the flags" if any(v is not None for v in given.values())
                         else "as the checkpoint states" if ckpt.input_config else "the architecture's reference config",
-                        share, det.other_functions, det.other_preprocessing, det.rule)
+                        share, det.other_functions, det.other_preprocessing, det.rule, o.group_size)

@@ -9,10 +9,11 @@ from typing import Optional
 from .errors import FtwtError
 
 __all__ = ["GATE_MODES", "GT_RULE_NAMES", "FINETUNE_MODES", "SCHEDULES", "INTERPOLATIONS", "AUGMENTS", "AMP_MODES",
-           "STATIC_IMPORTANCES", "check_r", "check_cut"]
+           "GROUP_ORDERS", "STATIC_IMPORTANCES", "check_r", "check_cut"]
 
 GATE_MODES = ("open", "predict", "oracle")                   # who decides the masks
 GT_RULE_NAMES = ("mass", "uniform")                          # ground truth: heatmap mass, or a fixed fraction
+GROUP_ORDERS = ("cofire", "index")                           # gate groups: channels that fire together, or by index
 FINETUNE_MODES = ("decoupled", "joint")
 SCHEDULES = ("cosine", "step", "constant")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

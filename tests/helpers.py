@@ -82,7 +82,8 @@ class MacsMeter:
                     o = int(a_out[b, grp * cout:(grp + 1) * cout].sum())
                     total[b] += i * o * op.kernel_area * pos
                 if op.name in gated and not gated[op.name].follows and self.g.mode != "open":
-                    total[b] += int(a_in[b].sum()) * gated[op.name].out_channels     # the gate: GAP → Linear(C_in → units)
+                    # the gate: GAP → Linear(C_in → one logit per unit, or per group of units)
+                    total[b] += int(a_in[b].sum()) * self.g.gates[op.name.replace(".", "__")].fc.out_features
         # attention's matrix products (dense, no weights to hook): the model's own per-size figure
         return total + self.g.attention_macs(tuple(x.shape[1:]))
 

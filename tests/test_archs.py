@@ -73,6 +73,7 @@ def test_equally_likely_architectures_are_refused(monkeypatch):
     assert "(torchvision:resnet18 = timm:resnet18 | timm:resnetblur18)" in str(e.value) and "pass --arch" in str(e.value)
 
 
+@pytest.mark.integration     # a few seconds each: the default run stays under 6 minutes
 def test_same_weights_other_preprocessing_prefers_the_plain_family():
     """ViT-Tiny and DeiT-Tiny compute the same function but normalise differently: the plain ViT is chosen, and the
     detection says that DeiT's preprocessing differs."""

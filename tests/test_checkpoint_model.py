@@ -44,6 +44,7 @@ def test_torchvision_models_that_need_care_attach_exactly(tmp_path, name, kw):
         assert torch.equal(m(x), src(x))
 
 
+@pytest.mark.integration     # a few seconds each: the default run stays under 6 minutes
 def test_weights_that_fit_different_networks_take_the_plain_family_or_the_checkpoints_word(tmp_path):
     import timm
     torch.manual_seed(0)

@@ -116,6 +116,7 @@ def test_trust_pickle_loads_a_whole_module(tmp_path):
     assert res.exit_code == 0, res.output
 
 
+@pytest.mark.integration     # a few seconds each: the default run stays under 6 minutes
 def test_vit_attaches_its_mlps_without_arch(tmp_path):
     import timm
     p = tmp_path / "vit.pth"
@@ -129,6 +130,7 @@ def test_vit_attaches_its_mlps_without_arch(tmp_path):
     assert meta["plan"]["attention_macs"] == 12 * 3 * 2 * 197 * 197 * 64     # QKᵀ and AV, 3 heads of 64
 
 
+@pytest.mark.integration     # a few seconds each: the default run stays under 6 minutes
 def test_glu_mlps_attach_and_coupled_ones_are_refused(tmp_path):
     import timm
     # EVA-02 tiny: SwiGLU MLPs (one fc1 chunked into value and gate halves) are gated

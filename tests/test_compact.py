@@ -137,3 +137,21 @@ def test_cli_bench(r18_run):
     assert "compact" in res.stdout and "latency ratio" in res.stdout
     res = CliRunner().invoke(app, ["bench", "--run", str(r18_run)])
     assert res.exit_code == 2 and "not fitted" in res.stderr
+
+
+@pytest.mark.parametrize("share", [0.0, 1.01])
+def test_a_batch_whose_union_is_nearly_full_runs_dense_and_stays_exact(share, monkeypatch):
+    import ftwt_cli.fast.compact as compact
+    monkeypatch.setattr(compact, "BATCH_DENSE_SHARE", share)    # 0: every conv runs dense at batch > 1; 1.01: none
+    g = _gated(MODELS["resnet18"])
+    c = make_compact(g, calibrate=False)
+    assert c.chains
+    for u in c.compact_units.values():
+        u.strategy = "out"
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ref = g(x)
+        assert (c(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+        idx = c._shared.idx
+        producer = next(iter(c.chains))
+        assert (idx[producer] is None) == (share == 0.0)       # the dense layout went to the chained consumer

@@ -16,6 +16,7 @@ from .options import (
     DepthwiseFollow,
     Exclude,
     GateShortcuts,
+    GroupSize,
     InChans,
     Include,
     InputSize,
@@ -62,6 +63,12 @@ def print_attach_report(r: "AttachReport") -> None:
     console.print(f"dense MACs (convs, linear layers and attention products, ptflops 'aten' convention): {fmt_macs(r.dense_macs)}; "
                   f"gated layers hold {gated / r.dense_macs:.1%}{mlp_note}; gates add "
                   f"{r.gate_macs / r.dense_macs:.2%} when all run", markup=False, highlight=False, soft_wrap=True)
+    if r.group_size > 1:
+        short = r.short_groups
+        console.print(f"gates decide per group of {r.group_size} channels"
+                      + (f"; the last group is shorter where {r.group_size} does not divide a layer ({len(short)} layers, e.g. "
+                         + ", ".join(f"{k}: {v}" for k, v in list(short.items())[:3]) + ")" if short else ""),
+                      markup=False, highlight=False, soft_wrap=True)
     if r.gated_share < LOW_GATEABLE_SHARE:
         console.print(f"note: only {r.gated_share:.0%} of the MACs are in gateable layers (the rest, e.g. attention or gated "
                       f"GLU MLPs, stays dense), so gating can save at most that", markup=False, highlight=False, soft_wrap=True)
@@ -112,6 +119,7 @@ def attach_cli(
     exclude: Exclude = None,
     gate_shortcuts: GateShortcuts = False,
     depthwise_follow: DepthwiseFollow = False,
+    group_size: GroupSize = 1,
 ) -> None:
     """Load a checkpoint, find its architecture and insert a decision gate before every gateable conv."""
     from ..attach import attach
@@ -119,5 +127,5 @@ def attach_cli(
         arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size, mean=mean, std=std,
         interpolation=interpolation, crop_pct=crop_pct, augment=augment, trust_pickle=trust_pickle, use_ema=use_ema,
         include=include, exclude=exclude, gate_shortcuts=gate_shortcuts,
-        depthwise_follow=depthwise_follow), run_dir=run, force=force)
+        depthwise_follow=depthwise_follow, group_size=group_size), run_dir=run, force=force)
     print_attach_report(report)

@@ -14,6 +14,7 @@ from .options import (
     ChannelsLast,
     DataOrRecipe,
     Device,
+    GroupOrder,
     GtRule,
     NoSourceCheck,
     Recipe,
@@ -46,6 +47,10 @@ def fit_gates_cli(
     recalibrate_bn: Annotated[Optional[int], _opt(
         "Re-estimate BatchNorm statistics under the predicted masks at the end of every epoch, on this many training "
         "images (0: keep the dense model's).", "recalibrate_bn")] = None,
+    group_order: Annotated[Optional[GroupOrder], _opt(
+        "Gates of channel groups (attach --group-size): cofire orders channels into groups that fire together on "
+        "--calib-samples training images before the first epoch; index keeps channel c in group c // G.",
+        "group_order")] = None,
     gt: Annotated[Optional[GtRule], _opt("Ground-truth rule (uniform keeps a fraction r per layer).", "gt")] = None,
     epochs: Annotated[Optional[int], _opt("Epochs.", "epochs")] = None,
     lr: Annotated[Optional[float], _opt("Adam learning rate of the gates.", "lr")] = None,
@@ -75,7 +80,8 @@ def fit_gates_cli(
     rec = load_recipe(recipe) if recipe else None
     cfg = resolve_config(FitGatesConfig, rec, "fit_gates",
                          dict(r=r, gt=value(gt), epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, workers=workers,
-                              seed=seed, target_cut=target_cut, calib_samples=calib_samples, recalibrate_bn=recalibrate_bn),
+                              seed=seed, target_cut=target_cut, calib_samples=calib_samples, recalibrate_bn=recalibrate_bn,
+                              group_order=value(group_order)),
                          partial=resume)
     rep = fit_gates(run, data_arg(data, rec, run), cfg, resume=resume, val_split=val_split, train_samples=train_samples, progress=EpochProgress(), tensorboard=tensorboard,
                    device=device, amp=value(amp), channels_last=channels_last, check_source=not no_source_check)

@@ -51,7 +51,8 @@ def info_cli(path: Annotated[Path, typer.Argument(help="A run directory or an ex
                                  f"({1 - st.macs / st.source_macs:.1%} cut); no gates")
     else:
         t.add_row("gated layers", f"{len(g.gated)} ({', '.join(g.gated[:4])}{', …' if len(g.gated) > 4 else ''})")
-        t.add_row("gates", f"mode {g.mode}, r={g.r}, ground truth {g.gt}, {'decoupled' if g.decoupled else 'joint'}")
+        t.add_row("gates", f"mode {g.mode}, r={g.r}, ground truth {g.gt}, {'decoupled' if g.decoupled else 'joint'}"
+                  + (f", groups of {g.group_size} channels" if g.group_size > 1 else ""))
     se = meta.source_eval
     if se is not None:
         t.add_row("source checkpoint", f"top-1 {se.top1:.2%}, top-5 {se.top5:.2%} on {se.samples} {se.split} images of "

@@ -14,13 +14,14 @@ from ..settings import (
     AUGMENTS,
     FINETUNE_MODES,
     GATE_MODES,
+    GROUP_ORDERS,
     GT_RULE_NAMES,
     INTERPOLATIONS,
     SCHEDULES,
     STATIC_IMPORTANCES,
 )
 
-__all__ = ["GateMode", "GtRule", "FinetuneMode", "Schedule", "Interpolation", "Augment", "default_of", "config_option", "Run", "Workers", "Recipe",
+__all__ = ["GateMode", "GroupOrder", "GroupSize", "GtRule", "FinetuneMode", "Schedule", "Interpolation", "Augment", "default_of", "config_option", "Run", "Workers", "Recipe",
            "Resume", "ValSplit", "TrainSamples", "Device", "Amp", "ChannelsLast", "DATA_HELP", "value", "DataOrRecipe", "data_arg", "int_list",
            "float_list", "Arch", "NumClasses", "InChans", "InputSize", "Mean", "Std", "InterpolationOpt", "CropPct", "AugmentOpt",
            "TrustPickle", "UseEma", "Include", "Exclude", "GateShortcuts", "DepthwiseFollow", "attach_options", "StaticImportance",
@@ -35,6 +36,7 @@ def _choices(name: str, values) -> type:
 
 
 GateMode = _choices("GateMode", GATE_MODES)                    # who decides the masks
+GroupOrder = _choices("GroupOrder", GROUP_ORDERS)             # cofire: channels that fire together share a group
 GtRule = _choices("GtRule", GT_RULE_NAMES)                          # mass: smallest top-k reaching r; uniform: a fraction r
 FinetuneMode = _choices("FinetuneMode", FINETUNE_MODES)
 Schedule = _choices("Schedule", SCHEDULES)
@@ -116,9 +118,13 @@ DepthwiseFollow = Annotated[bool, typer.Option(help="A depthwise conv reading a 
                                                     "instead of a gate of its own (inverted residuals), so its masked channels "
                                                     "are zero for the conv after it.")]
 
+GroupSize = Annotated[int, typer.Option(help="Channels per gate decision: 1 gates each channel; 8/16/32 gate aligned groups "
+                                             "(fit-gates first orders channels so that those that fire together share a "
+                                             "group; a layer's last group holds the remainder).")]
+
 
 def attach_options(*, arch, num_classes, in_chans, input_size, mean, std, interpolation, crop_pct, augment, trust_pickle,
-                   use_ema, include, exclude, gate_shortcuts, depthwise_follow=False):
+                   use_ema, include, exclude, gate_shortcuts, depthwise_follow=False, group_size=1):
     """attach's flags, parsed, as the one ``AttachOptions`` that ``ftwt attach`` and ``ftwt sweep`` pass on."""
     from ..attach import AttachOptions, parse_input_size
     mean, std = float_list(mean, "--mean"), float_list(std, "--std")
@@ -126,7 +132,8 @@ def attach_options(*, arch, num_classes, in_chans, input_size, mean, std, interp
                          mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
                          interpolation=value(interpolation), crop_pct=crop_pct, augment=value(augment),
                          trust_pickle=trust_pickle, use_ema=use_ema, include=tuple(include or ()),
-                         exclude=tuple(exclude or ()), gate_shortcuts=gate_shortcuts, depthwise_follow=depthwise_follow)
+                         exclude=tuple(exclude or ()), gate_shortcuts=gate_shortcuts, depthwise_follow=depthwise_follow,
+                         group_size=group_size)
 
 
 Run = Annotated[Path, typer.Option(help="Run directory.")]

@@ -19,6 +19,7 @@ from .options import (
     Device,
     Exclude,
     GateShortcuts,
+    GroupSize,
     InChans,
     Include,
     InputSize,
@@ -90,6 +91,7 @@ def sweep_cli(
     exclude: Exclude = None,
     gate_shortcuts: GateShortcuts = False,
     depthwise_follow: DepthwiseFollow = False,
+    group_size: GroupSize = 1,
     no_source_check: NoSourceCheck = False,
 ) -> None:
     """Accuracy against MACs over several r: dynamic points, static twins at equal MACs and a dense control.
@@ -114,7 +116,7 @@ def sweep_cli(
     opts = attach_options(arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size, mean=mean, std=std,
                           interpolation=interpolation, crop_pct=crop_pct, augment=augment, trust_pickle=trust_pickle,
                           use_ema=use_ema, include=include, exclude=exclude, gate_shortcuts=gate_shortcuts,
-        depthwise_follow=depthwise_follow)
+                          depthwise_follow=depthwise_follow, group_size=group_size)
     from ..runtime.dist import launched_rank
     main = launched_rank() == 0                     # under torchrun, rank 0 alone prints
     say = (lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)) if main else None

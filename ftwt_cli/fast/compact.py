@@ -20,6 +20,8 @@ gather is paid once per sample and spread over all its tokens (197 for a ViT at 
 
 Batch > 1: the union of the batch's masks is computed compactly, then each sample's own mask is applied, so the
 result equals the masked model's; the saving shrinks as masks differ across samples (batch 1 is the target case).
+Where the union keeps ≥ ``BATCH_DENSE_SHARE`` of a conv's filters (most layers at batch 32), the conv runs dense and
+masks, in the dense layout: a compact union would compute as much and add the gathers and the scatter back.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ from .fold import fold_bn
 __all__ = ["CompactModel", "CompactConv", "CompactFc1", "CompactFc2", "Shared", "STRATEGIES"]
 
 STRATEGIES = ("dense", "out", "in_out")
+# Batch > 1: a conv whose union of the batch's masks keeps at least this share of its filters runs dense (then masks)
+BATCH_DENSE_SHARE = 0.9
 
 
 class Shared:
@@ -45,8 +49,9 @@ class Shared:
 
     def __init__(self) -> None:
         self.masks: Dict[str, torch.Tensor] = {}
-        self.idx: Dict[str, torch.Tensor] = {}
+        self.idx: Dict[str, Optional[torch.Tensor]] = {}      # None: the producer returned the dense layout
         self.forced: Optional[Mapping[str, torch.Tensor]] = None
+        self.batch_dense_share = BATCH_DENSE_SHARE      # > 1: never (checking chains must see compact tensors pass)
 
 
 def _empty_out(x: torch.Tensor, conv: "CompactConv", channels: int) -> torch.Tensor:
@@ -113,23 +118,30 @@ class CompactConv(nn.Module):
         if self.follows is not None:
             mask = sh.masks[self.follows]
         else:
-            if self.compact_in is not None:    # x holds only the producer's active channels
+            if self.compact_in is not None:    # x holds only the producer's active channels (None: all, dense layout)
                 in_idx = sh.idx[self.compact_in]
+            if in_idx is not None:
                 pooled = x.new_zeros(B, self.in_channels)
                 pooled.index_copy_(1, in_idx, x.mean(dim=(2, 3)))
-                logits = self.gate.fc(pooled)  # = gate(dense x): the missing channels are all zero
+                logits = self.gate.from_pooled(pooled)  # = gate(dense x): the missing channels are all zero
             else:
                 logits = self.gate(x)
             mask = sh.forced[self.name] if sh.forced is not None else logits > 0
         sh.masks[self.name] = mask
         any_out = mask.any(0) if B > 1 else mask[0]
-        if in_idx is not None and self.strategy == "dense":      # back to the dense layout, then as unchained
+        # a batch whose union of masks keeps nearly every filter: the dense conv and each sample's mask, in the dense
+        # layout (a compact union would compute as much and add the gathers and the scatter back)
+        union_dense = B > 1 and int(any_out.sum()) >= sh.batch_dense_share * self.out_channels
+        dense = self.strategy == "dense" or union_dense
+        if in_idx is not None and dense:       # back to the dense layout, then as unchained
             dense_x = x.new_zeros(B, self.in_channels, x.shape[2], x.shape[3])
             x, in_idx = dense_x.index_copy_(1, in_idx, x), None
-        if self.strategy == "dense" or self.padding_mode != "zeros":
+        if dense or self.padding_mode != "zeros":
             y = self._conv(x, self.weight, self.bias, self.groups)
-            if not self.compact_out:
-                return y * mask[:, :, None, None].to(y.dtype)
+            if union_dense and self.compact_out:     # the consumer reads the dense layout
+                sh.idx[self.name] = None
+            if not self.compact_out or union_dense:
+                return y.mul_(mask[:, :, None, None].to(y.dtype))     # y is the conv's own new tensor
             out_idx, n_active = self._indices(any_out, self.pad_out)
             y = y.index_select(1, out_idx)
         else:
@@ -188,7 +200,7 @@ class CompactFc1(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sh = self.shared
         if self.name not in sh.idx:
-            logits = self.gate.fc(pool(x, True))
+            logits = self.gate.from_pooled(pool(x, True))
             mask = sh.forced[self.name] if sh.forced is not None and self.name in sh.forced else logits > 0
             sh.masks[self.name] = mask
             sh.idx[self.name] = (mask.any(0) if mask.shape[0] > 1 else mask[0]).nonzero().squeeze(1)

@@ -91,6 +91,7 @@ class GatingInfo:
     r: Optional[float] = None
     gt: str = "mass"
     decoupled: bool = True
+    group_size: int = 1                # channels per gate decision (attach --group-size); written only when > 1
 
 
 @dataclass
@@ -180,10 +181,13 @@ class RunMeta:
         for k in ("static", "source_eval"):          # keys earlier releases do not know, written only when set
             if d[k] is None:
                 d.pop(k)
+        if self.gating.group_size == 1:
+            d["gating"].pop("group_size")
         # a CNN's run is written as 0.1.0 wrote it, so that release reads it; a static model, MLP units or attention
         # products need version 2, which older releases refuse with "upgrade ftwt"
         d["format_version"] = 2 if (self.static is not None or self.source_eval is not None
-                                    or self.source.alternatives or self.plan.has_new_features) else 1
+                                    or self.source.alternatives or self.plan.has_new_features
+                                    or self.gating.group_size != 1) else 1
         return d
 
     @classmethod

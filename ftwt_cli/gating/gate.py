@@ -1,14 +1,25 @@
-"""FTWT's decision gate: global average pool of a unit's input, then a linear layer (C_in → C_out logits).
+"""FTWT's decision gate: global average pool of a unit's input, then a linear layer (C_in → one logit per group).
 
 A conv unit's input is (B, C, H, W): the pool is over H, W. An MLP unit's input is channels last — (B, N, C) tokens
 or (B, H, W, C) — and the pool is over every dim between the batch and the channels, so one mask per sample is
-shared by all its tokens."""
+shared by all its tokens.
+
+Channel groups (``group_size`` G > 1): the linear layer has ceil(C_out / G) outputs, one per group of G channels
+(the last group holds the remainder when G does not divide C_out), and ``group_of`` maps each channel to its group.
+The gate's logits are returned per *channel* (each channel carries its group's logit), so everything that reads
+them — masks, the loss summed over filters, the MACs count — works on channels as with G = 1, and a group's
+channels always fire together. ``group_of`` starts as contiguous blocks (channel c in group c // G); ``set_groups``
+re-assigns channels (co-firing order, ``gating.cofire``), with every group keeping its size."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-__all__ = ["Gate", "gate_key", "pool", "INIT_LOGIT"]
+from ..errors import FtwtError
+
+__all__ = ["Gate", "gate_key", "pool", "INIT_LOGIT", "check_group_size"]
 
 # Gates start open: zero weights and a positive bias give sigmoid(3) ≈ 0.95 > 0.5 for every channel.
 INIT_LOGIT = 3.0
@@ -19,18 +30,62 @@ def gate_key(unit_name: str) -> str:
     return unit_name.replace(".", "__")
 
 
-class Gate(nn.Module):
-    """logits = W · GAP(x) + b; an output channel runs iff sigmoid(logit) > 0.5, i.e. logit > 0."""
+def check_group_size(g: int) -> int:
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise FtwtError(f"--group-size {g!r} is not a positive integer", "pass 1 (every channel its own gate), 8, 16 or 32")
+    return g
 
-    def __init__(self, in_channels: int, out_channels: int, channels_last: bool = False) -> None:
+
+class Gate(nn.Module):
+    """logits = W · GAP(x) + b, one per group, read out per channel; a channel runs iff sigmoid(logit) > 0.5,
+    i.e. logit > 0."""
+
+    def __init__(self, in_channels: int, out_channels: int, channels_last: bool = False, group_size: int = 1) -> None:
         super().__init__()
         self.channels_last = channels_last
-        self.fc = nn.Linear(in_channels, out_channels)
+        self.out_channels, self.group_size = out_channels, group_size
+        self.fc = nn.Linear(in_channels, -(-out_channels // group_size))
         nn.init.zeros_(self.fc.weight)
         nn.init.constant_(self.fc.bias, INIT_LOGIT)
+        self.group_of: Optional[torch.Tensor]
+        if group_size > 1:      # only grouped gates carry the map, so ungrouped runs keep their state-dict keys
+            self.register_buffer("group_of", torch.arange(out_channels) // group_size)
+        else:
+            self.group_of = None
+
+    @property
+    def groups(self) -> int:
+        return self.fc.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(pool(x, self.channels_last))
+        return self.from_pooled(pool(x, self.channels_last))
+
+    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, C_in) pooled input → (B, C_out) per-channel logits."""
+        logits = self.fc(pooled)
+        return logits if self.group_of is None else logits.index_select(1, self.group_of)
+
+    def group_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, C_out) per-channel scores → (B, groups) sums: a group's share of the heatmap mass."""
+        if self.group_of is None:
+            return scores
+        out = scores.new_zeros(scores.shape[0], self.groups)
+        return out.index_add_(1, self.group_of, scores)
+
+    def channels(self, group_mask: torch.Tensor) -> torch.Tensor:
+        """(B, groups) → (B, C_out): each channel takes its group's value."""
+        return group_mask if self.group_of is None else group_mask.index_select(1, self.group_of)
+
+    @torch.no_grad()
+    def set_groups(self, group_of: torch.Tensor) -> None:
+        """Re-assign channels to groups; every group keeps its size (so exact MACs per group stay as attached)."""
+        if self.group_of is None:
+            raise ValueError("an ungrouped gate has no groups to re-assign")
+        g = group_of.to(self.group_of)
+        if g.shape != self.group_of.shape or not torch.equal(torch.bincount(g, minlength=self.groups),
+                                                             torch.bincount(self.group_of, minlength=self.groups)):
+            raise ValueError("a group assignment must keep every group's size")
+        self.group_of.copy_(g)
 
 
 def pool(x: torch.Tensor, channels_last: bool) -> torch.Tensor:

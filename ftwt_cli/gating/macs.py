@@ -8,7 +8,8 @@ is gated). Depthwise convs (g = C) thus cost Σ_c in_c·out_c·k²·HW. A linear
 active_in · active_out · tokens (an MLP's fc1 computes only its active hidden units, fc2 reads only them; a gated
 MLP's two fc1 halves, or its gate and up projections, both compute only the active units' rows).
 Attention computed outside conv/linear modules (QKᵀ and AV at L·S·(E + E_v) per head, projections applied with
-F.linear) stays dense. A gate costs active_in · C_out (GAP → Linear; pooling is not a MAC).
+F.linear) stays dense. A gate costs active_in · C_out (GAP → Linear; pooling is not a MAC); a gate of channel groups
+active_in · groups.
 Norms, activations and pooling are not counted: that is ptflops' ``aten`` convention.
 
 This module only does arithmetic on masks and shapes; it never runs a model. Counts are exact (integers held
@@ -92,10 +93,11 @@ class MacsBreakdown:
 
 def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, torch.Tensor],
                positions: Mapping[str, int], batch: int, *, gates_run: bool,
-               device: Optional[torch.device | str] = None, attention: float = 0.0) -> MacsBreakdown:
+               device: Optional[torch.device | str] = None, attention: float = 0.0,
+               gate_outputs: Optional[Mapping[str, int]] = None) -> MacsBreakdown:
     """Per-sample MACs of one forward. ``masks`` holds the (B, C_out) bool masks of gated units (missing =
     dense); ``positions`` the output positions each op saw in this forward (summed over calls); ``gates_run``
-    adds each gate's cost, active_in · C_out. ``attention``: the per-sample MACs of attention computed outside conv/linear
+    adds each gate's cost, active_in · C_out (· its logits, ``gate_outputs[unit]``, for gates of channel groups). ``attention``: the per-sample MACs of attention computed outside conv/linear
     modules (QKᵀ, AV, functional projections), which stays dense. Results live on the masks' device (else ``device``, else CPU).
     A layer called more than once is counted dense on every call."""
     dev = torch.device(device) if device is not None else next((m.device for m in masks.values()), torch.device("cpu"))
@@ -114,7 +116,7 @@ def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, 
         for u in units:
             if u.name in masks and not u.follows:          # a follower has no gate
                 a_in = _per_group(active_channels(u.in_expr, masks, batch), u.in_channels, 1, batch, dev)
-                gates += a_in.squeeze(1) * u.out_channels
+                gates += a_in.squeeze(1) * (gate_outputs or {}).get(u.name, u.out_channels)
     total = gates + attention
     for v in per_op.values():
         total += v

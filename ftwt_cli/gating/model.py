@@ -33,7 +33,7 @@ from ..arch.plan import Plan, Unit
 from ..arch.trace import trace_plan
 from ..errors import FtwtError
 from ..settings import GATE_MODES
-from .gate import Gate, gate_key
+from .gate import Gate, check_group_size, gate_key
 from .macs import MacsBreakdown, count_macs
 from .targets import GT_RULES, check_r, ground_truth, ground_truth_many
 
@@ -149,7 +149,8 @@ class _MaskHook(_Hook):
             mask = rec.masks[self.unit.follows]
         elif g.mode == "oracle":                 # the mask is this layer's ground truth: rank now
             with torch.no_grad():
-                mask = rec.targets[name] = ground_truth(self._scores(out), g.r, g.gt)
+                gate = g.gates[gate_key(name)]
+                mask = rec.targets[name] = gate.channels(ground_truth(gate.group_scores(self._scores(out)), g.r, g.gt))
         else:
             if g._ctl.collect:                   # only the loss needs it: ranked after the forward
                 with torch.no_grad():
@@ -188,7 +189,8 @@ class _PositionHook(_Hook):
 class GatedModel(nn.Module):
     """A backbone with decision gates. ``set_gates`` picks how masks are made; ``last_stats`` reports."""
 
-    def __init__(self, backbone: nn.Module, plan: Plan, gated: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, backbone: nn.Module, plan: Plan, gated: Optional[Sequence[str]] = None, *,
+                 group_size: int = 1) -> None:
         super().__init__()
         self.backbone = backbone
         self.plan = plan
@@ -203,7 +205,8 @@ class GatedModel(nn.Module):
             raise FtwtError(f"{lost[0]} follows {by_name[lost[0]].follows}, which is not gated",
                             "gate the unit it follows too, or attach without --depthwise-follow")
         # a follower has no gate: it takes the mask of the unit it follows
-        self.gates = nn.ModuleDict({gate_key(u.name): Gate(u.in_channels, u.out_channels, u.kind != "conv")
+        self.group_size = check_group_size(group_size)
+        self.gates = nn.ModuleDict({gate_key(u.name): Gate(u.in_channels, u.out_channels, u.kind != "conv", group_size)
                                     for u in self.units if not u.follows})
         self.mode, self.r, self.gt = "open", 0.95, "mass"
         self.meta = None               # io.meta.RunMeta once loaded from a run or an export
@@ -333,6 +336,12 @@ class GatedModel(nn.Module):
         return self._rec.masks
 
     @property
+    def last_scores(self) -> Dict[str, torch.Tensor]:
+        """Per-channel (B, C) scores of the last forward inside ``collecting``, not yet ranked (``last_targets`` ranks
+        them, per group for grouped gates, and consumes them)."""
+        return dict(self._rec.scores)
+
+    @property
     def last_targets(self) -> Dict[str, torch.Tensor]:
         """Ground-truth masks of the last forward (inside ``collecting``, or in ``oracle`` mode).
 
@@ -341,7 +350,10 @@ class GatedModel(nn.Module):
         rec = self._rec
         if rec.scores:
             r, gt = rec.rule
-            rec.targets.update(ground_truth_many(rec.scores, r, gt))
+            # grouped gates: the rule ranks groups by their summed scores, and each channel takes its group's target
+            gates = {n: self.gates[gate_key(n)] for n in rec.scores}
+            ranked = ground_truth_many({n: gates[n].group_scores(s) for n, s in rec.scores.items()}, r, gt)
+            rec.targets.update({n: gates[n].channels(t) for n, t in ranked.items()})
             rec.scores = {}
         return rec.targets
 
@@ -350,7 +362,7 @@ class GatedModel(nn.Module):
         dev = next(self.backbone.parameters()).device
         attn = self.attention_macs(size)
         b = count_macs(self.plan.ops, self.units, masks, rec.positions, batch, gates_run=gates_run, device=dev,
-                       attention=attn)
+                       attention=attn, gate_outputs=self.gate_outputs)
         if size not in self._dense_cache:
             self._dense_cache[size] = float(count_macs(self.plan.ops, self.units, {}, rec.positions, 1, gates_run=False,
                                                        attention=attn).total[0])
@@ -388,9 +400,15 @@ class GatedModel(nn.Module):
                 self._install_hooks()
         return self._attention_cache[size]
 
+    @property
+    def gate_outputs(self) -> Dict[str, int]:
+        """Logits each unit's gate computes (its channels, or its groups of channels); followers have none."""
+        return {u.name: self.gates[gate_key(u.name)].groups for u in self.units if not u.follows}
+
     def gate_macs_dense(self) -> int:
         """Cost of all gates when every input channel is active."""
-        return sum(u.in_channels * u.out_channels for u in self.units if not u.follows)
+        outs = self.gate_outputs
+        return sum(u.in_channels * outs[u.name] for u in self.units if not u.follows)
 
 
 def model_macs(module: nn.Module, input_size: Sequence[int]) -> float:

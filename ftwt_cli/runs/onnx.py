@@ -57,7 +57,7 @@ def onnx_module(model: GatedModel) -> nn.Module:
     def gate_hook(name: str, tokens: bool):
         def hook(module, args):
             g = gates[gate_key(name)]
-            masks[name] = (g.fc(pool(args[0], tokens)) > 0)
+            masks[name] = (g.from_pooled(pool(args[0], tokens)) > 0)
         return hook
 
     def expand(mask: torch.Tensor, y: torch.Tensor, conv: bool) -> torch.Tensor:

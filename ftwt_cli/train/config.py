@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar
 
 from ..errors import FtwtError
-from ..settings import FINETUNE_MODES, GT_RULE_NAMES, SCHEDULES, check_cut, check_r
+from ..settings import FINETUNE_MODES, GROUP_ORDERS, GT_RULE_NAMES, SCHEDULES, check_cut, check_r
 
 __all__ = ["FitGatesConfig", "FinetuneConfig", "load_recipe", "resolve_config", "SCHEDULES", "FINETUNE_MODES"]
 
@@ -36,10 +36,15 @@ class FitGatesConfig:
     # BatchNorm statistics re-estimated under the predicted masks at the end of every epoch, on this many training
     # images with the evaluation transform (``train.recalibrate``); 0: the dense model's statistics stay
     recalibrate_bn: int = 0
+    # gates of channel groups (attach --group-size): before the first epoch, order channels into groups by how they
+    # fire together on the calib_samples images (``gating.cofire``), or keep index order (channel c in group c // G)
+    group_order: str = "cofire"
 
     def validate(self) -> None:
         check_r(self.r)
         _non_negative(self, "recalibrate_bn")
+        if self.group_order not in GROUP_ORDERS:
+            raise FtwtError(f"unknown group order '{self.group_order}'", f"use one of {', '.join(GROUP_ORDERS)}")
         if self.target_cut is not None:
             check_cut(self.target_cut)
         _positive(self, "calib_samples")
