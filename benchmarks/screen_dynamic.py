@@ -12,6 +12,7 @@ the format of dynamic-vs-static.json).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -47,6 +48,10 @@ CONFIGS = {"ftwt (defaults)": ({}, {}),
            "groups of 16": ({}, {"group_size": 16}),
            "groups of 16 (index order)": ({"group_order": "index"}, {"group_size": 16}),
            "groups of 16 + BN recalibration": ({"recalibrate_bn": 2048}, {"group_size": 16})}
+# finetune changes per configuration (the static twin and the control get the same budget; gate settings do not
+# apply to them): FTWT's schedule, the gates co-trained with the backbone (joint) and frozen after half the epochs
+FINETUNE = {"joint (gates frozen at half)": {"mode": "joint", "freeze_gates_at": 0.5}}
+CONFIGS["joint (gates frozen at half)"] = ({}, {})
 ARCHS = ("resnet18", "mobilenet_v2")              # torchvision models the screen trains
 
 
@@ -83,7 +88,8 @@ def main() -> int:
         out = WORK / f"screen-{args.arch}-c{args.cut:g}-b{args.baseline_epochs}-f{args.fit_epochs}-t{args.finetune_epochs}-{slug}"
         t0 = time.time()
         pts = run_sweep(ckpt, str(data), out, target_cuts=[args.cut], static="l1", dense_control=i == 0,
-                        attach_options={**attach, **attach_changes}, fit_cfg=fit, finetune_cfg=ft, device="cpu", on_event=print)
+                        attach_options={**attach, **attach_changes}, fit_cfg=fit,
+                        finetune_cfg=dataclasses.replace(ft, **FINETUNE.get(name, {})), device="cpu", on_event=print)
         by = {p.kind: p for p in pts}
         dyn, st = by["dynamic"], by["static"]
         fitted = read_meta(Path(dyn.run)).training["fit-gates"].epochs[-1]
@@ -101,7 +107,7 @@ def main() -> int:
              f"* Source: torchvision {args.arch} trained {args.baseline_epochs} epochs at 32 px on a fixed "
              f"{args.train}-image Fashion-MNIST subset; validation: {args.val} test images (one seed).",
              f"* Each configuration: attach → `fit-gates --target-cut {args.cut:g}` ({args.fit_epochs} epochs) → "
-             f"`finetune` ({args.finetune_epochs} epochs, decoupled); its Torch-Pruning L1 twin pruned to the dynamic "
+             f"`finetune` ({args.finetune_epochs} epochs, decoupled unless the configuration says otherwise); its Torch-Pruning L1 twin pruned to the dynamic "
              "point's mean MACs (gates included) and fine-tuned with the same budget; MACs exact. Minutes: this "
              "invocation's (\"resumed\": the points were finished by an earlier run of the same command).", "",
              "| configuration | cut | top-1 after fit-gates | top-1 after finetune | static twin (L1): cut / top-1 | "

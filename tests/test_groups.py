@@ -168,6 +168,10 @@ def test_a_grouped_run_fits_compacts_and_exports(tmp_path, ckpt):
     assert float(g.last_stats.macs.mean()) < g.last_stats.dense_macs
     with torch.no_grad():
         assert torch.allclose(make_compact(g, calibrate=False)(x), want, atol=1e-4)
+    from ftwt_cli.runs import export
+    export(tmp_path / "run", tmp_path / "m.safetensors")            # the exported file carries the groups too
+    with torch.no_grad():
+        assert torch.equal(ftwt_cli.load(tmp_path / "m.safetensors")(x), want)
     export_onnx(tmp_path / "run", tmp_path / "m.onnx")
     s = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(s.run(None, {"image": x.numpy()})[0] - want.numpy()).max() <= 1e-4
