@@ -53,6 +53,28 @@ def record_masks(run: str, data: str, images: int):
     return g, out
 
 
+def per_layer_ms(net: torch.nn.Module, names, run_all) -> dict:
+    """Wall time per named module over one call of ``run_all`` (CPU: forwards are synchronous), in ms per forward."""
+    mods = dict(net.named_modules())
+    spent, start, calls = {n: 0.0 for n in names}, {}, {n: 0 for n in names}
+
+    def pre(n):
+        return lambda m, a: start.__setitem__(n, time.perf_counter())
+
+    def post(n):
+        def hook(m, a, out):
+            spent[n] += time.perf_counter() - start[n]
+            calls[n] += 1
+        return hook
+    handles = [h for n in names for h in (mods[n].register_forward_pre_hook(pre(n)), mods[n].register_forward_hook(post(n)))]
+    try:
+        run_all()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: 1e3 * spent[n] / max(calls[n], 1) for n in names}
+
+
 def patterns(masks) -> float:
     """Mean over units of the number of distinct masks among the recorded images."""
     names = masks[0].keys()
@@ -79,6 +101,7 @@ def main() -> int:
              "| run | group size | distinct masks per layer (of images) | MACs ratio | batch | dense-folded ms | compact ms | "
              "static twin ms | compact / dense | compact / MACs ratio | compact / static |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    per_layer = []
     for run in args.runs.split(","):
         trained, masks = record_masks(run, args.data, args.images)
         torch.manual_seed(0)
@@ -93,7 +116,8 @@ def main() -> int:
             macs.append(float(g.last_stats.macs[0]))
         dense_macs = g.last_stats.dense_macs
         ratio = sum(macs) / len(macs) / dense_macs
-        compact = make_compact(g, input_size=SIZE)
+        keep = {n: sum(float(m[n].float().mean()) for m in masks) / len(masks) for n in masks[0]}
+        compact = make_compact(g, input_size=SIZE, keep=keep)      # strategies timed at each layer's real keep ratio
         folded = folded_backbone(g)
         with torch.enable_grad():      # Torch-Pruning traces through autograd
             twin = prune_to_macs(g.plain_backbone(), SIZE, ratio * dense_macs, "l1", ignored=["fc"]).model
@@ -117,6 +141,20 @@ def main() -> int:
             lines.append(f"| {Path(run).parent.name} | {trained.group_size} | {patterns(masks):.1f} of {len(masks)} | "
                          f"{ratio:.3f} (twin {twin_ratio:.3f}) | {batch} | {d:.1f} | {c:.1f} | {t['static']:.1f} | {c / d:.3f} | {c / d / ratio:.2f} | {c / t['static']:.2f} |")
             print(lines[-1], flush=True)
+        if run == args.runs.split(",")[0]:      # per layer, batch 1, for the first run: where the time goes
+            names = [n for n in compact.compact_units]
+            for _ in range(2):                     # the second pass is measured
+                t_c = per_layer_ms(compact.backbone, names, lambda: [compact(x1, m) for m in masks])
+                t_d = per_layer_ms(folded, names, lambda: [folded(x1) for _ in masks])
+            per_layer = ["", f"Per gated conv, batch 1, {Path(run).parent.name} (hooks around each conv; the compact module "
+                         "includes its gate, the index work, the weight gather and the scatter back):", "",
+                         "| conv | strategy | mean keep (outputs) | dense-folded conv ms | compact ms | compact / dense |",
+                         "|---|---|---|---|---|---|"]
+            per_layer += [f"| {n} | {compact.compact_units[n].strategy} | {keep[n]:.2f} | {t_d[n]:.3f} | {t_c[n]:.3f} | "
+                          f"{t_c[n] / t_d[n]:.2f} |" for n in names]
+            per_layer.append(f"| all gated convs | | | {sum(t_d.values()):.2f} | {sum(t_c.values()):.2f} | "
+                             f"{sum(t_c.values()) / sum(t_d.values()):.2f} |")
+    lines += per_layer
     lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
     atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
     return 0

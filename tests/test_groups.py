@@ -179,3 +179,13 @@ def test_a_grouped_run_fits_compacts_and_exports(tmp_path, ckpt):
     fit_gates(tmp_path / "run", "digits", FitGatesConfig(r=0.8, epochs=1, lr=0.05, batch_size=64, workers=0),
               train_samples=128, progress=notes)
     assert all(torch.equal(a, gate.group_of) for a, gate in zip(orders, ftwt_cli.load(tmp_path / "run").gates.values()))
+
+
+def test_calibration_at_each_layers_own_keep_ratio_stays_exact():
+    from ftwt_cli.fast import make_compact
+    g = _gated(1).set_gates("predict")
+    compact = make_compact(g, keep={"0": 0.25, "3": 0.9}, reps=3)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(compact(x), g(x), atol=1e-5)
+    assert set(compact.strategies) == {"0", "3"}

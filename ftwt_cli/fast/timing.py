@@ -72,16 +72,19 @@ def bench(model: GatedModel, x: torch.Tensor, *, masks: Optional[Mapping[str, to
     try:
         gated = copy.deepcopy(model).eval().set_gates("predict")
         dense = model.plain_backbone()        # the plain source network: no gates, no hooks
-        # a model without gates (a static twin) has nothing to compact: only its dense rows are timed
-        compact = make_compact(gated, calibrate=calibrate, input_size=tuple(x.shape[1:])) if model.units else None
-        folded = folded_backbone(model)
 
         def masked():
             with gated.forcing(masks) if masks is not None else nullcontext():
                 return gated(x)
         masked()
         stats = gated.last_stats
-        keep = float(torch.stack([m.float().mean() for m in stats.masks.values()]).mean()) if stats.masks else 1.0
+        layer_keep = {n: float(m.float().mean()) for n, m in stats.masks.items()}
+        keep = sum(layer_keep.values()) / len(layer_keep) if layer_keep else 1.0
+        # a model without gates (a static twin) has nothing to compact: only its dense rows are timed. Each conv's
+        # strategy is calibrated at the keep ratio its masks really have on this input
+        compact = make_compact(gated, calibrate=calibrate, input_size=tuple(x.shape[1:]),
+                               keep=layer_keep or 0.7) if model.units else None
+        folded = folded_backbone(model)
         rows = []
         variants = [("dense", lambda: dense(x), stats.dense_macs), ("dense-folded", lambda: folded(x), stats.dense_macs)]
         if compact is not None:
