@@ -43,7 +43,6 @@ class Gate(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, channels_last: bool = False, group_size: int = 1) -> None:
         super().__init__()
         self.channels_last = channels_last
-        self.out_channels, self.group_size = out_channels, group_size
         self.fc = nn.Linear(in_channels, -(-out_channels // group_size))
         nn.init.zeros_(self.fc.weight)
         nn.init.constant_(self.fc.bias, INIT_LOGIT)
@@ -62,8 +61,7 @@ class Gate(nn.Module):
 
     def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, C_in) pooled input → (B, C_out) per-channel logits."""
-        logits = self.fc(pooled)
-        return logits if self.group_of is None else logits.index_select(1, self.group_of)
+        return self.channels(self.fc(pooled))
 
     def group_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """(B, C_out) per-channel scores → (B, groups) sums: a group's share of the heatmap mass."""
@@ -73,7 +71,7 @@ class Gate(nn.Module):
         return out.index_add_(1, self.group_of, scores)
 
     def channels(self, group_mask: torch.Tensor) -> torch.Tensor:
-        """(B, groups) → (B, C_out): each channel takes its group's value."""
+        """(B, groups) logits or masks → (B, C_out): each channel takes its group's value."""
         return group_mask if self.group_of is None else group_mask.index_select(1, self.group_of)
 
     @torch.no_grad()
