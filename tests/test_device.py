@@ -33,6 +33,7 @@ def test_gated_forward_and_macs_live_on_the_device(device):
     assert all(t.device.type == device for t in g.last_targets.values()) and (s.macs < s.dense_macs).all()
 
 
+@pytest.mark.integration      # trains for tens of seconds on a 2-core CPU without AVX-512
 def test_bf16_autocast_keeps_masks_and_fits(run):
     """Under bf16 autocast (what CUDA takes by default) the predicted masks agree with float32 on ≥ 99% of decisions,
     and fit-gates and finetune train with finite losses."""
@@ -53,6 +54,7 @@ def test_bf16_autocast_keeps_masks_and_fits(run):
     assert math.isfinite(rep.epochs[0].loss) and rep.epochs[0].bce > 0
 
 
+@pytest.mark.integration      # trains for tens of seconds on a 2-core CPU without AVX-512
 def test_fp16_with_a_grad_scaler_steps_both_optimisers(run):
     fit_gates(run, "digits", FitGatesConfig(**FIT), train_samples=128, amp="fp16")
     before = {k: v.clone() for k, v in ftwt_cli.load(run).state_dict().items()}

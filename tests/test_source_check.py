@@ -85,6 +85,7 @@ def test_the_right_config_passes_and_every_report_compares_with_the_source(tmp_p
     assert res.exit_code == 0 and "source checkpoint" in res.stdout and "against the source" in " ".join(res.stdout.split())
 
 
+@pytest.mark.integration      # trains for tens of seconds on a 2-core CPU without AVX-512
 def test_finetune_and_evaluate_take_the_runs_data(tmp_path, run):
     """`ftwt finetune` without --data trains on what the run was fitted on (the run records it)."""
     fit_gates(run, "digits", FIT)

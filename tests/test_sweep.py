@@ -70,7 +70,8 @@ def test_sweep_bad_input_is_one_line_and_writes_nothing(ckpt, tmp_path):
                        (["--rs", "0.9", "--static", "magic"], "'magic' is not one of"),
                        (["--rs", "0.9", "--static-global"], "no static twin is asked for"),
                        (["--rs", "0.9", "--static", "l1", "--static-isomorphic"], "isomorphic"),
-                       (["--rs", "0.9", "--static", "l1", "--static-round-to", "6"], "power of two")):
+                       (["--rs", "0.9", "--static", "l1", "--static-round-to", "6"], "power of two"),
+                       (["--rs", "0.9", "--hybrid", "0.7"], "--epsilon 0.7 is outside (0, 0.5)")):
         res = runner.invoke(app, ["sweep", str(ckpt), "--data", "digits", "--out", str(out), *args])
         assert res.exit_code == 2 and res.output.startswith("error: ") and text in res.output, res.output
         assert len(res.output.strip().splitlines()) == 1
@@ -80,6 +81,39 @@ def test_sweep_bad_input_is_one_line_and_writes_nothing(ckpt, tmp_path):
     with pytest.raises(FtwtError, match="holds no sweep"):
         run_sweep(ckpt, "digits", tmp_path / "mine", rs=[0.9], attach_options=ATTACH)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_hybrid_points_follow_their_dynamic_point_with_a_twin_of_their_own():
+    from ftwt_cli.sweep.state import planned_points
+    pts = planned_points([0.9], [0.5], "l1", True, hybrid=0.05)
+    assert [(p.kind, p.name, p.twin) for p in pts] == [
+        ("dense", "dense", None), ("dynamic", "dynamic-r0.9", None), ("static", "static-l1-r0.9", "dynamic-r0.9"),
+        ("hybrid", "hybrid-e0.05-r0.9", "dynamic-r0.9"), ("static", "static-l1-hybrid-e0.05-r0.9", "hybrid-e0.05-r0.9"),
+        ("dynamic", "dynamic-cut0.5", None), ("static", "static-l1-cut0.5", "dynamic-cut0.5"),
+        ("hybrid", "hybrid-e0.05-cut0.5", "dynamic-cut0.5"),
+        ("static", "static-l1-hybrid-e0.05-cut0.5", "hybrid-e0.05-cut0.5"), ("control", "control", None)]
+    assert all(p.epsilon == 0.05 for p in pts if p.kind == "hybrid")
+
+
+@pytest.mark.integration
+def test_a_sweep_with_hybrids_forks_them_from_the_fitted_gates(ckpt, tmp_path):
+    out = tmp_path / "sweep"
+    events = []
+    pts = run_sweep(ckpt, "digits", out, rs=[0.9], static="l1", hybrid=0.3, attach_options=ATTACH, on_event=events.append,
+                    fit_cfg=FitGatesConfig(epochs=2, lr=0.05, batch_size=64, workers=0, calib_samples=128),
+                    finetune_cfg=FinetuneConfig(epochs=1, batch_size=64, workers=0), train_samples=256, device="cpu")
+    by = {p.name: p for p in pts}
+    assert all(p.status == "done" for p in pts), [(p.name, p.error) for p in pts]
+    h, hs, d = by["hybrid-e0.3-r0.9"], by["static-l1-hybrid-e0.3-r0.9"], by["dynamic-r0.9"]
+    # the hybrid was made after the dynamic point's fit-gates, before its finetune
+    assert events.index("hybrid-e0.3-r0.9: hybrid of dynamic-r0.9's fitted gates (epsilon 0.3)") < events.index("dynamic-r0.9: finetune")
+    meta = json.loads((out / h.name / "ftwt.json").read_text())
+    assert [c["command"] for c in meta["history"]][-1] == "hybrid"
+    assert len(meta["training"]["finetune"]["epochs"]) == 1 and len(meta["training"]["fit-gates"]["epochs"]) == 2
+    assert h.macs_mean < by["dense"].macs_mean and h.r == d.r
+    assert abs(hs.macs_mean - h.macs_mean) <= 0.01 * h.macs_mean
+    md = (out / "sweep.md").read_text()
+    assert "- hybrid-e0.3-r0.9: use the " in md and "hybrid model" in md
 
 
 def test_the_report_pairs_each_dynamic_point_with_its_static_twin():

@@ -48,6 +48,7 @@ def test_fit_gates_learns_the_ground_truth_and_leaves_the_backbone(run):
     assert (m.last_stats.macs < m.last_stats.dense_macs).all()
 
 
+@pytest.mark.integration      # trains for tens of seconds on a 2-core CPU without AVX-512
 def test_fit_gates_is_deterministic_and_resume_is_exact(run, tmp_path):
     import shutil
     other = tmp_path / "other"
@@ -95,6 +96,7 @@ def test_finetune_before_fit_gates_is_refused(run):
         finetune(run, "digits", FinetuneConfig(epochs=1, workers=0))
 
 
+@pytest.mark.integration      # trains for tens of seconds on a 2-core CPU without AVX-512
 def test_dense_control_trains_with_open_gates(run):
     before = ftwt_cli.load(run).state_dict()
     rep = finetune(run, "digits", FinetuneConfig(epochs=1, batch_size=64, workers=0), dense_control=True)
@@ -123,6 +125,7 @@ class _Snapshots:
         self.backbone.append(_backbone(self.run))
 
 
+@pytest.mark.integration      # trains for tens of seconds on a 2-core CPU without AVX-512
 def test_gates_freeze_after_the_given_fraction_of_finetune(run):
     fit_gates(run, "digits", FitGatesConfig(**{**FIT, "epochs": 1}))
     before = _gates(run)
@@ -145,6 +148,7 @@ def test_distill_loss_is_zero_at_the_teacher_and_scaled_by_t_squared():
     assert distill_loss(s, t, 2.0) == pytest.approx(float(kl) * 4, rel=1e-5)
 
 
+@pytest.mark.integration      # trains for tens of seconds on a 2-core CPU without AVX-512
 def test_finetune_with_distillation_resumes_exactly(run, tmp_path):
     import shutil
     fit_gates(run, "digits", FitGatesConfig(**{**FIT, "epochs": 1}))

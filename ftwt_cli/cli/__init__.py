@@ -7,7 +7,7 @@ from typing import Any
 
 __all__ = ["app", "main"]
 
-_COMMANDS = ("attach", "fit_gates", "finetune", "evaluate", "sweep", "export", "info", "bench", "demo")
+_COMMANDS = ("attach", "fit_gates", "finetune", "hybrid", "evaluate", "sweep", "export", "info", "bench", "demo")
 
 
 def _app():

@@ -45,7 +45,11 @@ def info_cli(path: Annotated[Path, typer.Argument(help="A run directory or an ex
     t.add_row("input", f"{tuple(dc.input_size)}, mean {tuple(round(v, 3) for v in dc.mean)}, std "
                        f"{tuple(round(v, 3) for v in dc.std)}, interpolation {dc.interpolation}, crop {dc.crop_pct}")
     st = meta.static
-    if st is not None:
+    if st is not None and g.gated:
+        t.add_row("hybrid", f"channels firing on few training images removed ({st.ratio:.1%} of the gated ones): "
+                            f"{fmt_macs(st.macs)} MACs per sample with every gate open vs {fmt_macs(st.source_macs)} for "
+                            f"its source; {sum(g.fixed_open.values())} channels of gated layers run without a gate")
+    if st is not None and not g.gated:
         t.add_row("static twin", f"pruned with {st.importance} importance, {st.ratio:.1%} of each layer's channels removed: "
                                  f"{fmt_macs(st.macs)} MACs per sample vs {fmt_macs(st.source_macs)} for its source "
                                  f"({1 - st.macs / st.source_macs:.1%} cut); no gates")

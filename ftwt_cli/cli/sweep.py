@@ -64,6 +64,9 @@ def sweep_cli(
                                                          "structure (Torch-Pruning isomorphic pruning).")] = False,
     static_round_to: Annotated[Optional[int], typer.Option(help="Static twins keep channel counts in multiples of this "
                                                                 "(8, 16: the kernels' blocks).")] = None,
+    hybrid: Annotated[Optional[float], typer.Option(
+        help="Also a hybrid per dynamic point (`ftwt hybrid --epsilon` of its fitted gates, fine-tuned with the same "
+             "budget), with a static twin of its own.")] = None,
     dense_control: Annotated[bool, typer.Option(help="Also the source fine-tuned with the same budget, every gate open.")] = False,
     bench: Annotated[bool, typer.Option(help="Also each point's median latency at batch 1 on this machine (as `ftwt bench`).")] = False,
     recipe: Recipe = None,
@@ -94,7 +97,7 @@ def sweep_cli(
     group_size: GroupSize = 1,
     no_source_check: NoSourceCheck = False,
 ) -> None:
-    """Accuracy against MACs over several r: dynamic points, static twins at equal MACs and a dense control.
+    """Accuracy against MACs over several r: dynamic points (and hybrids), static twins at equal MACs and a dense control.
     Re-running the same command skips finished points and resumes an interrupted one."""
     # the values are checked by run_sweep, before any slow work
     r_list = float_list(rs, "--rs", "0.95,0.9") or []
@@ -124,7 +127,7 @@ def sweep_cli(
                        dense_control=dense_control, attach_options=opts, fit_cfg=fit, finetune_cfg=ft, val_split=val_split,
                        train_samples=train_samples, device=device, amp=value(amp), on_event=say,
                        progress=EpochProgress() if main else None, bench=bench, check_source=not no_source_check,
-                       static_options=StaticOptions(static_global, static_isomorphic, static_round_to))
+                       static_options=StaticOptions(static_global, static_isomorphic, static_round_to), hybrid=hybrid)
     if not main:
         return
     from rich.table import Table

@@ -20,8 +20,9 @@ _GATE_KEYS = ("gated", "layers", "mode", "r", "gt", "decoupled")
 def export_metadata(meta: RunMeta, evaluation: Optional[Dict[str, Any]]) -> Dict[str, str]:
     d = meta.to_dict()
     gate_config = {**{k: d["gating"][k] for k in _GATE_KEYS}, "plan": d["plan"]}
-    if "group_size" in d["gating"]:             # gates of channel groups (written only when > 1, as in ftwt.json)
-        gate_config["group_size"] = d["gating"]["group_size"]
+    for k in ("group_size", "fixed_open"):      # gates of channel groups, hybrid gates: written only when set
+        if k in d["gating"]:
+            gate_config[k] = d["gating"][k]
     return {
         "format": "pt",   # what transformers and timm write; safetensors readers look for it
         "ftwt_format": EXPORT_FORMAT, "ftwt_format_version": str(EXPORT_FORMAT_VERSION), "ftwt_version": __version__,
@@ -55,7 +56,7 @@ def meta_from_export(path: Path) -> RunMeta:
         gate = json.loads(md["gate_config"])
         d = {"arch": json.loads(md["arch"]), "source": json.loads(md["source"]), "data_config": json.loads(md["data_config"]),
              "gating": {**{k: gate.get(k) for k in _GATE_KEYS},
-                        **({"group_size": gate["group_size"]} if "group_size" in gate else {})}, "plan": gate["plan"],
+                        **{k: gate[k] for k in ("group_size", "fixed_open") if k in gate}}, "plan": gate["plan"],
              "training": json.loads(md.get("training", "{}")), "evaluation": json.loads(md.get("evaluation", "null")),
              "classes": json.loads(md.get("classes", "null")), "environment": json.loads(md.get("environment", "{}")),
              "static": json.loads(md.get("static", "null")),

@@ -92,6 +92,8 @@ class GatingInfo:
     gt: str = "mass"
     decoupled: bool = True
     group_size: int = 1                # channels per gate decision (attach --group-size); written only when > 1
+    # unit → its channels without a gate, always open (a hybrid model, ``ftwt hybrid``); written only when any
+    fixed_open: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -183,11 +185,13 @@ class RunMeta:
                 d.pop(k)
         if self.gating.group_size == 1:
             d["gating"].pop("group_size")
+        if not self.gating.fixed_open:
+            d["gating"].pop("fixed_open")
         # a CNN's run is written as 0.1.0 wrote it, so that release reads it; a static model, MLP units or attention
         # products need version 2, which older releases refuse with "upgrade ftwt"
         d["format_version"] = 2 if (self.static is not None or self.source_eval is not None
                                     or self.source.alternatives or self.plan.has_new_features
-                                    or self.gating.group_size != 1) else 1
+                                    or self.gating.group_size != 1 or self.gating.fixed_open) else 1
         return d
 
     @classmethod

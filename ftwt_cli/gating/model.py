@@ -190,7 +190,7 @@ class GatedModel(nn.Module):
     """A backbone with decision gates. ``set_gates`` picks how masks are made; ``last_stats`` reports."""
 
     def __init__(self, backbone: nn.Module, plan: Plan, gated: Optional[Sequence[str]] = None, *,
-                 group_size: int = 1) -> None:
+                 group_size: int = 1, fixed_open: Optional[Mapping[str, int]] = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.plan = plan
@@ -206,7 +206,9 @@ class GatedModel(nn.Module):
                             "gate the unit it follows too, or attach without --depthwise-follow")
         # a follower has no gate: it takes the mask of the unit it follows
         self.group_size = check_group_size(group_size)
-        self.gates = nn.ModuleDict({gate_key(u.name): Gate(u.in_channels, u.out_channels, u.kind != "conv", group_size)
+        fixed = dict(fixed_open or {})      # unit → channels without a gate (a hybrid model's always-open channels)
+        self.gates = nn.ModuleDict({gate_key(u.name): Gate(u.in_channels, u.out_channels, u.kind != "conv", group_size,
+                                                           fixed.get(u.name, 0))
                                     for u in self.units if not u.follows})
         self.mode, self.r, self.gt = "open", 0.95, "mass"
         self.meta = None               # io.meta.RunMeta once loaded from a run or an export
@@ -399,6 +401,12 @@ class GatedModel(nn.Module):
             finally:
                 self._install_hooks()
         return self._attention_cache[size]
+
+    @property
+    def fixed_open(self) -> Dict[str, int]:
+        """Units with channels that have no gate (always open): unit → how many."""
+        fixed = {u.name: self.gates[gate_key(u.name)].fixed_open for u in self.units if not u.follows}
+        return {n: k for n, k in fixed.items() if k}
 
     @property
     def gate_outputs(self) -> Dict[str, int]:

@@ -25,7 +25,8 @@ def gated_from_meta(meta: RunMeta, state_dict: Mapping[str, torch.Tensor]) -> Ga
     backbone = build_model(ArchSpec(a.source, a.name), a.num_classes, a.in_chans)
     if meta.static is not None:            # a statically pruned model: its shapes from the pruning plan
         apply_plan(backbone, PruningPlan.from_dict(meta.static.plan))
-    model = GatedModel(backbone, meta.plan, meta.gating.gated, group_size=meta.gating.group_size)
+    model = GatedModel(backbone, meta.plan, meta.gating.gated, group_size=meta.gating.group_size,
+                       fixed_open=meta.gating.fixed_open)
     sd = OrderedDict(state_dict)
     # safetensors keeps no module versions; the weights were saved from this very architecture, so its own apply
     # (torchvision's MNASNet refuses to load without one)

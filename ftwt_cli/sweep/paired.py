@@ -46,14 +46,14 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> Tuple[int, int, float]:
 
 
 def verdict(dynamic_top1: float, static_top1: float, p: Optional[float], cut: Optional[float], importance: str,
-            alpha: float = 0.05) -> str:
-    """Which to use, in one sentence: the dynamic point or its static twin at the same MACs."""
+            alpha: float = 0.05, model: str = "dynamic model") -> str:
+    """Which to use, in one sentence: the dynamic (or hybrid) point or its static twin at the same MACs."""
     d = (dynamic_top1 - static_top1) * 100
     at = f" at {cut:.0%} fewer MACs" if cut is not None else ""
     test = f" (McNemar p = {p:.3g})" if p is not None else ""
     if p is not None and p < alpha and d > 0:
-        return f"use the dynamic model{at}: {d:+.2f} pt against the {importance} static twin{test}"
+        return f"use the {model}{at}: {d:+.2f} pt against the {importance} static twin{test}"
     if p is not None and p < alpha and d < 0:
-        return f"use the static twin ({importance}){at}: {-d:.2f} pt ahead of the dynamic model, and a plain dense network{test}"
-    return (f"use the static twin ({importance}){at}: the dynamic model is {d:+.2f} pt, not a significant difference"
+        return f"use the static twin ({importance}){at}: {-d:.2f} pt ahead of the {model}, and a plain dense network{test}"
+    return (f"use the static twin ({importance}){at}: the {model} is {d:+.2f} pt, not a significant difference"
             f"{test}, and the static model runs as a plain dense network")

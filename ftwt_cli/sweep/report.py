@@ -1,5 +1,5 @@
 """A sweep's table (``sweep.md``) and plot (``pareto.png``): top-1 against mean MACs per sample for the dense model,
-the dense control, the dynamic points (their oracle estimate drawn faintly) and their static twins."""
+the dense control, the dynamic points (their oracle estimate drawn faintly), the hybrids and their static twins."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,7 +59,7 @@ def sweep_markdown(points: Sequence) -> str:
         lines += ["", "## Dynamic against static at equal MACs", "",
                   "McNemar's exact test on the same validation images: *only dyn.* and *only stat.* count the images "
                   "one of the two gets right and the other wrong.", "",
-                  "| dynamic point | static importance | MACs dynamic / static | top-1 dynamic | top-1 static | Δ dynamic − static (pt) | only dyn. / only stat. | p |",
+                  "| gated point | static importance | MACs gated / static | top-1 gated | top-1 static | Δ dynamic − static (pt) | only dyn. / only stat. | p |",
                   "|---|---|---|---|---|---|---|---|"]
         for d, s in pairs:
             b, c, p = paired_test(d, s)
@@ -85,8 +85,9 @@ def paired_test(d, s) -> Tuple[Optional[int], Optional[int], Optional[float]]:
 
 
 def verdict_of(d, s) -> str:
-    """The plain sentence for a dynamic point and its static twin."""
-    return verdict(d.top1, s.top1, paired_test(d, s)[2], d.cut, s.importance)
+    """The plain sentence for a dynamic (or hybrid) point and its static twin."""
+    return verdict(d.top1, s.top1, paired_test(d, s)[2], d.cut, s.importance,
+                   model="hybrid model" if getattr(d, "kind", "dynamic") == "hybrid" else "dynamic model")
 
 
 def standard_error(top1: float, samples: int) -> float:
@@ -99,7 +100,8 @@ def _plot(points: Sequence) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # deferred: only plots need matplotlib, slow to import
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    series = [("dynamic (FTWT)", [p for p in points if p.kind == "dynamic"], dict(color="tab:blue", marker="o"))]
+    series = [("dynamic (FTWT)", [p for p in points if p.kind == "dynamic"], dict(color="tab:blue", marker="o")),
+              ("hybrid", [p for p in points if p.kind == "hybrid"], dict(color="tab:cyan", marker="h"))]
     colours, markers = ("tab:orange", "tab:red", "tab:purple", "tab:brown"), ("s", "^", "v", "P")
     for i, imp in enumerate(sorted({p.importance for p in points if p.kind == "static"})):
         series.append((f"static (Torch-Pruning, {imp})", [p for p in points if p.kind == "static" and p.importance == imp],

@@ -4,9 +4,11 @@ Points, in order: the dense source model (evaluated as it is); for each r in ``r
 ``target_cuts`` a dynamic point (attach → oracle estimate → fit-gates → finetune → evaluate) followed, with
 ``static``, by its static twin (Torch-Pruning prunes the source to the dynamic point's mean MACs → finetune with the
 same budget and the dense-control loop → evaluate); with ``dense_control``, the source fine-tuned with the same
-budget and every gate open. ``sweep.json`` is rewritten after every step: a re-run skips finished points and resumes
-an interrupted one from its run's own state (``--resume`` of the training commands). A point that fails on bad
-input is recorded with its reason and the others still run; the first such error is raised at the end.
+budget and every gate open; with ``hybrid`` (ε), after each dynamic point's fit-gates the hybrid of its fitted gates
+(``runs.hybrid``), fine-tuned with the same budget, and its own static twin. ``sweep.json`` is rewritten after every
+step: a re-run skips finished points and resumes an interrupted one from its run's own state (``--resume`` of the
+training commands). A point that fails on bad input is recorded with its reason and the others still run; the first
+such error is raised at the end.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from ..eval.run import evaluate_run
 from ..formats.checkpoints import sha256_file
 from ..formats.rundir import is_run, read_meta, record_source_eval, run_lock
 from ..runs.bench import bench_run
+from ..runs.hybrid import check_epsilon, make_hybrid_run
 from ..runs.static import make_static_run
 from ..runtime.dist import Dist, barrier
 from ..runtime.session import session
@@ -48,7 +51,7 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
               fit_cfg=None, finetune_cfg=None, val_split: Optional[float] = None, train_samples: Optional[int] = None,
               device: str = "auto", amp: str = "auto", on_event: Optional[Callable[[str], None]] = None,
               progress=None, bench: bool = False, check_source: bool = True,
-              static_options: StaticOptions = StaticOptions()) -> List[Point]:
+              static_options: StaticOptions = StaticOptions(), hybrid: Optional[float] = None) -> List[Point]:
     """Run (or continue) the sweep in ``out``; returns its points. ``fit_cfg`` / ``finetune_cfg``: resolved
     ``FitGatesConfig`` / ``FinetuneConfig`` shared by every point (their r / target cut set per point; finetune
     ``epochs`` 0 skips finetuning). ``bench``: also each point's median latency at batch 1 (``ftwt bench``: the
@@ -56,13 +59,16 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
     ``attach_options``: how every point attaches the checkpoint (an ``AttachOptions``, or its ``to_dict()``).
     Under torchrun every process calls this; rank 0 alone writes. ``check_source``: stop when the source checkpoint
     scores near chance on the data (``eval.source``), before any point trains. ``static_options``: the static twins'
-    Torch-Pruning settings beyond the importance (global and isomorphic pruning, rounding; ``static.prune``)."""
+    Torch-Pruning settings beyond the importance (global and isomorphic pruning, rounding; ``static.prune``).
+    ``hybrid``: ε of a hybrid point per dynamic point (``runs.hybrid``)."""
 
     rs, target_cuts = [check_r(float(r), "--rs") for r in rs], [check_cut(float(c), "--target-cuts") for c in target_cuts]
     if not rs and not target_cuts:
         raise FtwtError("no dynamic point: --rs and --target-cuts are both empty", "pass e.g. --rs 0.95,0.9")
     if len(set(rs)) != len(rs) or len(set(target_cuts)) != len(target_cuts):
         raise FtwtError("--rs or --target-cuts lists a value twice", "list each value once")
+    if hybrid is not None:
+        hybrid = check_epsilon(hybrid)
     if static is not None and static not in STATIC_IMPORTANCES:
         raise FtwtError(f"unknown static importance '{static}'", f"use one of {', '.join(STATIC_IMPORTANCES)}")
     checkpoint, out = Path(checkpoint), Path(out)
@@ -103,7 +109,7 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
         # a sweep grows: earlier points stay in their order (finished ones as they are, unfinished ones listed again start
         # afresh from their run's state); new points follow in the order planned
         before = [point_from(p) for p in (prior or {}).get("points", [])]
-        planned = {p.name: p for p in planned_points(rs, target_cuts, static, dense_control, static_options.label)}
+        planned = {p.name: p for p in planned_points(rs, target_cuts, static, dense_control, static_options.label, hybrid)}
         listed = set(planned)
         points = [q if q.status == "done" or q.name not in planned else planned[q.name] for q in before] + \
                  [p for n, p in planned.items() if n not in {q.name for q in before}]
@@ -182,10 +188,11 @@ class _Ctx:
     def bench(self, p: Point) -> None:
         """Median latency at batch 1 and 32 of the point's model on validation images (``runs.bench``): the compact
         path with the gates' decisions for a dynamic point, the BN-folded network for the others."""
-        row = "compact" if p.kind == "dynamic" else "dense-folded"
+        gated = self._gated(Path(p.run), p)
+        row = "compact" if gated else "dense-folded"
         for batch, attr, reps in ((1, "latency_ms", 30), (32, "latency32_ms", 10)):
             rep = bench_run(p.run, batch_size=batch, data=self.data, choice=self.settings.choice, warmup=3, reps=reps,
-                            check_gates=p.kind == "dynamic")
+                            check_gates=gated)
             setattr(p, attr, rep.row(row).p50_ms)
 
     def _attach(self, run: Path) -> None:
@@ -228,7 +235,7 @@ class _Ctx:
         for step in _STEPS[p.kind]:
             step(self, run, p, by_name)
         self.emit(f"{p.name}: evaluate")
-        res = self._evaluate(run, "predict" if p.kind == "dynamic" else "open")
+        res = self._evaluate(run, "predict" if self._gated(run, p) else "open")
         p.top1, p.top5, p.macs_mean, p.samples = res.top1, res.top5, res.macs_mean, res.samples
         p.correct_bits = pack(res.correct)
         if self.with_bench and self.d.main:
@@ -255,6 +262,31 @@ class _Ctx:
         if p.oracle_macs is None:      # a target cut: the oracle estimate at the r found
             self._oracle(run, p)
 
+    def _gated(self, run: Path, p: Point) -> bool:
+        """Whether the point's model has gates (a hybrid whose decisions never varied has none: it is static)."""
+        return p.kind == "dynamic" or (p.kind == "hybrid" and bool(read_meta(run).gating.gated))
+
+    def _hybrid_fork_step(self, run: Path, p: Point, by_name: Dict[str, Point]) -> None:
+        """After a dynamic point's fit-gates (before its finetune): the hybrids of its fitted gates (rank 0)."""
+        forks = [q for q in by_name.values() if q.kind == "hybrid" and q.twin == p.name and not is_run(self.out / q.name)]
+        if not forks or self._epochs_done(run, "finetune"):
+            return                 # made already, or the point was fine-tuned before a hybrid was asked for
+
+        def make() -> None:
+            for q in forks:
+                self.emit(f"{q.name}: hybrid of {p.name}'s fitted gates (epsilon {q.epsilon:g})")
+                make_hybrid_run(run, self.data, self.out / q.name, epsilon=q.epsilon, images=self.fit_cfg.calib_samples,
+                                workers=self.fit_cfg.workers, choice=self.settings.choice)
+        _on_rank0(self.d, make)
+
+    def _hybrid_step(self, run: Path, p: Point, by_name: Dict[str, Point]) -> None:
+        twin = by_name.get(p.twin)
+        if twin is None or twin.status != "done" or not is_run(run):
+            raise FtwtError(f"{p.name}: there is no hybrid of {p.twin}'s fitted gates ({p.twin} "
+                            + ("did not finish" if twin is None or twin.status != "done" else "was fine-tuned before")
+                            + ")", "fix the dynamic point's error, or run the sweep with --hybrid into a new --out")
+        p.r = twin.r
+
     def _prune_step(self, run: Path, p: Point, by_name: Dict[str, Point]) -> None:
         twin = by_name.get(p.twin)
         if twin is None or twin.status != "done" or twin.macs_mean is None:
@@ -269,7 +301,7 @@ class _Ctx:
     def _finetune_step(self, run: Path, p: Point, by_name: Dict[str, Point]) -> None:
         if not self.ft_cfg.epochs:
             return
-        dense_control = p.kind != "dynamic"      # the control and the static twins train with every gate open
+        dense_control = not self._gated(run, p)   # the control and the static twins: every gate open
         self._train(run, "finetune", self.ft_cfg.epochs, lambda resume: finetune(
             run, self.data, None if resume else self.ft_cfg, resume=resume, dense_control=dense_control,
             device=self.device, amp=self.amp, progress=self.progress, check_source=self.check_source, **self._split()))
@@ -299,7 +331,8 @@ class _Ctx:
 _STEPS: Dict[str, Tuple[Callable[..., None], ...]] = {
     "dense": (_Ctx._attach_step,),
     "control": (_Ctx._attach_step, _Ctx._finetune_step),
-    "dynamic": (_Ctx._attach_step, _Ctx._fit_gates_step, _Ctx._finetune_step),
+    "dynamic": (_Ctx._attach_step, _Ctx._fit_gates_step, _Ctx._hybrid_fork_step, _Ctx._finetune_step),
+    "hybrid": (_Ctx._hybrid_step, _Ctx._finetune_step),
     "static": (_Ctx._prune_step, _Ctx._finetune_step),
 }
 assert set(_STEPS) == set(KINDS)

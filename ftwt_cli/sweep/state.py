@@ -19,7 +19,7 @@ __all__ = ["SweepSettings", "Point", "planned_points", "read_sweep", "write_swee
 
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT_VERSION = 1
-KINDS = ("dense", "control", "dynamic", "static")     # Point.kind
+KINDS = ("dense", "control", "dynamic", "hybrid", "static")     # Point.kind
 
 
 @dataclass
@@ -48,7 +48,8 @@ class Point:
     r: Optional[float] = None              # dynamic: the rule's r (found from target_cut if given); static: its twin's
     target_cut: Optional[float] = None
     importance: Optional[str] = None       # static: Torch-Pruning importance
-    twin: Optional[str] = None             # static: the dynamic point it matches
+    twin: Optional[str] = None             # static: the dynamic or hybrid point it matches; hybrid: its dynamic point
+    epsilon: Optional[float] = None        # hybrid: the firing-rate threshold (``runs.hybrid``)
     status: str = "pending"                # pending | done | failed
     error: Optional[str] = None
     run: str = ""                          # the run directory, as given
@@ -76,15 +77,23 @@ def _name(x: float) -> str:
 
 
 def planned_points(rs: Sequence[float], target_cuts: Sequence[float], static: Optional[str], dense_control: bool,
-                   static_label: str = "") -> List[Point]:
+                   static_label: str = "", hybrid: Optional[float] = None) -> List[Point]:
+    """The dense point; per r and target cut a dynamic point, its static twin, and with ``hybrid`` (ε) the hybrid made
+    from the dynamic point's fitted gates with a static twin of its own; the dense control."""
     pts = [Point("dense", "dense")]
     dyn = [Point("dynamic", f"dynamic-r{_name(r)}", r=r) for r in rs] + \
           [Point("dynamic", f"dynamic-cut{_name(c)}", target_cut=c) for c in target_cuts]
     for p in dyn:
+        at = p.name[len('dynamic-'):]
         pts.append(p)
         if static:
-            pts.append(Point("static", f"static-{static}{static_label}-{p.name[len('dynamic-'):]}", importance=static,
-                             twin=p.name))
+            pts.append(Point("static", f"static-{static}{static_label}-{at}", importance=static, twin=p.name))
+        if hybrid is not None:
+            h = Point("hybrid", f"hybrid-e{_name(hybrid)}-{at}", r=p.r, target_cut=p.target_cut, twin=p.name,
+                      epsilon=hybrid)
+            pts.append(h)
+            if static:
+                pts.append(Point("static", f"static-{static}{static_label}-{h.name}", importance=static, twin=h.name))
     if dense_control:
         pts.append(Point("control", "control"))
     return pts

@@ -1,0 +1,239 @@
+"""A hybrid model: static where the gates' decisions do not vary, dynamic where they do (issue 28, item 5).
+
+From a run with fitted gates, each gated channel's firing rate is measured on training images (evaluation transform)
+and the channels are split three ways by a threshold ε ∈ (0, 0.5):
+
+* rate < ε: the channel is **removed physically**: Torch-Pruning cuts its filter, its norm's entries and the input
+  channels of every layer that reads it, as for a static twin, so the model is smaller and dense where it was.
+  A channel Torch-Pruning couples to other layers' outputs (conv2 of a residual block, masked before the add: its
+  channels are the stream's) cannot go on its own; it keeps its gate.
+* rate > 1 − ε: the channel **loses its gate** and always runs (``Gate.fixed_open``); the gate computes no logit for
+  it, so its cost shrinks too.
+* otherwise the gate keeps deciding, with its fitted weights (rows of the channels it still decides, columns of the
+  input channels that remain).
+
+A unit whose remaining channels all run always loses its gate entirely. ε → 0.5 leaves no varying channel: the
+gates' majority masks made static. The result is a run like any other (its metadata holds the pruning plan,
+``meta.static``, and the gates, ``meta.gating``): ``ftwt finetune`` trains it, ``ftwt evaluate`` measures it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .. import __version__
+from ..arch.plan import Unit
+from ..arch.trace import trace_plan
+from ..data import DataChoice, make_loader, open_data
+from ..errors import FtwtError
+from ..formats.meta import GatingInfo, MacsInfo, RunMeta, StaticInfo, environment
+from ..formats.rundir import read_meta, write_new_run
+from ..gating.gate import gate_key
+from ..gating.model import GatedModel, model_macs
+from ..static.plan import PruningPlan
+from .loader import load
+
+__all__ = ["HybridReport", "make_hybrid_run", "check_epsilon", "split_channels", "firing_rates", "DEFAULT_IMAGES"]
+
+DEFAULT_IMAGES = 2048        # training images the firing rates are measured on (as a MACs budget's calibration)
+
+
+@dataclass(frozen=True)
+class HybridReport:
+    run_dir: Path
+    epsilon: float
+    images: int                 # training images the firing rates were measured on
+    channels: int               # gated channels of the source run (followers not counted)
+    removed: int                # removed physically (rate < ε)
+    fixed: int                  # run always, no gate (rate > 1 − ε)
+    varying: int                # keep their gate
+    coupled: int                # rate < ε, but coupled to other layers' outputs: kept, with their gate
+    units_gated: int            # units that keep a gate (of the source run's gated units)
+    units: int
+    dense_macs: float           # the pruned model's MACs with every gate open (no gate cost)
+    source_macs: float          # the unpruned model's
+
+
+def check_epsilon(eps: float) -> float:
+    if not 0.0 < eps < 0.5:
+        raise FtwtError(f"--epsilon {eps} is outside (0, 0.5)",
+                        "pass e.g. --epsilon 0.05 (channels firing on < 5% of images are removed, on > 95% lose their gate)")
+    return float(eps)
+
+
+def split_channels(rate: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dead, fixed) bool masks of one unit's channels: firing on < ε of the images, and on > 1 − ε. A unit keeps at
+    least one channel (its most frequent one) so that no layer is emptied."""
+    dead, fixed = rate < eps, rate > 1 - eps
+    if bool(dead.all()):
+        dead = dead.clone()
+        dead[int(rate.argmax())] = False
+    return dead, fixed
+
+
+@torch.no_grad()
+def firing_rates(model: GatedModel, loader) -> Tuple[Dict[str, torch.Tensor], int]:
+    """(unit → (C_out,) share of the images each channel fires on, images seen), with the model's gates deciding."""
+    fires: Dict[str, torch.Tensor] = {}
+    n = 0
+    for x, _ in loader:
+        model(x)
+        for name, m in model.last_masks.items():
+            fires[name] = fires[name] + m.sum(0) if name in fires else m.sum(0).double()
+        n += len(x)
+    return {k: (v / max(n, 1)).float() for k, v in fires.items()}, n
+
+
+def _out_fn(module: nn.Module):
+    import torch_pruning as tp  # deferred: only hybrids and static twins need Torch-Pruning
+    return tp.prune_conv_out_channels if isinstance(module, nn.modules.conv._ConvNd) else tp.prune_linear_out_channels
+
+
+def _own_group(group, unit: Unit, followers: List[str], names: Dict[nn.Module, str]) -> bool:
+    """Whether a Torch-Pruning group cuts only this unit's own outputs (its conv or fc1, the follower depthwise convs
+    reading it, their norms) and the inputs of the layers that read them: nothing coupled to another unit's output."""
+    own = {unit.name, *followers}
+    for dep, _ in group:
+        m = dep.target.module
+        if dep.handler.__name__ in ("prune_out_channels",) and isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            if names.get(m) not in own:
+                return False
+    return True
+
+
+def _record(group, names: Dict[nn.Module, str], sizes: Dict[str, Dict[str, int]], layers: Dict[str, Dict[str, List[int]]]) -> None:
+    """Add what a group cuts to the plan's kept indices (source numbering), as ``static.prune`` records them."""
+    import torch_pruning as tp  # deferred
+    for dep, idxs in group:
+        name = names.get(dep.target.module)
+        if name is None or name not in sizes:
+            continue
+        kind = "out" if dep.handler.__name__ == "prune_out_channels" else "in"
+        if sizes[name].get(kind) is None:
+            continue
+        drop = set(tp._helpers.to_plain_idxs(idxs) if idxs and isinstance(idxs[0], tp._helpers._HybridIndex) else idxs)
+        kept = layers.setdefault(name, {}).setdefault(kind, list(range(sizes[name][kind])))
+        layers[name][kind] = [k for i, k in enumerate(kept) if i not in drop]
+
+
+def make_hybrid_run(source_run: Path | str, data: str, run_dir: Path | str, *, epsilon: float = 0.05,
+                    images: int = DEFAULT_IMAGES, batch_size: int = 128, workers: Optional[int] = None,
+                    force: bool = False, choice: DataChoice = DataChoice()) -> HybridReport:
+    """Measure the firing rates of ``source_run``'s fitted gates on ``images`` training images of ``data``, remove
+    the channels firing on < ε of them, drop the gates of those firing on > 1 − ε, and write the result as the new
+    run ``run_dir`` (module doc). ``choice``: the training commands' held-out share and training subset."""
+    import torch_pruning as tp  # deferred: only hybrids and static twins need Torch-Pruning
+    eps = check_epsilon(epsilon)
+    if images < 1:
+        raise FtwtError(f"--images {images} must be positive", "pass e.g. --images 2048")
+    source_run, run_dir = Path(source_run), Path(run_dir)
+    meta = read_meta(source_run)
+    if meta.static is not None:
+        raise FtwtError(f"{source_run} is already pruned (a static twin or a hybrid)", "pass a run with fitted gates")
+    if meta.gating.mode != "predict" or not meta.gating.gated:
+        raise FtwtError(f"{source_run} has no fitted gates", f"run `ftwt fit-gates --run {source_run}` first")
+    model = load(source_run).set_gates("predict")
+    cfg = meta.data_config
+    splits = open_data(data, cfg, choice=choice, num_classes=meta.arch.num_classes)
+    fired, seen = firing_rates(model, make_loader(splits.calibration(cfg, images), batch_size, train=False, workers=workers))
+    leaders = [u for u in model.units if not u.follows]
+    followers = {u.name: [f.name for f in model.units if f.follows == u.name] for u in leaders}
+    rates = {u.name: fired[u.name].cpu() for u in leaders}
+
+    # 1. physical removal of the channels that (nearly) never fire, one Torch-Pruning group per unit
+    backbone = model.plain_backbone()
+    size = tuple(cfg.input_size)
+    dg = tp.DependencyGraph().build_dependency(backbone, example_inputs=torch.zeros(1, *size))
+    names = {m: n for n, m in backbone.named_modules()}
+    sizes = {n: {"out": dg.get_out_channels(m), "in": dg.get_in_channels(m)}
+             for m, n in names.items() if dg.get_pruner_of_module(m) is not None and m in dg.module2node}
+    layers: Dict[str, Dict[str, List[int]]] = {}
+    split = {n: split_channels(r, eps) for n, r in rates.items()}
+    removed: Dict[str, torch.Tensor] = {}
+    coupled = 0
+    for u in leaders:
+        dead = split[u.name][0]
+        if not bool(dead.any()):
+            continue
+        module = backbone.get_submodule(u.name)
+        group = dg.get_pruning_group(module, _out_fn(module), idxs=dead.nonzero().flatten().tolist())
+        if u.kind == "glu" or not _own_group(group, u, followers[u.name], names) or not dg.check_pruning_group(group):
+            coupled += int(dead.sum())
+            continue
+        _record(group, names, sizes, layers)
+        group.prune()
+        removed[u.name] = dead
+    plan_kept = PruningPlan("firing-rate", layers, {n: {k: int(sizes[n][k]) for k in d} for n, d in layers.items()})
+
+    # 2. which units keep a gate, and how many of their channels run without one
+    fixed_open: Dict[str, int] = {}
+    gated: List[str] = []
+    for u in leaders:
+        dead, fixed = split[u.name]
+        keep = ~removed.get(u.name, torch.zeros_like(dead))
+        varying = keep & ~fixed
+        if bool(varying.any()):
+            gated += [u.name, *followers[u.name]]
+            if int((keep & fixed).sum()):
+                fixed_open[u.name] = int((keep & fixed).sum())
+    traced = trace_plan(backbone, size, gate_shortcuts=True, depthwise_follow=any(u.follows for u in model.units))
+    by_name = {u.name: u for u in traced.units}
+    lost = [n for n in gated if n not in by_name]
+    if lost:
+        raise FtwtError(f"after pruning, {lost[0]} is no longer a gateable unit", "pass a smaller --epsilon")
+    traced.units = [by_name[n] for n in gated]
+    gated = [n for n in (u.name for u in model.units) if n in set(gated)]       # forward order
+    hybrid = GatedModel(backbone, traced, gated, group_size=model.group_size, fixed_open=fixed_open)
+
+    # 3. the surviving gates keep their fitted weights: the rows of the groups that still decide, the columns of
+    # the input channels that remain
+    with torch.no_grad():
+        for u in leaders:
+            if u.name not in gated:
+                continue
+            old, new = model.gates[gate_key(u.name)], hybrid.gates[gate_key(u.name)]
+            dead, fixed = split[u.name]
+            kept_out = torch.tensor(layers.get(u.name, {}).get("out", list(range(u.out_channels))), dtype=torch.long)
+            kept_in = torch.tensor(layers.get(u.name, {}).get("in", list(range(u.in_channels))), dtype=torch.long)
+            group_of = old.group_of.cpu() if old.group_of is not None else torch.arange(u.out_channels)
+            g_out = group_of[kept_out]
+            vary = ~fixed[kept_out]
+            rows = torch.unique(g_out[vary])                      # ascending: the groups that still decide
+            new.fc.weight.copy_(old.fc.weight.detach().cpu()[rows][:, kept_in])
+            new.fc.bias.copy_(old.fc.bias.detach().cpu()[rows])
+            if new.group_of is not None:
+                remap = torch.full((old.groups + 1,), len(rows), dtype=torch.long)
+                remap[rows] = torch.arange(len(rows))
+                new.group_of.copy_(torch.where(vary, remap[g_out], torch.full_like(g_out, len(rows))))
+    hybrid.set_gates("predict", r=model.r, gt=model.gt)
+
+    source_macs = model_macs(model.plain_backbone(), size)
+    dense = float(hybrid.dense_macs(size).total[0])
+    n_ch = sum(int(r.numel()) for r in rates.values())
+    n_removed = sum(int(m.sum()) for m in removed.values())
+    n_fixed = sum(fixed_open.values()) + sum(int((~removed.get(n, torch.zeros_like(f)) & f).sum())
+                                              for n, (_, f) in split.items() if n not in gated)
+    _, _, per_layer, _ = tp.utils.count_ops_and_params(backbone, torch.zeros(1, *size), layer_wise=True)
+    tp_macs = sum(v for m, v in per_layer.items() if v and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)))
+    g = meta.gating
+    new = RunMeta(
+        arch=meta.arch, source=meta.source, data_config=cfg,
+        gating=GatingInfo(gated, [{"name": u.name, "in_channels": u.in_channels, "out_channels": u.out_channels,
+                                   "kernel": list(u.kernel), "groups": u.groups} for u in hybrid.units],
+                          "predict", g.r, g.gt, g.decoupled, g.group_size, fixed_open),
+        plan=traced, macs=MacsInfo(dense, hybrid.gate_macs_dense(), list(size)),
+        history=[*meta.history, {"command": "hybrid", "epsilon": eps, "images": seen, "data": data,
+                                 "from_run": str(source_run), "ftwt_version": __version__}],
+        training=dict(meta.training), classes=meta.classes or list(splits.classes), environment=environment(),
+        source_eval=meta.source_eval,
+        static=StaticInfo("firing-rate", dense, dense, float(tp_macs), n_removed / max(n_ch, 1), source_macs,
+                          plan_kept.to_dict()),
+        ftwt_version=__version__)
+    write_new_run(run_dir, new, hybrid.state_dict(), force=force, inputs=[source_run])
+    n_vary = n_ch - n_removed - n_fixed
+    return HybridReport(run_dir, eps, seen, n_ch, n_removed, n_fixed, n_vary, coupled,
+                        len([u for u in leaders if u.name in gated]), len(leaders), dense, source_macs)
