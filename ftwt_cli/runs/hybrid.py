@@ -33,8 +33,9 @@ from ..errors import FtwtError
 from ..formats.meta import GatingInfo, MacsInfo, RunMeta, StaticInfo, environment
 from ..formats.rundir import read_meta, write_new_run
 from ..gating.gate import gate_key
-from ..gating.model import GatedModel, model_macs
+from ..gating.model import GatedModel
 from ..static.plan import PruningPlan
+from ..static.prune import prunable_sizes, record_group, tp_macs
 from .loader import load
 
 __all__ = ["HybridReport", "make_hybrid_run", "check_epsilon", "split_channels", "firing_rates", "DEFAULT_IMAGES"]
@@ -99,25 +100,10 @@ def _own_group(group, unit: Unit, followers: List[str], names: Dict[nn.Module, s
     own = {unit.name, *followers}
     for dep, _ in group:
         m = dep.target.module
-        if dep.handler.__name__ in ("prune_out_channels",) and isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+        if dep.handler.__name__ == "prune_out_channels" and isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             if names.get(m) not in own:
                 return False
     return True
-
-
-def _record(group, names: Dict[nn.Module, str], sizes: Dict[str, Dict[str, int]], layers: Dict[str, Dict[str, List[int]]]) -> None:
-    """Add what a group cuts to the plan's kept indices (source numbering), as ``static.prune`` records them."""
-    import torch_pruning as tp  # deferred
-    for dep, idxs in group:
-        name = names.get(dep.target.module)
-        if name is None or name not in sizes:
-            continue
-        kind = "out" if dep.handler.__name__ == "prune_out_channels" else "in"
-        if sizes[name].get(kind) is None:
-            continue
-        drop = set(tp._helpers.to_plain_idxs(idxs) if idxs and isinstance(idxs[0], tp._helpers._HybridIndex) else idxs)
-        kept = layers.setdefault(name, {}).setdefault(kind, list(range(sizes[name][kind])))
-        layers[name][kind] = [k for i, k in enumerate(kept) if i not in drop]
 
 
 def make_hybrid_run(source_run: Path | str, data: str, run_dir: Path | str, *, epsilon: float = 0.05,
@@ -149,8 +135,7 @@ def make_hybrid_run(source_run: Path | str, data: str, run_dir: Path | str, *, e
     size = tuple(cfg.input_size)
     dg = tp.DependencyGraph().build_dependency(backbone, example_inputs=torch.zeros(1, *size))
     names = {m: n for n, m in backbone.named_modules()}
-    sizes = {n: {"out": dg.get_out_channels(m), "in": dg.get_in_channels(m)}
-             for m, n in names.items() if dg.get_pruner_of_module(m) is not None and m in dg.module2node}
+    sizes = prunable_sizes(dg, names)
     layers: Dict[str, Dict[str, List[int]]] = {}
     split = {n: split_channels(r, eps) for n, r in rates.items()}
     removed: Dict[str, torch.Tensor] = {}
@@ -164,7 +149,7 @@ def make_hybrid_run(source_run: Path | str, data: str, run_dir: Path | str, *, e
         if u.kind == "glu" or not _own_group(group, u, followers[u.name], names) or not dg.check_pruning_group(group):
             coupled += int(dead.sum())
             continue
-        _record(group, names, sizes, layers)
+        record_group(group, names, sizes, layers)
         group.prune()
         removed[u.name] = dead
     plan_kept = PruningPlan("firing-rate", layers, {n: {k: int(sizes[n][k]) for k in d} for n, d in layers.items()})
@@ -211,14 +196,11 @@ def make_hybrid_run(source_run: Path | str, data: str, run_dir: Path | str, *, e
                 new.group_of.copy_(torch.where(vary, remap[g_out], torch.full_like(g_out, len(rows))))
     hybrid.set_gates("predict", r=model.r, gt=model.gt)
 
-    source_macs = model_macs(model.plain_backbone(), size)
+    source_macs = float(model.dense_macs(size).total[0])
     dense = float(hybrid.dense_macs(size).total[0])
     n_ch = sum(int(r.numel()) for r in rates.values())
     n_removed = sum(int(m.sum()) for m in removed.values())
-    n_fixed = sum(fixed_open.values()) + sum(int((~removed.get(n, torch.zeros_like(f)) & f).sum())
-                                              for n, (_, f) in split.items() if n not in gated)
-    _, _, per_layer, _ = tp.utils.count_ops_and_params(backbone, torch.zeros(1, *size), layer_wise=True)
-    tp_macs = sum(v for m, v in per_layer.items() if v and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)))
+    n_fixed = sum(int((~removed.get(n, torch.zeros_like(f)) & f).sum()) for n, (_, f) in split.items())
     g = meta.gating
     new = RunMeta(
         arch=meta.arch, source=meta.source, data_config=cfg,
@@ -230,7 +212,7 @@ def make_hybrid_run(source_run: Path | str, data: str, run_dir: Path | str, *, e
                                  "from_run": str(source_run), "ftwt_version": __version__}],
         training=dict(meta.training), classes=meta.classes or list(splits.classes), environment=environment(),
         source_eval=meta.source_eval,
-        static=StaticInfo("firing-rate", dense, dense, float(tp_macs), n_removed / max(n_ch, 1), source_macs,
+        static=StaticInfo("firing-rate", dense, dense, tp_macs(backbone, torch.zeros(1, *size)), n_removed / max(n_ch, 1), source_macs,
                           plan_kept.to_dict()),
         ftwt_version=__version__)
     write_new_run(run_dir, new, hybrid.state_dict(), force=force, inputs=[source_run])

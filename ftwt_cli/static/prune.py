@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,8 @@ from ..settings import STATIC_IMPORTANCES
 from ..solve import solve_monotone
 from .plan import PruningPlan
 
-__all__ = ["IMPORTANCES", "StaticOptions", "StaticResult", "prune_to_macs", "prune_at_ratio", "taylor_grads"]
+__all__ = ["IMPORTANCES", "StaticOptions", "StaticResult", "prune_to_macs", "prune_at_ratio", "taylor_grads",
+           "prunable_sizes", "record_group", "tp_macs"]
 
 IMPORTANCES = STATIC_IMPORTANCES
 MAX_RATIO = 0.95           # at most this share of a layer's channels is removed
@@ -88,6 +89,29 @@ def taylor_grads(model: nn.Module, calib: Calib) -> Dict[str, torch.Tensor]:
     return {n: prm.grad.detach().clone() for n, prm in work.named_parameters() if prm.grad is not None}
 
 
+def prunable_sizes(dg, names: Dict[nn.Module, str]) -> Dict[str, Dict[str, Optional[int]]]:
+    """The output and input channel counts of every module Torch-Pruning's dependency graph ``dg`` can prune, by name."""
+    return {n: {"out": dg.get_out_channels(m), "in": dg.get_in_channels(m)}
+            for m, n in names.items() if dg.get_pruner_of_module(m) is not None and m in dg.module2node}
+
+
+def record_group(group, names: Dict[nn.Module, str], sizes: Mapping[str, Mapping[str, Optional[int]]],
+                 layers: Dict[str, Dict[str, List[int]]]) -> None:
+    """Add what one Torch-Pruning group cuts to a plan's kept indices (``layers``, in the source's numbering), before
+    the group is pruned: groups applied one after another index the layers as the earlier ones left them."""
+    import torch_pruning as tp  # deferred: only static twins and hybrids need Torch-Pruning
+    for dep, idxs in group:
+        name = names.get(dep.target.module)
+        if name is None or name not in sizes:          # functional ops (add, reshape): nothing stored
+            continue
+        kind = "out" if dep.handler.__name__ == "prune_out_channels" else "in"
+        if sizes[name][kind] is None:
+            continue
+        drop = set(tp._helpers.to_plain_idxs(idxs) if idxs and isinstance(idxs[0], tp._helpers._HybridIndex) else idxs)
+        kept = layers.setdefault(name, {}).setdefault(kind, list(range(sizes[name][kind])))
+        layers[name][kind] = [k for i, k in enumerate(kept) if i not in drop]
+
+
 def prune_at_ratio(source: nn.Module, example: torch.Tensor, ratio: float, importance: str = "l1",
                    ignored: Sequence[str] = (), calib: Optional[Calib] = None,
                    options: StaticOptions = StaticOptions()) -> Tuple[nn.Module, PruningPlan]:
@@ -120,23 +144,10 @@ def prune_at_ratio(source: nn.Module, example: torch.Tensor, ratio: float, impor
         for n, prm in model.named_parameters():
             if n in grads:
                 prm.grad = grads[n].clone()
-    dg = pruner.DG
-    sizes = {}
-    for m, n in names.items():
-        if dg.get_pruner_of_module(m) is not None and m in dg.module2node:
-            sizes[n] = {"out": dg.get_out_channels(m), "in": dg.get_in_channels(m)}
-    layers = {}
+    sizes = prunable_sizes(pruner.DG, names)
+    layers: Dict[str, Dict[str, List[int]]] = {}
     for group in pruner.step(interactive=True):
-        for dep, idxs in group:
-            name = names.get(dep.target.module)
-            if name is None or name not in sizes:      # functional ops (add, reshape): nothing stored
-                continue
-            kind = "out" if dep.handler.__name__ == "prune_out_channels" else "in"
-            if sizes[name][kind] is None:
-                continue
-            drop = set(tp._helpers.to_plain_idxs(idxs) if idxs and isinstance(idxs[0], tp._helpers._HybridIndex) else idxs)
-            kept = layers.setdefault(name, {}).setdefault(kind, list(range(sizes[name][kind])))
-            layers[name][kind] = [k for i, k in enumerate(kept) if i not in drop]
+        record_group(group, names, sizes, layers)
         group.prune()
     model.zero_grad(set_to_none=True)
     plan = PruningPlan(importance, layers, {n: {k: int(sizes[n][k]) for k in d} for n, d in layers.items()})
@@ -149,8 +160,6 @@ def prune_to_macs(source: nn.Module, input_size: Tuple[int, int, int], target_ma
                   options: StaticOptions = StaticOptions()) -> StaticResult:
     """Search the per-layer pruning ratio until ftwt's MACs count of the pruned copy is within ``tol`` (relative)
     of ``target_macs``; the closest try is returned if no ratio lands that close (channel counts are integers)."""
-    import torch_pruning as tp  # deferred: only static twins need Torch-Pruning
-
     options.validate()
     count = count or (lambda m: model_macs(m, input_size))
     if importance == "taylor" and calib is not None and not isinstance(calib, dict):
@@ -183,7 +192,12 @@ def prune_to_macs(source: nn.Module, input_size: Tuple[int, int, int], target_ma
                         f"{least / 1e6:.2f} M", "aim the dynamic point at a smaller cut (a larger r)")
     solve_monotone(macs_at, 0.0, top, dense, least, target_macs, tol * target_macs, max_tries=24, x_tol=1e-4)
     ratio, model, plan, macs = best
-    # Torch-Pruning's count restricted to conv and linear layers (its total also counts norms and activations)
+    return StaticResult(model, plan, float(macs), tp_macs(model, example), float(ratio), float(target_macs))
+
+
+def tp_macs(model: nn.Module, example: torch.Tensor) -> float:
+    """Torch-Pruning's MACs count restricted to conv and linear layers (its total also counts norms and activations):
+    the figure a pruned model's own count is checked against."""
+    import torch_pruning as tp  # deferred: only static twins and hybrids need Torch-Pruning
     _, _, per_layer, _ = tp.utils.count_ops_and_params(model, example, layer_wise=True)
-    tp_macs = sum(v for m, v in per_layer.items() if v and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)))
-    return StaticResult(model, plan, float(macs), float(tp_macs), float(ratio), float(target_macs))
+    return float(sum(v for m, v in per_layer.items() if v and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))))
