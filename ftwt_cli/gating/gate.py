@@ -53,6 +53,9 @@ class Gate(nn.Module):
         if not 0 <= fixed_open < out_channels:
             raise ValueError(f"a gate of {out_channels} channels cannot leave {fixed_open} of them without a gate")
         self.channels_last = channels_last
+        # a count fixed at construction (set_groups and a loaded map keep every column's size): read on every
+        # forward, so a Python int rather than a reduction over ``group_of`` (a device sync on CUDA)
+        self._fixed_open = int(fixed_open)
         varying = out_channels - fixed_open
         self.fc = nn.Linear(in_channels, -(-varying // group_size))
         nn.init.zeros_(self.fc.weight)
@@ -72,7 +75,7 @@ class Gate(nn.Module):
     @property
     def fixed_open(self) -> int:
         """Channels without a gate (always open)."""
-        return 0 if self.group_of is None else int((self.group_of == self.groups).sum())
+        return self._fixed_open
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_pooled(pool(x, self.channels_last))
