@@ -181,7 +181,7 @@ def make_hybrid_run(source_run: Path | str, data: str, run_dir: Path | str, *, e
             if u.name not in gated:
                 continue
             old, new = model.gates[gate_key(u.name)], hybrid.gates[gate_key(u.name)]
-            dead, fixed = split[u.name]
+            fixed = split[u.name][1]
             kept_out = torch.tensor(layers.get(u.name, {}).get("out", list(range(u.out_channels))), dtype=torch.long)
             kept_in = torch.tensor(layers.get(u.name, {}).get("in", list(range(u.in_channels))), dtype=torch.long)
             group_of = old.group_of.cpu() if old.group_of is not None else torch.arange(u.out_channels)
