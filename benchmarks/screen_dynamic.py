@@ -50,8 +50,12 @@ CONFIGS = {"ftwt (defaults)": ({}, {}),
            "groups of 16 + BN recalibration": ({"recalibrate_bn": 2048}, {"group_size": 16})}
 # finetune changes per configuration (the static twin and the control get the same budget; gate settings do not
 # apply to them): FTWT's schedule, the gates co-trained with the backbone (joint) and frozen after half the epochs
-FINETUNE = {"joint (gates frozen at half)": {"mode": "joint", "freeze_gates_at": 0.5}}
-CONFIGS["joint (gates frozen at half)"] = ({}, {})
+FINETUNE = {"joint (gates frozen at half)": {"mode": "joint", "freeze_gates_at": 0.5},
+            # task-aware gates (item 5b): straight-through masks, the budget term holding the point's --cut
+            "task-aware + budget (BCE at 1)": {"task_aware": True, "bce_weight": 1.0},
+            "task-aware + budget (no BCE)": {"task_aware": True, "bce_weight": 0.0}}
+for _name in FINETUNE:
+    CONFIGS[_name] = ({}, {})
 ARCHS = ("resnet18", "mobilenet_v2")              # torchvision models the screen trains
 
 

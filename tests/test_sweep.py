@@ -147,3 +147,18 @@ def test_mcnemar_is_the_exact_binomial_test_and_bits_round_trip():
     assert verdict(0.92, 0.90, 0.01, 0.5, "l1").startswith("use the dynamic model at 50% fewer MACs: +2.00 pt")
     assert verdict(0.90, 0.92, 0.01, 0.5, "l1").startswith("use the static twin (l1)")
     assert "not a significant difference" in verdict(0.905, 0.90, 0.4, 0.5, "l1")
+
+
+@pytest.mark.integration
+def test_a_task_aware_sweep_gives_each_dynamic_point_its_own_budget(ckpt, tmp_path):
+    out = tmp_path / "sweep"
+    pts = run_sweep(ckpt, "digits", out, target_cuts=[0.4], static="l1", attach_options=ATTACH,
+                    fit_cfg=FitGatesConfig(epochs=1, lr=0.05, batch_size=64, workers=0, calib_samples=128),
+                    finetune_cfg=FinetuneConfig(epochs=1, batch_size=64, workers=0, task_aware=True),
+                    train_samples=256, device="cpu")
+    assert all(p.status == "done" for p in pts), [(p.name, p.error) for p in pts]
+    saved = {p.name: json.loads((out / p.name / "ftwt.json").read_text())["training"]["finetune"]["config"]
+             for p in pts if p.kind != "dense"}
+    dyn = saved["dynamic-cut0.4"]
+    assert dyn["task_aware"] and dyn["target_cut"] == 0.4 and dyn["bce_weight"] == 0.0
+    assert saved["static-l1-cut0.4"]["target_cut"] is None          # the twin trains with every gate open, no budget

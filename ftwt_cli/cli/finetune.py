@@ -25,6 +25,7 @@ from .options import (
     Workers,
     config_option,
     data_arg,
+    default_of,
     int_list,
     value,
 )
@@ -59,13 +60,23 @@ def finetune_cli(
     r: Annotated[Optional[float], _opt("Ground-truth r.", "r")] = None,
     val_split: ValSplit = None,
     train_samples: TrainSamples = None,
-    bce_weight: Annotated[Optional[float], _opt("Weight of the gate loss (BCE summed over filters); in joint mode it also "
-                                                "scales what reaches the backbone.", "bce_weight")] = None,
+    bce_weight: Annotated[Optional[float], typer.Option(
+        help="Weight of the gate loss (BCE summed over filters); in joint mode it also scales what reaches the backbone.",
+        show_default="1; 0 with --task-aware --target-cut")] = None,
     freeze_gates_at: Annotated[Optional[float], _opt("Fraction of the iterations the gates learn for; then they freeze "
                                                      "(FTWT: 0.5).", "freeze_gates_at")] = None,
     distill: Annotated[Optional[float], _opt("Weight α in [0, 1] of distillation from the starting model (0 = off).",
                                              "distill")] = None,
     distill_temp: Annotated[Optional[float], _opt("Distillation temperature T.", "distill_temp")] = None,
+    task_aware: Annotated[Optional[bool], typer.Option(
+        "--task-aware/--no-task-aware", help="Straight-through masks: the task loss reaches the gates too (hard masks "
+        "forward, the sigmoid's gradient backward); with --target-cut the BCE is off unless --bce-weight is given.",
+        show_default=default_of(FinetuneConfig, "task_aware"))] = None,
+    target_cut: Annotated[Optional[float], _opt("With --task-aware: the share of exact MACs (gates included) to cut, "
+                                                "held by a budget term through the straight-through masks.",
+                                                "target_cut")] = None,
+    budget_weight: Annotated[Optional[float], _opt("Weight λ of the budget term λ·(MACs/dense − (1 − target cut))² "
+                                                   "(DGNet's default).", "budget_weight")] = None,
     dense_control: Annotated[bool, typer.Option(help="Train with every gate open and no gate loss: a dense control for a fair comparison.")] = False,
     recipe: Recipe = None,
     resume: Resume = False,
@@ -84,7 +95,8 @@ def finetune_cli(
                          dict(epochs=epochs, lr=lr, gate_lr=gate_lr, momentum=momentum, mode=value(mode), schedule=value(schedule),
                               step_epochs=int_list(step_epochs, "--step-epochs"), gamma=gamma, weight_decay=weight_decay,
                               label_smoothing=label_smoothing, batch_size=batch_size, workers=workers, seed=seed, r=r,
-                              bce_weight=bce_weight, freeze_gates_at=freeze_gates_at, distill=distill, distill_temp=distill_temp),
+                              bce_weight=bce_weight, freeze_gates_at=freeze_gates_at, distill=distill, distill_temp=distill_temp,
+                              task_aware=task_aware, target_cut=target_cut, budget_weight=budget_weight),
                          partial=resume)
     rep = finetune(run, data_arg(data, rec, run), cfg, resume=resume, val_split=val_split, train_samples=train_samples,
                    dense_control=dense_control, progress=EpochProgress(), tensorboard=tensorboard,
@@ -93,6 +105,7 @@ def finetune_cli(
     f = rep.final
     if not rep.main:                   # under torchrun, rank 0 alone reports
         return
-    console.print(f"fine-tuned ({'dense control' if dense_control else rep.config['mode']}): val top-1 {f.top1:.2%}, MACs "
+    how = "dense control" if dense_control else rep.config["mode"] + (", task-aware" if rep.config.get("task_aware") else "")
+    console.print(f"fine-tuned ({how}): val top-1 {f.top1:.2%}, MACs "
                   f"{f.mean_macs / 1e6:.2f} M of {f.dense_macs / 1e6:.2f} M dense ({f.reduction:.1%} cut); run {rep.run_dir}",
                   markup=False, highlight=False, soft_wrap=True)

@@ -67,6 +67,9 @@ def sweep_cli(
     hybrid: Annotated[Optional[float], typer.Option(
         help="Also a hybrid per dynamic point (`ftwt hybrid --epsilon` of its fitted gates, fine-tuned with the same "
              "budget), with a static twin of its own.")] = None,
+    task_aware: Annotated[bool, typer.Option(help="Dynamic and hybrid points fine-tune with task-aware gates (`finetune "
+                                                  "--task-aware`); a dynamic point of --target-cuts holds its cut with the "
+                                                  "budget term.")] = False,
     dense_control: Annotated[bool, typer.Option(help="Also the source fine-tuned with the same budget, every gate open.")] = False,
     bench: Annotated[bool, typer.Option(help="Also each point's median latency at batch 1 on this machine (as `ftwt bench`).")] = False,
     recipe: Recipe = None,
@@ -113,7 +116,8 @@ def sweep_cli(
     rec = load_recipe(recipe) if recipe else None
     fit = resolve_config(FitGatesConfig, rec, "fit_gates", dict(epochs=fit_epochs, seed=seed, workers=workers, calib_samples=calib_samples))
     # 0 (no finetune) is not a valid FinetuneConfig epoch count, so it is set after validation
-    ft = resolve_config(FinetuneConfig, rec, "finetune", dict(epochs=finetune_epochs or None, seed=seed, workers=workers))
+    ft = resolve_config(FinetuneConfig, rec, "finetune", dict(epochs=finetune_epochs or None, seed=seed, workers=workers,
+                                                             task_aware=task_aware or None))
     if finetune_epochs == 0:
         ft.epochs = 0
     opts = attach_options(arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size, mean=mean, std=std,

@@ -28,7 +28,10 @@ __all__ = ["active_channels", "op_macs", "count_macs", "gated_share", "MacsBreak
 
 
 def active_channels(expr: Expr, masks: Mapping[str, torch.Tensor], batch: int) -> Optional[torch.Tensor]:
-    """(B, C) bool of channels that may be non-zero, or None when every channel may be."""
+    """(B, C) bool of channels that may be non-zero, or None when every channel may be.
+
+    Float masks (0/1 in value, straight-through masks with a gradient: ``GatedModel.differentiable_macs``) give a
+    float result with the same values: "any" is 1 − Π(1 − m), "all" is Π m, both exact on 0/1."""
     k = expr[0]
     if k == "dense":
         return None
@@ -40,7 +43,8 @@ def active_channels(expr: Expr, masks: Mapping[str, torch.Tensor], batch: int) -
         if not present:
             return None
         dev = present[0].device
-        return torch.cat([p if p is not None else torch.ones(batch, expr_width(e), dtype=torch.bool, device=dev)
+        dtype = present[0].dtype
+        return torch.cat([p if p is not None else torch.ones(batch, expr_width(e), dtype=dtype, device=dev)
                           for p, e in zip(parts, expr[1])], 1)
     if k == "slice":
         p = active_channels(expr[1], masks, batch)
@@ -49,6 +53,11 @@ def active_channels(expr: Expr, masks: Mapping[str, torch.Tensor], batch: int) -
         parts = [active_channels(e, masks, batch) for e in expr[1]]
         if any(p is None for p in parts):
             return None
+        if parts[0].dtype != torch.bool:
+            closed = 1 - parts[0]
+            for p in parts[1:]:
+                closed = closed * (1 - p)
+            return 1 - closed
         out = parts[0]
         for p in parts[1:]:
             out = out | p
@@ -59,7 +68,7 @@ def active_channels(expr: Expr, masks: Mapping[str, torch.Tensor], batch: int) -
             return None
         out = parts[0]
         for p in parts[1:]:
-            out = out & p
+            out = out & p if out.dtype == torch.bool else out * p
         return out
     if k == "repeat":
         p = active_channels(expr[1], masks, batch)

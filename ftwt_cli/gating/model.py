@@ -12,7 +12,9 @@ The backbone is left structurally untouched (its state-dict keys stay the source
 Per forward the model records each unit's gate logits, ground-truth scores (when asked) and masks; nothing else.
 What a training loop wants is said explicitly: ``with model.collecting(decoupled=True): model(x)`` also scores
 channels for the ground truth (ranked after the forward, on first use of ``last_targets``), and
-``with model.forcing(masks):`` replays fixed masks.
+``with model.forcing(masks):`` replays fixed masks. ``collecting(straight_through=True)`` makes the masks
+differentiable (task-aware gates): forward the hard 0/1 mask, backward through sigmoid(logit), so the task loss and
+a MACs budget term (``differentiable_macs``) reach the gates.
 
 Hooks are bound to module *names*: a forward first checks that each hooked path still holds the module it hooked,
 and re-installs the hooks where one was swapped (e.g. ``nn.SyncBatchNorm.convert_sync_batchnorm``). They are
@@ -37,7 +39,7 @@ from .gate import Gate, check_group_size, gate_key
 from .macs import MacsBreakdown, count_macs
 from .targets import GT_RULES, check_r, ground_truth, ground_truth_many
 
-__all__ = ["GatedModel", "ForwardStats", "GATE_MODES", "model_macs"]
+__all__ = ["GatedModel", "ForwardStats", "GATE_MODES", "model_macs", "straight_through"]
 
 # Activations that are monotone (non-decreasing): max |f(y)| over a map sits where y is largest or smallest.
 _MONOTONE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.Tanh, nn.Identity)
@@ -63,6 +65,7 @@ class _Record:
     logits: Dict[str, torch.Tensor] = field(default_factory=dict)
     masks: Dict[str, torch.Tensor] = field(default_factory=dict)
     scores: Dict[str, torch.Tensor] = field(default_factory=dict)    # ranked into targets on first use
+    soft: Dict[str, torch.Tensor] = field(default_factory=dict)      # straight-through masks (float, with grad)
     targets: Dict[str, torch.Tensor] = field(default_factory=dict)
     positions: Dict[str, int] = field(default_factory=dict)
     batch: int = 1                                                   # samples in the forward's input
@@ -74,6 +77,15 @@ class _Control:
     collect: bool = False
     decoupled: bool = True
     forced: Optional[Mapping[str, torch.Tensor]] = None
+    straight_through: bool = False
+
+
+def straight_through(logits: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """The hard mask in the forward, sigmoid(logit)'s gradient in the backward (the straight-through estimator
+    with a sigmoid, Bengio et al. 2013; DGNet's gates): ``hard + (p − p.detach())`` is exactly ``hard`` in value
+    (x − x = 0 in floating point), so MACs and activations are those of the hard mask, bit for bit."""
+    p = logits.float().sigmoid()
+    return hard.to(p.dtype) + (p - p.detach())
 
 
 def _inert(*args) -> None:
@@ -143,10 +155,11 @@ class _MaskHook(_Hook):
     def apply(self, out: torch.Tensor, inplace: bool) -> Optional[torch.Tensor]:
         """Mask ``out`` (the unit's hidden units, channels or features); None leaves it as it is."""
         g, name, rec = self.owner, self.unit.name, self.owner._rec
+        soft = None                              # the straight-through mask, when the masks are differentiable
         if self.unit.follows:                    # the mask of the unit it follows, whatever decided that one
             if g.mode == "open":                 # (no gate, so no ground truth to learn from either)
                 return None
-            mask = rec.masks[self.unit.follows]
+            mask, soft = rec.masks[self.unit.follows], rec.soft.get(self.unit.follows)
         elif g.mode == "oracle":                 # the mask is this layer's ground truth: rank now
             with torch.no_grad():
                 gate = g.gates[gate_key(name)]
@@ -158,8 +171,17 @@ class _MaskHook(_Hook):
             if g.mode == "open":
                 return None
             forced = g._ctl.forced
-            mask = forced[name] if forced is not None else rec.logits[name].detach() > 0
+            if forced is not None:
+                mask = forced[name]
+            else:
+                logits = rec.logits[name]
+                mask = logits.detach() > 0
+                if g._ctl.straight_through:
+                    soft = straight_through(logits, mask)
         rec.masks[name] = mask
+        if soft is not None:
+            rec.soft[name] = soft
+            return out * self.expand(soft.to(out.dtype), out)
         m = self.expand(mask.to(out.dtype), out)
         if not out.requires_grad and inplace:
             return out.mul_(m)      # nothing differentiates through it and it is not the module's input: no copy
@@ -286,11 +308,13 @@ class GatedModel(nn.Module):
         return self
 
     @contextmanager
-    def collecting(self, *, decoupled: bool = True) -> Iterator["GatedModel"]:
+    def collecting(self, *, decoupled: bool = True, straight_through: bool = False) -> Iterator["GatedModel"]:
         """Forwards inside also score every unit's channels for the ground truth (``last_targets``).
-        ``decoupled``: the gates read a detached input, so a loss on their logits never reaches the backbone."""
+        ``decoupled``: the gates read a detached input, so a loss on their logits never reaches the backbone.
+        ``straight_through`` (task-aware gates): predicted masks carry sigmoid(logit)'s gradient, so the task loss
+        reaches the gates, and ``differentiable_macs`` gives the forward's MACs with that gradient."""
         saved = self._ctl
-        self._ctl = _Control(True, decoupled, saved.forced)
+        self._ctl = _Control(True, decoupled, saved.forced, straight_through)
         try:
             yield self
         finally:
@@ -300,7 +324,7 @@ class GatedModel(nn.Module):
     def forcing(self, masks: Mapping[str, torch.Tensor]) -> Iterator["GatedModel"]:
         """Forwards inside (in ``predict`` mode) apply these (B, C_out) bool masks; the gates still run."""
         saved = self._ctl
-        self._ctl = _Control(saved.collect, saved.decoupled, masks)
+        self._ctl = _Control(saved.collect, saved.decoupled, masks, saved.straight_through)
         try:
             yield self
         finally:
@@ -369,6 +393,32 @@ class GatedModel(nn.Module):
             self._dense_cache[size] = float(count_macs(self.plan.ops, self.units, {}, rec.positions, 1, gates_run=False,
                                                        attention=attn).total[0])
         return ForwardStats(b.total, b.gates, self._dense_cache[size], masks, b.per_op, dict(rec.positions))
+
+    def differentiable_macs(self) -> torch.Tensor:
+        """(B,) float64 MACs of the last forward (gates included), differentiable in the gates' logits: the exact count
+        of its hard masks in value, with the straight-through masks' gradient (a forward inside
+        ``collecting(straight_through=True)`` in ``predict`` mode)."""
+        rec = self._rec
+        if not rec.soft:
+            raise ValueError("differentiable_macs needs a forward in predict mode inside collecting(straight_through=True)")
+        dev = next(iter(rec.soft.values())).device
+        return count_macs(self.plan.ops, self.units, rec.soft, rec.positions, rec.batch, gates_run=True, device=dev,
+                          attention=self.attention_macs(self._last[2]), gate_outputs=self.gate_outputs).total
+
+    def closed_macs(self, input_size: Optional[tuple] = None) -> float:
+        """Per-sample MACs with every gated channel closed (channels without a gate stay open), gates included: the
+        least a budget can ask of this model at ``input_size`` (default: the plan's)."""
+        size = tuple(input_size or self.plan.input_size)
+        self.dense_macs(size)                      # one forward for the output positions at this size
+        dev = next(self.backbone.parameters()).device
+        masks: Dict[str, torch.Tensor] = {}
+        for u in self.units:
+            if not u.follows:
+                gate = self.gates[gate_key(u.name)]
+                masks[u.name] = gate.channels(torch.zeros(1, gate.groups, dtype=torch.bool, device=dev))
+        masks.update({u.name: masks[u.follows] for u in self.units if u.follows})
+        return float(count_macs(self.plan.ops, self.units, masks, self._rec.positions, 1, gates_run=True, device=dev,
+                                attention=self.attention_macs(size), gate_outputs=self.gate_outputs).total[0])
 
     def dense_macs(self, input_size: Optional[tuple] = None) -> MacsBreakdown:
         """MACs of the source model (gates open, no gate cost) at ``input_size`` (default: the plan's)."""

@@ -83,6 +83,11 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
     fit_cfg.validate()
     if finetune_cfg.epochs:
         finetune_cfg.validate()
+    if finetune_cfg.bce_weight is None and not finetune_cfg.task_aware:    # what finetune resolves it to (1), as
+        finetune_cfg = dataclasses.replace(finetune_cfg, bce_weight=1.0)    # sweeps before task-aware gates saved it
+    if finetune_cfg.target_cut is not None:
+        raise FtwtError("finetune's target_cut is one budget, and a sweep has a point per cut: each task-aware dynamic "
+                        "point takes its own --target-cuts value", "drop target_cut from the recipe's finetune section")
     options = attach_options if isinstance(attach_options, AttachOptions) else AttachOptions.from_dict(attach_options or {})
     settings = SweepSettings(str(checkpoint), sha256_file(checkpoint) if checkpoint.is_file() else "", data,
                              options.to_dict(), {k: v for k, v in dataclasses.asdict(fit_cfg).items() if k not in ("r", "target_cut")},
@@ -97,6 +102,8 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
                 old["attach"] = AttachOptions.from_dict(old.get("attach") or {}).to_dict()
             except (FtwtError, TypeError):
                 pass
+            if isinstance(old.get("finetune"), dict):   # and so had finetune settings added since
+                old["finetune"] = {**dataclasses.asdict(FinetuneConfig()), **old["finetune"]}
             now = json.loads(json.dumps(dataclasses.asdict(settings)))
             defaults = dataclasses.asdict(SweepSettings("", "", ""))     # a key an older sweep.json lacks had its default
             diff = [k for k in now if old.get(k, defaults.get(k)) != now[k]
@@ -302,8 +309,11 @@ class _Ctx:
         if not self.ft_cfg.epochs:
             return
         dense_control = not self._gated(run, p)   # the control and the static twins: every gate open
-        self._train(run, "finetune", self.ft_cfg.epochs, lambda resume: finetune(
-            run, self.data, None if resume else self.ft_cfg, resume=resume, dense_control=dense_control,
+        cfg = self.ft_cfg
+        if cfg.task_aware and p.kind == "dynamic" and p.target_cut is not None:
+            cfg = dataclasses.replace(cfg, target_cut=p.target_cut)    # task-aware gates hold the point's cut
+        self._train(run, "finetune", cfg.epochs, lambda resume: finetune(
+            run, self.data, None if resume else cfg, resume=resume, dense_control=dense_control,
             device=self.device, amp=self.amp, progress=self.progress, check_source=self.check_source, **self._split()))
 
     def _static_run(self, run: Path, p: Point) -> None:

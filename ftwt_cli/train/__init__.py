@@ -7,10 +7,10 @@ from typing import Any
 from .config import FinetuneConfig, FitGatesConfig, load_recipe, resolve_config
 
 __all__ = ["fit_gates", "finetune", "FitGatesConfig", "FinetuneConfig", "load_recipe", "resolve_config", "gate_loss",
-           "distill_loss", "batch_metrics", "fit_gates_step", "gate_optimizer", "EpochStats", "TrainReport", "Progress",
+           "distill_loss", "budget_loss", "batch_metrics", "fit_gates_step", "gate_optimizer", "EpochStats", "TrainReport", "Progress",
            "METRICS_EVERY", "METRICS_LOG"]
 
-_WHERE = {"gate_loss": ".loss", "distill_loss": ".loss", **{n: ".loops" for n in (
+_WHERE = {"gate_loss": ".loss", "distill_loss": ".loss", "budget_loss": ".loss", **{n: ".loops" for n in (
     "fit_gates", "finetune", "batch_metrics", "fit_gates_step", "gate_optimizer", "EpochStats", "TrainReport", "Progress",
     "METRICS_EVERY", "METRICS_LOG")}}
 

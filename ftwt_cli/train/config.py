@@ -66,7 +66,9 @@ class FinetuneConfig:
     schedule: str = "cosine"        # cosine | step | constant, per iteration
     step_epochs: List[int] = field(default_factory=list)   # epochs at which "step" multiplies lr by gamma
     gamma: float = 0.1
-    bce_weight: float = 1.0
+    # None: 1, or 0 for task-aware gates with a budget (the BCE, summed over filters, outweighs the budget term:
+    # benchmarks/DYNAMIC-VS-STATIC.md); finetune saves the value it used
+    bce_weight: Optional[float] = None
     # FTWT drops the mask-loss weight to 0 after half the epochs: the gates freeze and the backbone finishes
     # training against a fixed gating function. The fraction of finetune's iterations the gates learn for.
     freeze_gates_at: float = 1.0
@@ -78,8 +80,22 @@ class FinetuneConfig:
     seed: int = 0
     r: Optional[float] = None       # default: the r gates were fitted with
     gt: Optional[str] = None
+    # task-aware gates (DGNet-style, beyond FTWT): straight-through masks, so the task loss reaches the gates (the hard
+    # mask forward, sigmoid(logit)'s gradient backward); the BCE stays as a term of weight bce_weight when one is given
+    task_aware: bool = False
+    # with task_aware: the share of exact MACs (gates included, batch mean) to cut; adds the budget term
+    # budget_weight · (MACs / dense − (1 − target_cut))², the MACs through the straight-through masks (DGNet: λ = 5)
+    target_cut: Optional[float] = None
+    budget_weight: float = 5.0
 
     def validate(self) -> None:
+        if self.target_cut is not None:
+            check_cut(self.target_cut)
+            if not self.task_aware:
+                raise FtwtError("finetune's --target-cut is a budget term that reaches the gates only through "
+                                "straight-through masks", "add --task-aware, or drop --target-cut")
+        if not self.budget_weight >= 0:
+            raise FtwtError(f"budget-weight={self.budget_weight} is negative", "pass --budget-weight ≥ 0 (default 5)")
         if self.mode not in FINETUNE_MODES:
             raise FtwtError(f"unknown finetune mode '{self.mode}'", f"use one of {', '.join(FINETUNE_MODES)}")
         if self.schedule not in SCHEDULES:
@@ -95,8 +111,8 @@ class FinetuneConfig:
         if any(e < 1 for e in self.step_epochs):
             raise FtwtError(f"step-epochs={self.step_epochs} must be epochs ≥ 1", "e.g. step_epochs: [30, 60]")
         _workers(self)
-        if not self.bce_weight >= 0:
-            raise FtwtError(f"bce-weight={self.bce_weight} is negative", "pass --bce-weight ≥ 0 (default 1)")
+        if self.bce_weight is not None and not self.bce_weight >= 0:
+            raise FtwtError(f"bce-weight={self.bce_weight} is negative", "pass --bce-weight ≥ 0 (1: FTWT's)")
         if not 0.0 <= self.freeze_gates_at <= 1.0:
             raise FtwtError(f"freeze-gates-at={self.freeze_gates_at} is outside [0, 1]",
                             "pass --freeze-gates-at between 0 (gates never learn) and 1 (they learn throughout; FTWT: 0.5)")
@@ -192,6 +208,8 @@ def _typed(name: str, type_: str, v: Any, where: str) -> Any:
             raise bad("a number")
     elif base == "int" and not is_int:
         raise bad("an integer")
+    elif base == "bool" and not isinstance(v, bool):
+        raise bad("true or false")
     elif base == "str" and not isinstance(v, str):
         raise bad("a string")
     elif base == "List[int]" and not (isinstance(v, list) and all(isinstance(e, int) and not isinstance(e, bool) for e in v)):

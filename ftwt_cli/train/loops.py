@@ -12,6 +12,10 @@ softmax(s/T)); the dense control gets the same teacher. Decoupled (default): the
 so BCE never reaches the backbone and the task loss never reaches the gates (the mask is a hard, gradient-free
 0/1). Joint: BCE also trains the backbone through the gate's input.
 
+Task-aware gates (``task_aware``, beyond FTWT, as DGNet): the masks are straight-through (hard forward, sigmoid(logit)'s
+gradient backward), so the task loss reaches the gates too, and ``target_cut`` adds a MACs budget term, λ·(MACs/dense
+− (1 − target_cut))², with the batch's exact MACs (gates included) through the same masks (``loss.budget_loss``).
+
 Loss (FTWT eq. 2): L_pred = mean over layers l of Σ_f BCEWithLogits(P_f^l, g_f^l), averaged over the batch
 (``loss.gate_loss``); autograd computes every gradient and ``torch.optim`` steps.
 
@@ -39,7 +43,7 @@ from ..runtime.device import Precision
 from ..runtime.dist import shard
 from .config import FinetuneConfig, FitGatesConfig
 from .groups import order_groups
-from .loss import distill_loss, gate_loss
+from .loss import budget_loss, distill_loss, gate_loss
 from .phase import (
     METRICS_EVERY,
     METRICS_LOG,
@@ -55,7 +59,7 @@ from .recalibrate import recalibrate_bn
 
 # the loops' neighbours are re-exported: callers reach the training API through one module
 __all__ = ["fit_gates", "finetune", "fit_gates_step", "gate_optimizer", "EpochStats", "TrainReport", "Progress",
-           "batch_metrics", "METRICS_EVERY", "METRICS_LOG", "gate_loss", "distill_loss"]
+           "batch_metrics", "METRICS_EVERY", "METRICS_LOG", "gate_loss", "distill_loss", "budget_loss"]
 
 
 def fit_gates_step(model: GatedModel, x: torch.Tensor, opt: torch.optim.Optimizer,
@@ -82,6 +86,17 @@ def fit_gates_step(model: GatedModel, x: torch.Tensor, opt: torch.optim.Optimize
 def gate_optimizer(model: GatedModel, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
     """Adam over the gates; the fused kernel updates all gate tensors at once."""
     return torch.optim.Adam(model.gates.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def _check_budget(model: GatedModel, cfg: FinetuneConfig, input_size) -> float:
+    """The dense model's per-sample MACs at the training input size, once the budget is known to be reachable: with
+    every gated channel closed (gates still running) the cut is the most any mask can give."""
+    dense = float(model.dense_macs(tuple(input_size)).total[0])
+    most = 1.0 - model.closed_macs(tuple(input_size)) / dense
+    if cfg.target_cut > most:
+        raise FtwtError(f"--target-cut {cfg.target_cut} cannot be reached: with every gated channel closed this model "
+                        f"cuts {most:.1%} of its MACs (gates included)", f"pass --target-cut below {most:.3f}")
+    return dense
 
 
 def _teacher(ph: "Phase") -> nn.Module:
@@ -210,6 +225,10 @@ def _finetune(ph: "Phase", dense_control: bool, progress: Progress) -> TrainRepo
             raise FtwtError(f"the gates in {ph.run_dir} are not fitted yet", "run `ftwt fit-gates --data ...` first")
         model.set_gates("predict", r=cfg.r if cfg.r is not None else g.r or 0.95, gt=cfg.gt or g.gt or "mass")
     decoupled = cfg.mode == "decoupled"
+    task_aware = cfg.task_aware and not dense_control      # the control has no gates for the task loss to reach
+    if cfg.bce_weight is None:          # resolved once and saved, so a resumed run keeps it
+        cfg = ph.cfg = dataclasses.replace(cfg, bce_weight=0.0 if task_aware and cfg.target_cut is not None else 1.0)
+    dense = _check_budget(model, cfg, ph.meta.data_config.input_size) if task_aware and cfg.target_cut is not None else None
     backbone_opt = torch.optim.SGD(model.backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gate_opt = gate_optimizer(model, cfg.gate_lr) if model.units else None     # a static model has no gates
     if ph.ck:
@@ -233,7 +252,11 @@ def _finetune(ph: "Phase", dense_control: bool, progress: Progress) -> TrainRepo
             step = (epoch - 1) * steps_per_epoch + i
             for group in backbone_opt.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(cfg, step, steps_per_epoch)
-            with model.collecting(decoupled=decoupled) if not dense_control else nullcontext(), ph.precision.autocast():
+            gates_learn = not dense_control and step < freeze_step
+            # straight-through masks only while the gates learn: frozen gates need no gradient from the task loss
+            ste = task_aware and gates_learn
+            with (model.collecting(decoupled=decoupled, straight_through=ste) if not dense_control else nullcontext(),
+                  ph.precision.autocast()):
                 out = net(x)
             ce = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
             task = ce
@@ -242,10 +265,11 @@ def _finetune(ph: "Phase", dense_control: bool, progress: Progress) -> TrainRepo
                     t_out = teacher(x)
                 task = (1.0 - cfg.distill) * ce + cfg.distill * distill_loss(out, t_out, cfg.distill_temp)
             bce = gate_loss(model.last_logits, model.last_targets) if not dense_control else out.new_zeros(())
-            gates_learn = not dense_control and step < freeze_step
             # frozen gates stay in the loss with weight 0 (as FTWT does): every gate gets a (zero) gradient each step,
             # which DistributedDataParallel expects
             loss = task + (cfg.bce_weight if gates_learn else 0.0) * bce
+            if ste and dense is not None:
+                loss = loss + cfg.budget_weight * budget_loss(model.differentiable_macs(), dense, cfg.target_cut)
             backbone_opt.zero_grad(set_to_none=True)
             if gate_opt is not None:
                 gate_opt.zero_grad(set_to_none=True)
@@ -265,4 +289,10 @@ def _finetune(ph: "Phase", dense_control: bool, progress: Progress) -> TrainRepo
                 progress.step(sums.batches, m)
         ph.finish_epoch(epoch, sums, time.perf_counter() - t0,
                         {"backbone": backbone_opt, "gates": gate_opt, "scaler": scaler}, progress)
-    return ph.report()
+    rep = ph.report()
+    if dense is not None and abs(rep.final.reduction - cfg.target_cut) > 0.02 and rep.main:
+        # the BCE, summed over filters, can outweigh the budget term by orders of magnitude
+        progress.note(f"the cut is {rep.final.reduction:.1%} against --target-cut {cfg.target_cut:g}: the budget term did "
+                      f"not hold it (the gate loss at weight {cfg.bce_weight:g} can outweigh it, and frozen gates no longer "
+                      f"follow it); pass --bce-weight 0 or a larger --budget-weight (now {cfg.budget_weight:g})")
+    return rep

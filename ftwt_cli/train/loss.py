@@ -1,4 +1,5 @@
-"""The losses of both training phases: the gates' BCE (FTWT eq. 2) and optional distillation."""
+"""The losses of both training phases: the gates' BCE (FTWT eq. 2), optional distillation, and the MACs budget of
+task-aware gates."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -6,7 +7,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gate_loss", "distill_loss"]
+__all__ = ["gate_loss", "distill_loss", "budget_loss"]
 
 
 def gate_loss(logits: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -31,3 +32,10 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temp: float) -> t
     comparable to CE's."""
     return F.kl_div(F.log_softmax(student.float() / temp, 1), F.log_softmax(teacher.float() / temp, 1),
                     reduction="batchmean", log_target=True) * temp * temp
+
+
+def budget_loss(macs: torch.Tensor, dense: float, target_cut: float) -> torch.Tensor:
+    """(mean_b MACs_b / dense − (1 − target_cut))², float32: DGNet's L2 penalty on the density, with ftwt's exact
+    per-sample MACs (gates included; ``GatedModel.differentiable_macs``). The batch mean, not each sample, meets the
+    budget: images may differ in cost, which is what dynamic pruning is for."""
+    return (macs.float().mean() / dense - (1.0 - target_cut)).square()
