@@ -4,8 +4,10 @@ same MACs, at batch 1 and batch 32, measured in one process (issue 29, item 1).
     python benchmarks/latency_vs_static.py [--models resnet18,mobilenet_v2] [--r 0.9] [--reps 20]
 
 Per model (224 px, random init: no ImageNet weights here, marked as such): oracle masks at r on random images give the
-gated model's MACs; Torch-Pruning (L1, one ratio per layer) prunes a copy to those MACs. Each network is timed BN-folded
-(``fast.fold``: the fastest plain form). Writes benchmarks/results/latency_vs_static.md.
+gated model's MACs; Torch-Pruning (L1, one ratio per layer) prunes a copy to those MACs. The hybrid (``runs.hybrid``,
+ε = --epsilon) is built from the oracle masks' firing rates on 32 random images: channels firing on < ε removed, those
+on > 1 − ε ungated; it runs the same masks on the channels it keeps. Each network is timed BN-folded (``fast.fold``: the
+fastest plain form), the gated and hybrid models on their compact path. Writes benchmarks/results/latency_vs_static.md.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from ftwt_cli.fast.fold import folded_backbone
 from ftwt_cli.formats.rundir import atomic_write_text
 from ftwt_cli.gating import GatedModel
 from ftwt_cli.gating.model import model_macs
+from ftwt_cli.runs.hybrid import build_hybrid
 from ftwt_cli.static import prune_to_macs
 
 HERE = Path(__file__).resolve().parent
@@ -36,6 +39,7 @@ def main() -> int:
     ap.add_argument("--models", default="resnet18,mobilenet_v2")
     ap.add_argument("--r", type=float, default=0.9)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--epsilon", type=float, default=0.05)
     ap.add_argument("--out", default=str(HERE / "results" / "latency_vs_static.md"))
     args = ap.parse_args()
     size = (3, 224, 224)
@@ -44,14 +48,27 @@ def main() -> int:
              f"threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; p50 of {args.reps} runs (batch 1) and of "
              f"{max(3, args.reps // 4)} (batch 32) after warm-up. Random-init torchvision weights at 224 px, oracle masks at "
              f"r = {args.r} on random images; the static twin is Torch-Pruning L1 (one ratio per layer) at the gated "
-             "model's mean MACs (gates included). Every network BN-folded.", "",
-             "| model | batch | MACs ratio (gated / static) | dense-folded ms | gated compact ms | static twin ms | "
-             "compact / dense | static / dense | compact / static |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"model's mean MACs (gates included). The hybrid at ε = {args.epsilon:g} from the oracle masks' firing rates on "
+             "32 random images, timed on its compact path with the same masks on the channels it keeps. Every network "
+             "BN-folded.", "",
+             "| model | batch | MACs ratio (gated / static / hybrid) | dense-folded ms | gated compact ms | static twin ms | "
+             "hybrid compact ms | compact / dense | static / dense | compact / static | hybrid / static |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     for name in args.models.split(","):
         torch.manual_seed(0)
         m = torchvision.models.get_model(name).eval()
         g = GatedModel(m, trace_plan(m, size)).eval()
+        x32 = torch.randn(32, *size, generator=torch.Generator().manual_seed(32))
+        rates = {n: v.float().mean(0) for n, v in oracle_masks(g, x32, args.r).items()}
+        h = build_hybrid(g, rates, args.epsilon, size)
+        leaders = {u.name for u in g.units if not u.follows}
+        n_ch = sum(int(v.numel()) for n, v in rates.items() if n in leaders)
+        removed = sum(int(v.sum()) for v in h.removed.values())
+        fixed = sum(int((f & ~h.removed.get(n, torch.zeros_like(f))).sum()) for n, (_, f) in h.split.items())
+        notes.append(f"{name}: hybrid of {n_ch} gated channels: {removed} removed, {fixed} ungated, "
+                     f"{n_ch - removed - fixed} varying ({len(h.model.gated_names)} of {len(g.units)} units keep a gate)")
+        print(notes[-1], flush=True)
         for batch in (1, 32):
             x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(batch))
             masks = oracle_masks(g, x, args.r)
@@ -65,13 +82,30 @@ def main() -> int:
                 twin_macs = model_macs(twin, size)
             with torch.no_grad():
                 st, _ = time_ms(lambda: twin_folded(x), 2, reps)
+            hy = bench(h.model, x, masks=_hybrid_masks(h, g, masks), warmup=2, reps=reps).row("compact")
             d, c = rep.row("dense-folded").p50_ms, rep.row("compact").p50_ms
-            lines.append(f"| {name} | {batch} | {rep.macs_ratio:.3f} / {twin_macs / rep.row('dense').macs:.3f} | {d:.1f} | "
-                         f"{c:.1f} | {st:.1f} | {c / d:.3f} | {st / d:.3f} | {c / st:.2f} |")
+            dm = rep.row("dense").macs
+            lines.append(f"| {name} | {batch} | {rep.macs_ratio:.3f} / {twin_macs / dm:.3f} / {hy.macs / dm:.3f} | {d:.1f} | "
+                         f"{c:.1f} | {st:.1f} | {hy.p50_ms:.1f} | {c / d:.3f} | {st / d:.3f} | {c / st:.2f} | "
+                         f"{hy.p50_ms / st:.2f} |")
             print(lines[-1], flush=True)
-    lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
+    lines += ["", *[f"* {n}." for n in notes], "", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
     atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
     return 0
+
+
+def _hybrid_masks(h, g: GatedModel, masks):
+    """The source's masks on the channels the hybrid keeps, its ungated channels open."""
+    out = {}
+    for u in g.units:
+        if u.name not in h.model.gated_names:
+            continue
+        lead = u.follows or u.name
+        kept = h.plan.layers.get(lead, {}).get("out", list(range(u.out_channels)))
+        m = masks[lead][:, kept].clone()
+        m[:, h.split[lead][1][kept]] = True
+        out[u.name] = m
+    return out
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from ..static.plan import PruningPlan
 from ..static.prune import prunable_sizes, record_group, tp_macs
 from .loader import load
 
-__all__ = ["HybridReport", "make_hybrid_run", "check_epsilon", "split_channels", "firing_rates", "DEFAULT_IMAGES"]
+__all__ = ["HybridReport", "HybridParts", "build_hybrid", "make_hybrid_run", "check_epsilon", "split_channels", "firing_rates", "DEFAULT_IMAGES"]
 
 DEFAULT_IMAGES = 2048        # training images the firing rates are measured on (as a MACs budget's calibration)
 
@@ -106,33 +106,27 @@ def _own_group(group, unit: Unit, followers: List[str], names: Dict[nn.Module, s
     return True
 
 
-def make_hybrid_run(source_run: Path | str, data: str, run_dir: Path | str, *, epsilon: float = 0.05,
-                    images: int = DEFAULT_IMAGES, batch_size: int = 128, workers: Optional[int] = None,
-                    force: bool = False, choice: DataChoice = DataChoice()) -> HybridReport:
-    """Measure the firing rates of ``source_run``'s fitted gates on ``images`` training images of ``data``, remove
-    the channels firing on < ε of them, drop the gates of those firing on > 1 − ε, and write the result as the new
-    run ``run_dir`` (module doc). ``choice``: the training commands' held-out share and training subset."""
+@dataclass(frozen=True)
+class HybridParts:
+    """What ``build_hybrid`` made: the model, and how each unit's channels went."""
+    model: GatedModel                                  # the pruned backbone with the gates that still decide
+    plan: PruningPlan                                  # Torch-Pruning's cuts: layer → kept "out" / "in" indices
+    removed: Dict[str, torch.Tensor]                   # unit → (C_out,) bool, removed physically
+    split: Dict[str, Tuple[torch.Tensor, torch.Tensor]]    # unit → (dead, fixed) by firing rate (``split_channels``)
+    coupled: int                                       # dead channels kept (coupled to other layers' outputs)
+
+
+def build_hybrid(model: GatedModel, fired: Dict[str, torch.Tensor], eps: float, size: Tuple[int, int, int]) -> HybridParts:
+    """The hybrid of ``model`` (in memory, on the CPU) from each unit's firing rates ``fired`` (unit → (C_out,) share
+    of images), at threshold ``eps``, traced at ``size`` (C, H, W). ``make_hybrid_run`` measures the rates on
+    training images and writes the result as a run; a benchmark may pass rates of its own."""
     import torch_pruning as tp  # deferred: only hybrids and static twins need Torch-Pruning
-    eps = check_epsilon(epsilon)
-    if images < 1:
-        raise FtwtError(f"--images {images} must be positive", "pass e.g. --images 2048")
-    source_run, run_dir = Path(source_run), Path(run_dir)
-    meta = read_meta(source_run)
-    if meta.static is not None:
-        raise FtwtError(f"{source_run} is already pruned (a static twin or a hybrid)", "pass a run with fitted gates")
-    if meta.gating.mode != "predict" or not meta.gating.gated:
-        raise FtwtError(f"{source_run} has no fitted gates", f"run `ftwt fit-gates --run {source_run}` first")
-    model = load(source_run).set_gates("predict")
-    cfg = meta.data_config
-    splits = open_data(data, cfg, choice=choice, num_classes=meta.arch.num_classes)
-    fired, seen = firing_rates(model, make_loader(splits.calibration(cfg, images), batch_size, train=False, workers=workers))
     leaders = [u for u in model.units if not u.follows]
     followers = {u.name: [f.name for f in model.units if f.follows == u.name] for u in leaders}
     rates = {u.name: fired[u.name].cpu() for u in leaders}
 
     # 1. physical removal of the channels that (nearly) never fire, one Torch-Pruning group per unit
     backbone = model.plain_backbone()
-    size = tuple(cfg.input_size)
     dg = tp.DependencyGraph().build_dependency(backbone, example_inputs=torch.zeros(1, *size))
     names = {m: n for n, m in backbone.named_modules()}
     sizes = prunable_sizes(dg, names)
@@ -195,7 +189,34 @@ def make_hybrid_run(source_run: Path | str, data: str, run_dir: Path | str, *, e
                 remap[rows] = torch.arange(len(rows))
                 new.group_of.copy_(torch.where(vary, remap[g_out], torch.full_like(g_out, len(rows))))
     hybrid.set_gates("predict", r=model.r, gt=model.gt)
+    return HybridParts(hybrid, plan_kept, removed, split, coupled)
 
+
+def make_hybrid_run(source_run: Path | str, data: str, run_dir: Path | str, *, epsilon: float = 0.05,
+                    images: int = DEFAULT_IMAGES, batch_size: int = 128, workers: Optional[int] = None,
+                    force: bool = False, choice: DataChoice = DataChoice()) -> HybridReport:
+    """Measure the firing rates of ``source_run``'s fitted gates on ``images`` training images of ``data``, remove
+    the channels firing on < ε of them, drop the gates of those firing on > 1 − ε, and write the result as the new
+    run ``run_dir`` (module doc). ``choice``: the training commands' held-out share and training subset."""
+    eps = check_epsilon(epsilon)
+    if images < 1:
+        raise FtwtError(f"--images {images} must be positive", "pass e.g. --images 2048")
+    source_run, run_dir = Path(source_run), Path(run_dir)
+    meta = read_meta(source_run)
+    if meta.static is not None:
+        raise FtwtError(f"{source_run} is already pruned (a static twin or a hybrid)", "pass a run with fitted gates")
+    if meta.gating.mode != "predict" or not meta.gating.gated:
+        raise FtwtError(f"{source_run} has no fitted gates", f"run `ftwt fit-gates --run {source_run}` first")
+    model = load(source_run).set_gates("predict")
+    cfg = meta.data_config
+    splits = open_data(data, cfg, choice=choice, num_classes=meta.arch.num_classes)
+    fired, seen = firing_rates(model, make_loader(splits.calibration(cfg, images), batch_size, train=False, workers=workers))
+    size = tuple(cfg.input_size)
+    h = build_hybrid(model, {n: r.cpu() for n, r in fired.items()}, eps, size)
+    hybrid, removed, split = h.model, h.removed, h.split
+    leaders = [u for u in model.units if not u.follows]
+    gated, fixed_open, backbone = hybrid.gated_names, hybrid.fixed_open, hybrid.backbone
+    rates = {u.name: fired[u.name] for u in leaders}
     source_macs = float(model.dense_macs(size).total[0])
     dense = float(hybrid.dense_macs(size).total[0])
     n_ch = sum(int(r.numel()) for r in rates.values())
@@ -207,15 +228,15 @@ def make_hybrid_run(source_run: Path | str, data: str, run_dir: Path | str, *, e
         gating=GatingInfo(gated, [{"name": u.name, "in_channels": u.in_channels, "out_channels": u.out_channels,
                                    "kernel": list(u.kernel), "groups": u.groups} for u in hybrid.units],
                           "predict", g.r, g.gt, g.decoupled, g.group_size, fixed_open),
-        plan=traced, macs=MacsInfo(dense, hybrid.gate_macs_dense(), list(size)),
+        plan=hybrid.plan, macs=MacsInfo(dense, hybrid.gate_macs_dense(), list(size)),
         history=[*meta.history, {"command": "hybrid", "epsilon": eps, "images": seen, "data": data,
                                  "from_run": str(source_run), "ftwt_version": __version__}],
         training=dict(meta.training), classes=meta.classes or list(splits.classes), environment=environment(),
         source_eval=meta.source_eval,
         static=StaticInfo("firing-rate", dense, dense, tp_macs(backbone, torch.zeros(1, *size)), n_removed / max(n_ch, 1), source_macs,
-                          plan_kept.to_dict()),
+                          h.plan.to_dict()),
         ftwt_version=__version__)
     write_new_run(run_dir, new, hybrid.state_dict(), force=force, inputs=[source_run])
     n_vary = n_ch - n_removed - n_fixed
-    return HybridReport(run_dir, eps, seen, n_ch, n_removed, n_fixed, n_vary, coupled,
+    return HybridReport(run_dir, eps, seen, n_ch, n_removed, n_fixed, n_vary, h.coupled,
                         len([u for u in leaders if u.name in gated]), len(leaders), dense, source_macs)
