@@ -56,6 +56,9 @@ FINETUNE = {"joint (gates frozen at half)": {"mode": "joint", "freeze_gates_at":
             "task-aware + budget (no BCE)": {"task_aware": True, "bce_weight": 0.0}}
 for _name in FINETUNE:
     CONFIGS[_name] = ({}, {})
+# MobileNets: the same, with the best MobileNet configuration (depthwise follow, BN recalibration)
+FINETUNE["+ depthwise follow + BN recalibration + task-aware"] = FINETUNE["task-aware + budget (no BCE)"]
+CONFIGS["+ depthwise follow + BN recalibration + task-aware"] = ({"recalibrate_bn": 2048}, {"depthwise_follow": True})
 ARCHS = ("resnet18", "mobilenet_v2")              # torchvision models the screen trains
 
 

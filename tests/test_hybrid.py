@@ -10,6 +10,7 @@ from ftwt_cli.cli import app
 from ftwt_cli.errors import FtwtError
 from ftwt_cli.formats.rundir import read_meta
 from ftwt_cli.gating.gate import OPEN_LOGIT, Gate, gate_key
+from ftwt_cli.runs.bench import bench_run
 from ftwt_cli.runs.hybrid import make_hybrid_run, split_channels
 
 runner = CliRunner()
@@ -74,6 +75,17 @@ def test_hybrid_computes_what_the_gated_model_computes_with_those_masks(fitted, 
         lh, ls = hy.last_logits[u.name], src.last_logits[u.name][:, kept]
         assert torch.all(lh[:, ungated] == OPEN_LOGIT)
         torch.testing.assert_close(lh[:, ~ungated], ls[:, ~ungated], rtol=1e-4, atol=1e-4)
+
+
+def test_bench_times_a_hybrid_against_its_unpruned_source(hybrid):
+    rep = bench_run(hybrid.run_dir, reps=2, warmup=1)
+    src = rep.row("source-dense-folded")
+    assert src.macs == pytest.approx(hybrid.source_macs) and src.macs > rep.row("dense").macs > rep.row("compact").macs
+    assert src.p90_ms >= src.p50_ms > 0
+    assert "source-dense-folded" not in [r.variant for r in bench_run(hybrid.run_dir, reps=1, warmup=0, with_source=False).rows]
+    res = runner.invoke(app, ["bench", "--run", str(hybrid.run_dir), "--reps", "2", "--warmup", "1"])
+    assert res.exit_code == 0, res.output
+    assert "compact against the unpruned source architecture" in " ".join(res.stdout.split())
 
 
 def test_hybrid_is_smaller_and_counts_its_gates(fitted, hybrid):

@@ -51,7 +51,14 @@ def bench_cli(
         t.add_row(row.variant, f"{row.p50_ms:.2f}", f"{row.p90_ms:.2f}", f"{row.macs / 1e6:.1f} M",
                   f"{row.p50_ms / d.p50_ms:.2f}", f"{row.macs / d.macs:.2f}")
     console.print(t)
-    if not any(row.variant == "compact" for row in rep.rows):      # a static twin: a plain dense network
+    compact = any(row.variant == "compact" for row in rep.rows)
+    src = next((row for row in rep.rows if row.variant == "source-dense-folded"), None)
+    if src is not None:                # a static twin or a hybrid, against the model it replaces
+        best = rep.row("compact" if compact else "dense-folded")
+        console.print(f"{best.variant} against the unpruned source architecture (BN folded, same input): latency ratio "
+                      f"{best.p50_ms / src.p50_ms:.2f} for a MACs ratio of {best.macs / src.macs:.2f}",
+                      markup=False, highlight=False, soft_wrap=True)
+    if not compact:                    # a static twin: a plain dense network
         return
     console.print(f"compact vs dense with the same BN folding: latency ratio {rep.latency_ratio:.2f} for a MACs ratio of "
                   f"{rep.macs_ratio:.2f} ({rep.latency_ratio / rep.macs_ratio:.2f}× the ideal; strategies {rep.strategies}; {rep.chains} chained pairs)",
