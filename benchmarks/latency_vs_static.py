@@ -62,12 +62,9 @@ def main() -> int:
         x32 = torch.randn(32, *size, generator=torch.Generator().manual_seed(32))
         rates = {n: v.float().mean(0) for n, v in oracle_masks(g, x32, args.r).items()}
         h = build_hybrid(g, rates, args.epsilon, size)
-        leaders = {u.name for u in g.units if not u.follows}
-        n_ch = sum(int(v.numel()) for n, v in rates.items() if n in leaders)
-        removed = sum(int(v.sum()) for v in h.removed.values())
-        fixed = sum(int((f & ~h.removed.get(n, torch.zeros_like(f))).sum()) for n, (_, f) in h.split.items())
-        notes.append(f"{name}: hybrid of {n_ch} gated channels: {removed} removed, {fixed} ungated, "
-                     f"{n_ch - removed - fixed} varying ({len(h.model.gated_names)} of {len(g.units)} units keep a gate)")
+        notes.append(f"{name}: hybrid of {h.channels} gated channels: {h.n_removed} removed, {h.n_fixed} ungated, "
+                     f"{h.channels - h.n_removed - h.n_fixed} varying ({len(h.model.gated_names)} of {len(g.units)} "
+                     "units keep a gate)")
         print(notes[-1], flush=True)
         for batch in (1, 32):
             x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(batch))

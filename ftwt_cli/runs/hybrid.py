@@ -115,6 +115,20 @@ class HybridParts:
     split: Dict[str, Tuple[torch.Tensor, torch.Tensor]]    # unit → (dead, fixed) by firing rate (``split_channels``)
     coupled: int                                       # dead channels kept (coupled to other layers' outputs)
 
+    @property
+    def channels(self) -> int:
+        """Gated channels of the source model (followers not counted)."""
+        return sum(int(dead.numel()) for dead, _ in self.split.values())
+
+    @property
+    def n_removed(self) -> int:
+        return sum(int(m.sum()) for m in self.removed.values())
+
+    @property
+    def n_fixed(self) -> int:
+        """Channels kept that run without a gate."""
+        return sum(int((f & ~self.removed.get(n, torch.zeros_like(f))).sum()) for n, (_, f) in self.split.items())
+
 
 def build_hybrid(model: GatedModel, fired: Dict[str, torch.Tensor], eps: float, size: Tuple[int, int, int]) -> HybridParts:
     """The hybrid of ``model`` (in memory, on the CPU) from each unit's firing rates ``fired`` (unit → (C_out,) share
@@ -213,15 +227,12 @@ def make_hybrid_run(source_run: Path | str, data: str, run_dir: Path | str, *, e
     fired, seen = firing_rates(model, make_loader(splits.calibration(cfg, images), batch_size, train=False, workers=workers))
     size = tuple(cfg.input_size)
     h = build_hybrid(model, {n: r.cpu() for n, r in fired.items()}, eps, size)
-    hybrid, removed, split = h.model, h.removed, h.split
+    hybrid = h.model
     leaders = [u for u in model.units if not u.follows]
     gated, fixed_open, backbone = hybrid.gated_names, hybrid.fixed_open, hybrid.backbone
-    rates = {u.name: fired[u.name] for u in leaders}
     source_macs = float(model.dense_macs(size).total[0])
     dense = float(hybrid.dense_macs(size).total[0])
-    n_ch = sum(int(r.numel()) for r in rates.values())
-    n_removed = sum(int(m.sum()) for m in removed.values())
-    n_fixed = sum(int((~removed.get(n, torch.zeros_like(f)) & f).sum()) for n, (_, f) in split.items())
+    n_ch, n_removed, n_fixed = h.channels, h.n_removed, h.n_fixed
     g = meta.gating
     new = RunMeta(
         arch=meta.arch, source=meta.source, data_config=cfg,
