@@ -15,6 +15,7 @@ import ftwt_cli
 from ftwt_cli.attach import attach
 from ftwt_cli.eval import evaluate_run
 from ftwt_cli.formats import read_meta
+from ftwt_cli.gating import gate_key
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -32,16 +33,20 @@ def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
     return p
 
 
-@pytest.fixture
-def runs(tmp_path):
+def _two_runs(tmp_path, **options):
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pth")
     out = []
     for name in ("two", "one"):       # without augmentation, so that one and two processes see the same images
         attach(tmp_path / "r18.pth", arch="torchvision:resnet18", input_size=(3, 16, 16), augment="none",
-               run_dir=tmp_path / name)
+               run_dir=tmp_path / name, **options)
         out.append(tmp_path / name)
     return out
+
+
+@pytest.fixture
+def runs(tmp_path):
+    return _two_runs(tmp_path)
 
 
 def test_two_processes_fit_like_one_with_the_same_global_batch(runs):
@@ -55,6 +60,24 @@ def test_two_processes_fit_like_one_with_the_same_global_batch(runs):
     files = read_meta(two).files
     assert {q.name for q in two.iterdir()} == {"ftwt.json", "metrics.jsonl", files.weights, files.checkpoint}
     assert len((two / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_grouped_gates_fit_under_torchrun_like_one_process(tmp_path):
+    """Gates of channel groups (attach --group-size 8): the group map is a buffer, the logits per group; two ranks
+    with half the batch each end where one process with the whole batch ends, and the groups' masks decide."""
+    two, one = _two_runs(tmp_path, group_size=8)
+    torchrun(2, "fit-gates", "--run", str(two), "--batch-size", "32", *FIT)
+    torchrun(1, "fit-gates", "--run", str(one), "--batch-size", "64", *FIT)
+    a, b = ftwt_cli.load(two), ftwt_cli.load(one)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert any(k.endswith("group_of") for k in sa)
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-3) for k in sa if k.startswith("gates."))
+    a.eval()(torch.randn(4, 3, 16, 16))
+    for name, m in a.last_stats.masks.items():    # channels of one group (fit-gates regroups them) fire together
+        group_of = a.gates[gate_key(name)].group_of
+        for g in group_of.unique():
+            cols = m[:, group_of == g]
+            assert bool((cols.all(1) | ~cols.any(1)).all()), name
 
 
 def test_ranks_hold_the_same_weights_after_finetune_with_frozen_gates(runs, tmp_path):
