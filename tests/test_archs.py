@@ -41,7 +41,8 @@ def test_detect_exact_match_with_head_and_stem(build, expect, nc, ic):
     (lambda: torchvision.models.resnet34(num_classes=10), "torchvision:resnet34", ()),
     (lambda: torchvision.models.resnet50(num_classes=5), "torchvision:resnet50", ("timm:resnetaa50", "timm:resnetblur50")),
     # timm state dicts of the plain family: its rare variants (blur-pool, anti-aliased, TF ports) are not chosen
-    (lambda: timm.create_model("resnet50", num_classes=5), "torchvision:resnet50", ("timm:resnetaa50", "timm:resnetblur50")),
+    pytest.param(lambda: timm.create_model("resnet50", num_classes=5), "torchvision:resnet50",
+                 ("timm:resnetaa50", "timm:resnetblur50"), marks=pytest.mark.integration),     # 5 s
     (lambda: timm.create_model("efficientnet_b0", num_classes=4, in_chans=1), "timm:efficientnet_b0",
      ("timm:efficientnet_blur_b0", "timm:tf_efficientnet_b0")),
     (lambda: timm.create_model("mixnet_s", num_classes=3), "timm:mixnet_s", ("timm:tf_mixnet_s",)),

@@ -36,6 +36,7 @@ def test_export_roundtrip_is_bit_exact(fitted, tmp_path):
     assert torch.equal(ya, yb) and torch.equal(a.last_stats.macs, b.last_stats.macs)
 
 
+@pytest.mark.integration      # a fresh Python process that imports torch: ~8 s
 def test_exported_file_loads_without_the_run(fitted, tmp_path):
     out = tmp_path / "alone.safetensors"
     export(fitted, out)

@@ -77,6 +77,7 @@ def test_hybrid_computes_what_the_gated_model_computes_with_those_masks(fitted, 
         torch.testing.assert_close(lh[:, ~ungated], ls[:, ~ungated], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.integration      # times three variants, twice, and the CLI: ~6 s
 def test_bench_times_a_hybrid_against_its_unpruned_source(hybrid):
     rep = bench_run(hybrid.run_dir, reps=2, warmup=1)
     src = rep.row("source-dense-folded")
@@ -98,6 +99,7 @@ def test_hybrid_is_smaller_and_counts_its_gates(fitted, hybrid):
     assert meta.format_version == 2 and meta.history[-1]["command"] == "hybrid"
 
 
+@pytest.mark.integration      # fine-tunes, exports and builds the ONNX graph: ~8 s
 def test_hybrid_fine_tunes_and_exports(hybrid, tmp_path):
     from ftwt_cli.runs.exporter import export
     from ftwt_cli.train import FinetuneConfig, finetune

@@ -53,6 +53,7 @@ def test_a_model_without_gates_is_a_plain_graph(tmp_path):
         assert np.abs(_ort(rep.path, x) - net.eval()(x).numpy()).max() <= 1e-4
 
 
+@pytest.mark.integration      # the CLI end to end, with a timed onnxruntime session: ~6 s
 def test_cli_export_and_bench_onnx(fitted, tmp_path):
     out = tmp_path / "cli.onnx"
     res = runner.invoke(app, ["export", "--run", str(fitted), "--format", "onnx", "--out", str(out)])

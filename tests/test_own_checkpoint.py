@@ -177,8 +177,10 @@ def test_torchvision_reference_script_checkpoints(tmp_path, args, size, crop):
 @pytest.mark.parametrize("build,name,expect,note", [
     (lambda: __import__("torchvision").models.resnet34(num_classes=10), "resnet34.pth", "torchvision:resnet34",
      "timm:resnet34 computes the same function but expects other preprocessing"),
-    (lambda: __import__("torchvision").models.resnet50(num_classes=10), "resnet50.pth", "torchvision:resnet50",
-     "the weights also fit timm:resnetaa50, timm:resnetblur50, which compute another function"),
+    pytest.param(lambda: __import__("torchvision").models.resnet50(num_classes=10), "resnet50.pth",
+                 "torchvision:resnet50",
+                 "the weights also fit timm:resnetaa50, timm:resnetblur50, which compute another function",
+                 marks=pytest.mark.integration),                                                   # 7 s
     (lambda: timm.create_model("mixnet_s", num_classes=10), "mixnet_s.pth", "timm:mixnet_s",
      "the weights also fit timm:tf_mixnet_s, which compute another function; pass --arch timm:tf_mixnet_s"),
 ])

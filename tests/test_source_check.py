@@ -1,6 +1,7 @@
 """The source checkpoint's accuracy on first data contact: measured once and recorded, near chance refused before an
 epoch is spent, and every report stating its change against it."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -101,9 +102,10 @@ def test_fresh_run_without_data_names_the_fix(tmp_path, run):
     assert res.exit_code == 2 and "never trained" in res.stderr and "--data" in res.stderr
 
 
-def test_export_embeds_the_deployed_report_not_an_oracle_one(tmp_path, run):
+def test_export_embeds_the_deployed_report_not_an_oracle_one(tmp_path, fitted):
     """`evaluate --gates oracle` writes the run's report; the exported file still describes the predicted gates."""
-    fit_gates(run, "digits", FIT)
+    run = tmp_path / "run"
+    shutil.copytree(fitted, run)                          # gates fitted as FIT fits them (conftest)
     res = runner.invoke(app, ["evaluate", "--run", str(run), "--gates", "oracle", "--r", "0.5", "--workers", "0"])
     assert res.exit_code == 0, res.output
     assert json.loads((run / "report.json").read_text())["gates"] == "oracle"

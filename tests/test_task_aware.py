@@ -14,8 +14,8 @@ from ftwt_cli.attach import attach
 from ftwt_cli.cli import app
 from ftwt_cli.errors import FtwtError
 from ftwt_cli.gating.macs import active_channels
-from ftwt_cli.train.config import FinetuneConfig, FitGatesConfig
-from ftwt_cli.train.loops import budget_loss, finetune, fit_gates
+from ftwt_cli.train.config import FinetuneConfig
+from ftwt_cli.train.loops import budget_loss, finetune
 
 runner = CliRunner()
 
@@ -90,9 +90,11 @@ def test_closed_macs_keep_only_the_ungated_work(run):
         pytest.approx((closed / dense - 0.7) ** 2)
 
 
-@pytest.mark.parametrize("offset", [0.25, -0.1])        # more cut than the fitted gates give, and less
-def test_the_budget_term_steers_finetune_to_the_target_cut(run, offset):
-    fit_gates(run, "digits", FitGatesConfig(r=0.9, epochs=1, lr=0.05, batch_size=64, workers=0))
+# more cut than the fitted gates give, and less (12 s each: the second runs with the integration set)
+@pytest.mark.parametrize("offset", [0.25, pytest.param(-0.1, marks=pytest.mark.integration)])
+def test_the_budget_term_steers_finetune_to_the_target_cut(fitted, tmp_path, offset):
+    run = tmp_path / "run"
+    shutil.copytree(fitted, run)                          # gates fitted one epoch at r = 0.9 (conftest)
     start = ftwt_cli.load(run).meta.last_eval.reduction
     target = min(start + offset, 0.8)
     rep = finetune(run, "digits", FinetuneConfig(epochs=1, lr=0.01, gate_lr=0.05, task_aware=True, target_cut=target,

@@ -1,5 +1,6 @@
 """fit-gates and finetune on scikit-learn's digits with a small ResNet-18 (16 px): fast, real data."""
 import hashlib
+import shutil
 
 import pytest
 import torch
@@ -66,8 +67,9 @@ def test_fit_gates_is_deterministic_and_resume_is_exact(run, tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in a) and [e.epoch for e in rep.epochs] == [1, 2]
 
 
-def test_finetune_decoupled_keeps_task_loss_away_from_gates(run):
-    fit_gates(run, "digits", FitGatesConfig(**{**FIT, "epochs": 1}))
+def test_finetune_decoupled_keeps_task_loss_away_from_gates(fitted, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(fitted, run)                          # gates fitted one epoch at r = 0.9 (conftest)
     gates_before = _gates(run)
     rep = finetune(run, "digits", FinetuneConfig(epochs=1, lr=0.01, bce_weight=0.0, gate_lr=0.1, batch_size=64, workers=0))
     after = _gates(run)
