@@ -47,7 +47,9 @@ CONFIGS = {"ftwt (defaults)": ({}, {}),
            "groups of 8": ({}, {"group_size": 8}),
            "groups of 16": ({}, {"group_size": 16}),
            "groups of 16 (index order)": ({"group_order": "index"}, {"group_size": 16}),
-           "groups of 16 + BN recalibration": ({"recalibrate_bn": 2048}, {"group_size": 16})}
+           "groups of 16 + BN recalibration": ({"recalibrate_bn": 2048}, {"group_size": 16}),
+           # residual-stream units (item 1): each block's output masked after its add, the next block reads it sparse
+           "residual stream": ({}, {"residual_stream": True})}
 # finetune changes per configuration (the static twin and the control get the same budget; gate settings do not
 # apply to them): FTWT's schedule, the gates co-trained with the backbone (joint) and frozen after half the epochs
 FINETUNE = {"joint (gates frozen at half)": {"mode": "joint", "freeze_gates_at": 0.5},
@@ -59,6 +61,9 @@ for _name in FINETUNE:
 # MobileNets: the same, with the best MobileNet configuration (depthwise follow, BN recalibration)
 FINETUNE["+ depthwise follow + BN recalibration + task-aware"] = FINETUNE["task-aware + budget (no BCE)"]
 CONFIGS["+ depthwise follow + BN recalibration + task-aware"] = ({"recalibrate_bn": 2048}, {"depthwise_follow": True})
+# residual-stream units with task-aware gates (item 1 with item 5b)
+FINETUNE["residual stream + task-aware"] = FINETUNE["task-aware + budget (no BCE)"]
+CONFIGS["residual stream + task-aware"] = ({}, {"residual_stream": True})
 ARCHS = ("resnet18", "mobilenet_v2")              # torchvision models the screen trains
 
 

@@ -50,6 +50,7 @@ class AttachOptions:
     gate_shortcuts: bool = False
     depthwise_follow: bool = False   # a depthwise conv reading a gated unit's output follows its mask (no gate)
     group_size: int = 1              # channels per gate decision (the last group of a layer holds the remainder)
+    residual_stream: bool = False    # a residual block's output is gated after its add, not the conv before it
 
     def __post_init__(self) -> None:     # lists (JSON, callers) become tuples: the options are frozen and hashable
         for k in ("input_size", "mean", "std", "include", "exclude"):
@@ -86,7 +87,7 @@ class LayerRow:
     groups: int
     dense_macs: float          # the MACs the unit's mask scales: its conv, or an MLP's fc1 (both halves) and fc2
     gate_macs: int
-    kind: str = "conv"         # "conv" | "mlp" | "glu"
+    kind: str = "conv"         # "conv" | "mlp" | "glu" | "stream" (a residual block's output)
 
 
 @dataclass(frozen=True)
@@ -177,10 +178,14 @@ def attach(checkpoint: Path | str, options: Optional[AttachOptions] = None, *, r
     dc = dc.updated(given, "the flags")
 
     try:
-        plan = trace_plan(model, dc.input_size, gate_shortcuts=o.gate_shortcuts, depthwise_follow=o.depthwise_follow)
+        plan = trace_plan(model, dc.input_size, gate_shortcuts=o.gate_shortcuts, depthwise_follow=o.depthwise_follow,
+                          residual_stream=o.residual_stream)
     except RuntimeError as e:
         raise FtwtError(f"{det.arch} cannot run at input size {dc.input_size} ({str(e).splitlines()[0]})",
                         "pass a larger --input-size") from None
+    if o.residual_stream and not any(u.kind == "stream" for u in plan.units):
+        raise FtwtError(f"--residual-stream: {det.arch} has no residual block whose sum (input or shortcut conv + "
+                        "branch conv) a mask can follow", "drop --residual-stream (it is for ResNet-style blocks)")
     units = _select(plan.units, o.include, o.exclude)
     if not plan.units:
         raise FtwtError(f"{det.arch} has nothing gateable: no Conv2d followed only by BatchNorm/activation feeds a later layer, "
@@ -216,7 +221,7 @@ def attach(checkpoint: Path | str, options: Optional[AttachOptions] = None, *, r
                         "and MLPs (attention and other layers stay dense)", "use a model whose compute is in convolutions or MLP blocks")
 
     rows = tuple(LayerRow(u.name, u.in_channels, u.out_channels, tuple(u.kernel), u.groups,
-                          sum(float(dense.per_op[n][0]) for n in (u.name, u.reader, u.partner) if n in dense.per_op),
+                          sum(float(dense.per_op[n][0]) for n in (u.name, u.reader, u.partner, *u.computes) if n in dense.per_op),
                           0 if u.follows else u.in_channels * gated.gate_outputs[u.name], u.kind) for u in units)
     meta = RunMeta(
         arch=ArchInfo(det.arch.source, det.arch.name, nc, det.in_chans),

@@ -42,6 +42,8 @@ class MacsMeter:
         for u in g.units:                # a gated MLP: the features of the product fc2 reads (after the mask)
             if u.kind == "glu":
                 self.handles.append(mods[u.reader].register_forward_pre_hook(self._reader_hook(u.name)))
+            if u.kind == "stream":       # a residual block's gate reads the block's input
+                self.handles.append(mods[u.name].register_forward_pre_hook(self._block_hook(u.name)))
 
     def _end_hook(self, conv):
         def hook(m, args, out):
@@ -53,13 +55,18 @@ class MacsMeter:
             self.out_active[unit] = _active(args[0], True)
         return hook
 
+    def _block_hook(self, unit):
+        def hook(m, args):
+            self.block_in[unit] = _active(args[0], False)
+        return hook
+
     def _op_hook(self, op):
         def hook(m, args, out):
             self.pending.append((op, _active(args[0], op.kind == "linear"), out))
         return hook
 
     def run(self, x):
-        self.pending, self.out_active = [], {}
+        self.pending, self.out_active, self.block_in = [], {}, {}
         with torch.no_grad():
             self.g(x)
         B = x.shape[0]
@@ -67,7 +74,9 @@ class MacsMeter:
         gated = {u.name: u for u in self.g.units}
         # the rows a gated MLP's fc1 computes: the hidden units fc2 reads, in each half of a chunked fc1 and in the
         # gate projection of a SwiGLU
-        computes = {**{n: n for n in gated}, **{u.partner: u.name for u in self.g.units if u.partner}}
+        # ... and the convs feeding a residual-stream unit's masked sum: the filters the block's output keeps
+        computes = {**{n: n for n in gated}, **{u.partner: u.name for u in self.g.units if u.partner},
+                    **{n: u.name for u in self.g.units for n in u.computes}}
         for op, a_in, out in self.pending:
             a_out = torch.ones(B, op.out_channels, dtype=torch.bool)
             if op.name in computes and self.g.mode != "open":
@@ -84,6 +93,9 @@ class MacsMeter:
                 if op.name in gated and not gated[op.name].follows and self.g.mode != "open":
                     # the gate: GAP → Linear(C_in → one logit per unit, or per group of units)
                     total[b] += int(a_in[b].sum()) * self.g.gates[op.name.replace(".", "__")].fc.out_features
+        if self.g.mode != "open":
+            for name, a_in in self.block_in.items():
+                total += a_in.sum(1).double() * self.g.gates[name.replace(".", "__")].fc.out_features
         # attention's matrix products (dense, no weights to hook): the model's own per-size figure
         return total + self.g.attention_macs(tuple(x.shape[1:]))
 

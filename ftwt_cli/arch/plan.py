@@ -16,7 +16,8 @@ Expr = list
 
 @dataclass(frozen=True)
 class Unit:
-    """A gateable unit: ``name`` is the conv's (or fc1's) path, ``end`` the module whose output is masked."""
+    """A gateable unit: ``name`` is the conv's (or fc1's, or a residual block's) path, ``end`` the module whose output
+    is masked."""
     name: str
     end: str
     act: Optional[str]            # path of a separate activation module, "relu" (functional), or None
@@ -32,6 +33,12 @@ class Unit:
     # a depthwise conv that reads exactly another unit's output: no gate of its own, that unit's mask on its output
     # (attach --depthwise-follow), so its masked channels are zero, not BN(0) → act(β), for the conv after it
     follows: Optional[str] = None
+    # a residual-stream unit (kind "stream", attach --residual-stream): ``name`` and ``end`` are the block, whose
+    # output after the add (and its activation) is masked and whose input the gate reads; ``computes`` are the convs
+    # whose output reaches only that masked sum (the branch's last conv, a shortcut conv), so they compute only the
+    # kept filters
+    computes: Tuple[str, ...] = ()
+    computes_ends: Tuple[str, ...] = ()    # per conv of ``computes``: its norm (folded into it), or the conv itself
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,8 @@ class Plan:
         # a CNN's plan is written as releases before MLP units wrote it (no kind, reader or attention_macs), so they
         # still read it
         units = [{k: v for k, v in asdict(u).items()
-                  if not (u.kind == "conv" and k in ("kind", "reader", "partner")) and not (k == "follows" and v is None)}
+                  if not (u.kind == "conv" and k in ("kind", "reader", "partner")) and not (k == "follows" and v is None)
+                  and not (k in ("computes", "computes_ends") and not v)}
                  for u in self.units]
         d = {"units": units, "ops": [asdict(o) for o in self.ops], "rejected": self.rejected,
              "input_size": list(self.input_size)}
@@ -69,12 +77,14 @@ class Plan:
 
     @property
     def has_new_features(self) -> bool:
-        """MLP units, attention products or depthwise followers: what run format version 1 cannot hold."""
+        """MLP units, residual-stream units, attention products or depthwise followers: what run format version 1
+        cannot hold."""
         return bool(self.attention_macs) or any(u.kind != "conv" or u.follows for u in self.units)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
-        units = [Unit(**{**u, "kernel": tuple(u["kernel"])}) for u in d["units"]]
+        units = [Unit(**{**u, "kernel": tuple(u["kernel"]), "computes": tuple(u.get("computes", ())),
+                              "computes_ends": tuple(u.get("computes_ends", ()))}) for u in d["units"]]
         return cls(units, [MacOp(**o) for o in d["ops"]], dict(d.get("rejected", {})), tuple(d["input_size"]),
                    float(d.get("attention_macs", 0.0)))
 

@@ -60,10 +60,15 @@ class Sparsity:
         width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
         if not call["in"] or (isinstance(m, nn.Linear) and len(call.get("in_shape") or ()) > 2):
             return ["dense", width]      # channels last: the walk below follows dim 1 only
+        return self.tensor_expr(call["in"], width)
+
+    def tensor_expr(self, node_nr: Tuple[Any, int], width: int) -> Expr:
+        """The expression of one output (node, output number) of the graph, as a tensor of ``width`` channels
+        (dense where it cannot be followed)."""
         old = sys.getrecursionlimit()
         sys.setrecursionlimit(max(old, 20000))
         try:
-            e = self._expr(*call["in"])
+            e = self._expr(*node_nr)
         finally:
             sys.setrecursionlimit(old)
         return e if expr_width(e) == width else ["dense", width]

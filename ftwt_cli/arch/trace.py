@@ -16,6 +16,12 @@ autograd graph (the approach of Torch-Pruning's DependencyGraph). From it we der
   unit j is the product's j-th feature; the mask goes on fc2's input, so fc2 reads exact zeros whatever act(0) is,
   and the rows of both fc1 halves (``partner``: the second Linear) for an inactive unit need not run. A norm over the
   hidden units between the product and fc2 couples them: refused.
+* residual-stream units (``kind="stream"``, only when asked: ``residual_stream``): a module (a residual block) whose
+  output is a sum — then, optionally, one elementwise activation — of its own input (an identity shortcut) and of
+  conv outputs (through a BatchNorm each) read by nothing else: a ResNet BasicBlock or Bottleneck. The mask goes on
+  the block's output, after the add (FTWT's ``--gtafterblock``), so the next block's convs read a sparse input; the
+  gate reads the block's input; the convs feeding the sum (``Unit.computes``: the branch's last conv, a shortcut
+  conv) need only the kept filters, and stop being units of their own.
 * attention outside conv/linear modules (``attention.attention_macs``) and, for every conv/linear and gate, the
   sparsity expression of its input (``sparsity``), both read off the same graph.
 
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -68,10 +74,11 @@ def _zero_at_zero(act: nn.Module, channels: int) -> bool:
 
 
 def trace_plan(model: nn.Module, input_size: Tuple[int, int, int], *, gate_shortcuts: bool = False,
-               depthwise_follow: bool = False) -> Plan:
+               depthwise_follow: bool = False, residual_stream: bool = False) -> Plan:
     """One hooked forward (and a shape-recording backward) at ``input_size`` → the model's gating Plan.
     ``depthwise_follow``: a depthwise conv unit that reads exactly another conv unit's output follows that unit's mask
-    instead of having a gate (``Unit.follows``)."""
+    instead of having a gate (``Unit.follows``). ``residual_stream``: every residual block's output is a unit (its
+    mask after the add), in place of the convs that feed its sum."""
     rec, handles, was_training = Recorder(), [], model.training
     modules = dict(model.named_modules())
     try:
@@ -93,7 +100,8 @@ def trace_plan(model: nn.Module, input_size: Tuple[int, int, int], *, gate_short
         for h in handles:
             h.remove()
         model.train(was_training)
-    plan = _Analysis(model, modules, rec.calls, nodes, consumers, shapes, input_size, x, gate_shortcuts).plan()
+    plan = _Analysis(model, modules, rec.calls, nodes, consumers, shapes, input_size, x, gate_shortcuts,
+                     residual_stream).plan()
     plan.attention_macs = float(attn)
     if depthwise_follow:
         plan.units = follow_depthwise(plan.units)
@@ -117,10 +125,12 @@ def follow_depthwise(units: List[Unit]) -> List[Unit]:
 class _Analysis:
     """Finds the gateable units of one traced graph and assembles its Plan."""
 
-    def __init__(self, model, modules, calls, nodes, consumers, shapes, input_size, x, gate_shortcuts):
+    def __init__(self, model, modules, calls, nodes, consumers, shapes, input_size, x, gate_shortcuts,
+                 residual_stream=False):
         self.model, self.modules, self.calls = model, modules, calls
         self.nodes, self.consumers, self.shapes = nodes, consumers, shapes
         self.input_size, self.x, self.gate_shortcuts = input_size, x, gate_shortcuts
+        self.residual_stream = residual_stream
         self.node_ids = {n: i for i, n in enumerate(nodes)}
         self.sparsity = Sparsity(modules, calls, shapes, x)
         self.from_image: Optional[set] = None
@@ -164,7 +174,13 @@ class _Analysis:
                 rejected[name] = why
             else:
                 units.append(unit)
-                self.sparsity.unit_ends[self._once(unit.end)["out"][0]] = (unit.name, unit.out_channels)
+        if self.residual_stream:
+            streams = self._stream_units()
+            fed = {n for u in streams for n in u.computes}
+            units = [u for u in units if u.name not in fed] + streams
+            rejected.update({n: "feeds a residual sum, whose output is gated (--residual-stream)" for n in fed})
+        for unit in units:
+            self.sparsity.unit_ends[self._once(unit.end)["out"][0]] = (unit.name, unit.out_channels)
         glu: Dict[str, Optional[Unit]] = {}      # fc1 -> its gated MLP unit; a SwiGLU's second fc1 -> None
         for name, m in self.modules.items():
             u = self._glu_unit(name) if isinstance(m, nn.Linear) else None
@@ -187,7 +203,7 @@ class _Analysis:
                 elif why:
                     rejected[name] = why
         # Expressions need every unit's end node registered first, hence the second pass.
-        units = [Unit(**{**asdict(u), "kernel": tuple(u.kernel), "in_expr": self.sparsity.input_expr(u.name)}) for u in units]
+        units = [Unit(**{**asdict(u), "kernel": tuple(u.kernel), "in_expr": self._in_expr(u)}) for u in units]
         ops = []
         for name, m in self.modules.items():
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or isinstance(m, nn.Linear):
@@ -204,6 +220,76 @@ class _Analysis:
                     in_expr=self.sparsity.input_expr(name) if ncalls == 1 else ["dense", m.in_channels if conv else m.in_features],
                     calls=ncalls))
         return Plan(units, ops, rejected, tuple(self.input_size))
+
+    def _in_expr(self, u: Unit) -> Expr:
+        if u.kind == "stream":       # a block, not a conv: the expression of the tensor it reads
+            return self.sparsity.tensor_expr(self._once(u.name)["in"], u.in_channels)
+        return self.sparsity.input_expr(u.name)
+
+    # -- residual-stream units
+    def _stream_units(self) -> List[Unit]:
+        """One unit per residual block: the innermost module whose output is act(input + branch) or
+        act(shortcut conv + branch), every term of the sum an identity or a conv (+ norm) read by nothing else."""
+        by_out: Dict[Any, List[str]] = {}
+        for name, cs in self.calls.items():
+            if name and len(cs) == 1 and cs[0].get("out"):
+                by_out.setdefault(cs[0]["out"], []).append(name)
+        found: Dict[Any, Unit] = {}
+        for name in self.modules:
+            call = self._once(name)
+            if not name or call is None or not call["in"] or isinstance(self.modules[name], (nn.Conv2d, nn.Linear)):
+                continue
+            feeds = self._residual_sum(call, by_out)
+            shape, in_shape = call.get("out_shape") or (), call.get("in_shape") or ()
+            if (feeds is None or len(shape) != 4 or len(in_shape) != 4 or shape[0] != self.x.shape[0]
+                    or any(not c.startswith(name + ".") for c, _ in feeds)):
+                continue
+            key = call["out"]
+            if key in found and len(found[key].name) > len(name):     # the innermost module holding the sum
+                continue
+            found[key] = Unit(name, name, None, int(in_shape[1]), int(shape[1]), (1, 1), 1, [], kind="stream",
+                              computes=tuple(c for c, _ in feeds), computes_ends=tuple(e for _, e in feeds))
+        return list(found.values())
+
+    def _residual_sum(self, call: dict, by_out: Dict[Any, List[str]]) -> Optional[List[Tuple[str, str]]]:
+        """The (conv, its norm or itself) pairs feeding a module's output sum (identity terms: its own input), or
+        None if its output is not such a sum."""
+        node, nr = call["out"]
+        if type(node).__name__ in _ELEMENTWISE or type(node).__name__ in ("HardtanhBackward1", "ReluBackward1"):
+            ins = [i for i in inputs(node) if i is not None]
+            if len(ins) != 1 or len(self.consumers.get(ins[0][0], [])) != 1:
+                return None
+            node, nr = ins[0]
+        if not type(node).__name__.startswith("AddBackward"):
+            return None
+        terms = inputs(node)
+        if len(terms) != 2 or None in terms:
+            return None
+        convs, identity = [], 0
+        for t in terms:
+            if t == call["in"]:
+                identity += 1
+                continue
+            conv = self._sole_conv(t, node, by_out)
+            if conv is None:
+                return None
+            convs.append(conv)
+        return convs if convs and identity <= 1 else None
+
+    def _sole_conv(self, term: Tuple[Any, int], add, by_out: Dict[Any, List[str]]) -> Optional[Tuple[str, str]]:
+        """(the Conv2d, its BatchNorm or the conv itself) whose output (through the norm, maybe with its fused
+        activation) is ``term`` and is read by nothing but ``add``."""
+        if self.consumers.get(term[0], []) != [add]:
+            return None
+        names = by_out.get(term, [])
+        norm = next((n for n in names if isinstance(self.modules[n], nn.modules.batchnorm._BatchNorm)), None)
+        if norm is not None:
+            term = self._once(norm)["in"]
+            if term is None or len(self.consumers.get(term[0], [])) != 1:
+                return None
+            names = by_out.get(term, [])
+        conv = next((n for n in names if isinstance(self.modules[n], nn.Conv2d)), None)
+        return None if conv is None else (conv, norm or conv)
 
     def _ancestors_of_params(self) -> set:
         """Nodes from which some conv/linear input is reachable: a unit ending elsewhere is a classifier."""

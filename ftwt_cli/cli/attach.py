@@ -23,6 +23,7 @@ from .options import (
     InterpolationOpt,
     Mean,
     NumClasses,
+    ResidualStream,
     Std,
     TrustPickle,
     UseEma,
@@ -43,7 +44,7 @@ def print_attach_report(r: "AttachReport") -> None:
                    ("dense MACs", "right"), ("gate MACs", "right")):
         t.add_column(col, justify=j)
     for l in r.layers:
-        t.add_row(l.name, f"{l.in_channels}→{l.out_channels}", {"mlp": "MLP", "glu": "GLU MLP"}.get(l.kind, f"{l.kernel[0]}×{l.kernel[1]}"), str(l.groups),
+        t.add_row(l.name, f"{l.in_channels}→{l.out_channels}", {"mlp": "MLP", "glu": "GLU MLP", "stream": "block out"}.get(l.kind, f"{l.kernel[0]}×{l.kernel[1]}"), str(l.groups),
                   fmt_macs(l.dense_macs), f"{l.gate_macs:,}")
     gated = sum(l.dense_macs for l in r.layers)
     t.add_section()
@@ -55,6 +56,8 @@ def print_attach_report(r: "AttachReport") -> None:
                   f"{tuple(round(v, 3) for v in dc.std)}, {dc.interpolation}, crop {dc.crop_pct}, augment {dc.augment} "
                   f"({r.input_source})", markup=False, highlight=False, soft_wrap=True)
     mlp_note = " (an MLP unit: fc1 and fc2)" if any(l.kind in ("mlp", "glu") for l in r.layers) else ""
+    if any(l.kind == "stream" for l in r.layers):
+        mlp_note += " (a block's output: the convs feeding its sum)"
     if r.input_source == "the architecture's reference config":
         console.print(f"note: the checkpoint states no input config, so the architecture's reference one applies "
                       f"({dc.input_size[1]}×{dc.input_size[2]}, mean {tuple(round(v, 3) for v in dc.mean)}); if the "
@@ -119,6 +122,7 @@ def attach_cli(
     exclude: Exclude = None,
     gate_shortcuts: GateShortcuts = False,
     depthwise_follow: DepthwiseFollow = False,
+    residual_stream: ResidualStream = False,
     group_size: GroupSize = 1,
 ) -> None:
     """Load a checkpoint, find its architecture and insert a decision gate before every gateable conv."""
@@ -127,5 +131,5 @@ def attach_cli(
         arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size, mean=mean, std=std,
         interpolation=interpolation, crop_pct=crop_pct, augment=augment, trust_pickle=trust_pickle, use_ema=use_ema,
         include=include, exclude=exclude, gate_shortcuts=gate_shortcuts,
-        depthwise_follow=depthwise_follow, group_size=group_size), run_dir=run, force=force)
+        depthwise_follow=depthwise_follow, group_size=group_size, residual_stream=residual_stream), run_dir=run, force=force)
     print_attach_report(report)

@@ -24,7 +24,7 @@ from ..settings import (
 __all__ = ["GateMode", "GroupOrder", "GroupSize", "GtRule", "FinetuneMode", "Schedule", "Interpolation", "Augment", "default_of", "config_option", "Run", "Workers", "Recipe",
            "Resume", "ValSplit", "TrainSamples", "Device", "Amp", "ChannelsLast", "DATA_HELP", "value", "DataOrRecipe", "data_arg", "int_list",
            "float_list", "Arch", "NumClasses", "InChans", "InputSize", "Mean", "Std", "InterpolationOpt", "CropPct", "AugmentOpt",
-           "TrustPickle", "UseEma", "Include", "Exclude", "GateShortcuts", "DepthwiseFollow", "attach_options", "StaticImportance",
+           "TrustPickle", "UseEma", "Include", "Exclude", "GateShortcuts", "DepthwiseFollow", "ResidualStream", "attach_options", "StaticImportance",
            "NoSourceCheck"]
 
 DATA_HELP = "ImageFolder DIR, a CIFAR-10/100 folder, 'fashion-mnist' (or its idx folder), or 'digits'."
@@ -118,13 +118,18 @@ DepthwiseFollow = Annotated[bool, typer.Option(help="A depthwise conv reading a 
                                                     "instead of a gate of its own (inverted residuals), so its masked channels "
                                                     "are zero for the conv after it.")]
 
+ResidualStream = Annotated[bool, typer.Option(help="Gate each residual block's output after its add (FTWT's --gtafterblock) "
+                                                   "instead of the conv before the add, so the next block's convs read a "
+                                                   "sparse stream (ResNet-style blocks).")]
+
 GroupSize = Annotated[int, typer.Option(help="Channels per gate decision: 1 gates each channel; 8/16/32 gate aligned groups "
                                              "(fit-gates first orders channels so that those that fire together share a "
                                              "group; a layer's last group holds the remainder).")]
 
 
 def attach_options(*, arch, num_classes, in_chans, input_size, mean, std, interpolation, crop_pct, augment, trust_pickle,
-                   use_ema, include, exclude, gate_shortcuts, depthwise_follow=False, group_size=1):
+                   use_ema, include, exclude, gate_shortcuts, depthwise_follow=False, group_size=1,
+                   residual_stream=False):
     """attach's flags, parsed, as the one ``AttachOptions`` that ``ftwt attach`` and ``ftwt sweep`` pass on."""
     from ..attach import AttachOptions, parse_input_size
     mean, std = float_list(mean, "--mean"), float_list(std, "--std")
@@ -133,7 +138,7 @@ def attach_options(*, arch, num_classes, in_chans, input_size, mean, std, interp
                          interpolation=value(interpolation), crop_pct=crop_pct, augment=value(augment),
                          trust_pickle=trust_pickle, use_ema=use_ema, include=tuple(include or ()),
                          exclude=tuple(exclude or ()), gate_shortcuts=gate_shortcuts, depthwise_follow=depthwise_follow,
-                         group_size=group_size)
+                         group_size=group_size, residual_stream=residual_stream)
 
 
 Run = Annotated[Path, typer.Option(help="Run directory.")]

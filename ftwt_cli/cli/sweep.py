@@ -28,6 +28,7 @@ from .options import (
     NoSourceCheck,
     NumClasses,
     Recipe,
+    ResidualStream,
     StaticImportance,
     Std,
     TrainSamples,
@@ -97,6 +98,7 @@ def sweep_cli(
     exclude: Exclude = None,
     gate_shortcuts: GateShortcuts = False,
     depthwise_follow: DepthwiseFollow = False,
+    residual_stream: ResidualStream = False,
     group_size: GroupSize = 1,
     no_source_check: NoSourceCheck = False,
 ) -> None:
@@ -123,7 +125,7 @@ def sweep_cli(
     opts = attach_options(arch=arch, num_classes=num_classes, in_chans=in_chans, input_size=input_size, mean=mean, std=std,
                           interpolation=interpolation, crop_pct=crop_pct, augment=augment, trust_pickle=trust_pickle,
                           use_ema=use_ema, include=include, exclude=exclude, gate_shortcuts=gate_shortcuts,
-                          depthwise_follow=depthwise_follow, group_size=group_size)
+                          depthwise_follow=depthwise_follow, group_size=group_size, residual_stream=residual_stream)
     from ..runtime.dist import launched_rank
     main = launched_rank() == 0                     # under torchrun, rank 0 alone prints
     say = (lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)) if main else None

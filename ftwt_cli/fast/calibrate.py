@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..gating.gate import gate_key
 from ..gating.model import GatedModel
 from .clock import median_ms
-from .compact import STRATEGIES, CompactConv, CompactFc1, CompactFc2, CompactModel, Shared
+from .compact import STRATEGIES, CompactBlock, CompactConv, CompactFc1, CompactFc2, CompactModel, Shared
 from .fold import norm_rest, replace_module
 
 __all__ = ["make_compact"]
@@ -40,6 +40,16 @@ def make_compact(gated: GatedModel, *, calibrate: bool = True, input_size: Optio
                 replace_module(backbone, u.partner, CompactFc1(u.name, mods[u.partner], gate, shared, own_mask=False))
             replace_module(backbone, u.reader, CompactFc2(u.name, mods[u.reader], shared))
             continue
+        if u.kind == "stream":      # the block: its gate first, then the convs feeding its sum compute the kept rows
+            for name, end in zip(u.computes, u.computes_ends):
+                norm = mods[end] if end != name else None
+                units[name] = CompactConv(name, mods[name], norm, None, _op_expr(gated, name), shared, follows=u.name)
+                replace_module(backbone, name, units[name])
+                if norm is not None:
+                    replace_module(backbone, end, norm_rest(norm))
+            units[u.name] = CompactBlock(u.name, mods[u.name], gates[gate_key(u.name)], shared, u.out_channels)
+            replace_module(backbone, u.name, units[u.name])
+            continue
         conv = mods[u.name]
         norm = mods[u.end] if u.end != u.name else None
         cu = CompactConv(u.name, conv, norm, gates[gate_key(u.name)] if not u.follows else None, u.in_expr, shared,
@@ -57,6 +67,11 @@ def make_compact(gated: GatedModel, *, calibrate: bool = True, input_size: Optio
         # a consumer that runs dense would only scatter the compact tensor back: chaining it costs, never saves
         _set_chain(model, [(p, c) for p, c in model.chains.items() if model.compact_units[c].strategy == "dense"], False)
     return model
+
+
+def _op_expr(gated: GatedModel, name: str):
+    """The sparsity expression of the tensor conv ``name`` reads (the plan's MacOp)."""
+    return next(op.in_expr for op in gated.plan.ops if op.name == name)
 
 
 def _device(model: CompactModel) -> torch.device:
@@ -89,6 +104,10 @@ def _chain(model: CompactModel, input_size: Tuple[int, ...]) -> None:
     pairs = [(u.in_expr[1], n) for n, u in us.items()
              if u.in_expr and u.in_expr[0] == "unit" and u.in_expr[1] in us and u.groups == 1 and u.padding_mode == "zeros"
              and us[u.in_expr[1]].out_channels == u.in_channels and int(u.in_expr[2]) == u.in_channels]
+    # a producer read by two compact convs (a ResNet-D stem read by a block's conv1 and its shortcut conv) stays
+    # dense: a chain is one producer → one consumer (``CompactModel.chains``)
+    readers = [p for p, _ in pairs]
+    pairs = [(p, c) for p, c in pairs if readers.count(p) == 1]
     if not pairs:
         return
     g = torch.Generator().manual_seed(0)

@@ -18,6 +18,10 @@ MLP units (fc1 → activation → fc2 on tokens) need no calibration: fc1 comput
 fc2 reads only the matching columns, the activation (and dropout) between them running on the narrow tensor. The
 gather is paid once per sample and spread over all its tokens (197 for a ViT at 224 px), so it pays at batch 1.
 
+Residual-stream units (``attach --residual-stream``): the block (``CompactBlock``) runs its gate on its input first,
+so the convs feeding its sum (``CompactConv`` following the block's unit) compute only the kept filters; the sum is
+masked after the block, and the next block's convs read only the kept channels (their ``in_out`` strategy).
+
 Batch > 1: the union of the batch's masks is computed compactly, then each sample's own mask is applied, so the
 result equals the masked model's; the saving shrinks as masks differ across samples (batch 1 is the target case).
 Where the union keeps ≥ ``BATCH_DENSE_SHARE`` of a conv's filters (most layers at batch 32), the conv runs dense and
@@ -36,7 +40,7 @@ from ..gating.macs import active_channels
 from ..gating.model import GatedModel
 from .fold import fold_bn
 
-__all__ = ["CompactModel", "CompactConv", "CompactFc1", "CompactFc2", "Shared", "STRATEGIES"]
+__all__ = ["CompactModel", "CompactConv", "CompactFc1", "CompactFc2", "CompactBlock", "Shared", "STRATEGIES"]
 
 STRATEGIES = ("dense", "out", "in_out")
 # Batch > 1: a conv whose union of the batch's masks keeps at least this share of its filters runs dense (then masks)
@@ -115,11 +119,11 @@ class CompactConv(nn.Module):
         sh = self.shared
         B = x.shape[0]
         in_idx: Optional[torch.Tensor] = None
+        if self.compact_in is not None:        # x holds only the producer's active channels (None: all, dense layout)
+            in_idx = sh.idx[self.compact_in]
         if self.follows is not None:
             mask = sh.masks[self.follows]
         else:
-            if self.compact_in is not None:    # x holds only the producer's active channels (None: all, dense layout)
-                in_idx = sh.idx[self.compact_in]
             if in_idx is not None:
                 pooled = x.new_zeros(B, self.in_channels)
                 pooled.index_copy_(1, in_idx, x.mean(dim=(2, 3)))
@@ -226,6 +230,28 @@ class CompactFc2(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         w = self.weight_t.index_select(0, self.shared.idx[self.producer])       # (k, C_out)
         return F.linear(h, w.t(), self.bias)
+
+
+class CompactBlock(nn.Module):
+    """A residual block whose output is a residual-stream unit: the gate runs on the block's input and decides its
+    kept output channels before the block runs, so the convs feeding its sum (``CompactConv`` following this unit)
+    compute only those filters; the sum is then masked, which zeroes the identity's channels the mask drops."""
+
+    def __init__(self, name: str, block: nn.Module, gate: Gate, shared: Shared, out_channels: int) -> None:
+        super().__init__()
+        self.name, self.block, self.gate, self.shared, self.out_channels = name, block, gate, shared, out_channels
+        self.strategy = "stream"
+
+    @property
+    def weight(self) -> torch.Tensor:        # where the unit lives (CompactModel reads a unit's device from it)
+        return self.gate.fc.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sh = self.shared
+        mask = sh.forced[self.name] if sh.forced is not None else self.gate(x) > 0
+        sh.masks[self.name] = mask
+        y = self.block(x)
+        return y.mul_(mask[:, :, None, None].to(y.dtype))      # the block's own new tensor (a sum, an activation)
 
 
 class CompactModel(nn.Module):

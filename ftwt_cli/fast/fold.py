@@ -39,11 +39,12 @@ def folded_backbone(model: GatedModel) -> nn.Module:
     units' (as the compact path does) and the others' (a static twin's, ungated layers'), so the dense baseline is the
     fastest plain network, not a handicapped one."""
     net = model.plain_backbone()
-    for u in model.plan.units:
-        if u.kind != "conv":           # an MLP unit's fc1 has no norm to fold
-            continue
-        conv = net.get_submodule(u.name)
-        norm = net.get_submodule(u.end) if u.end != u.name else None
+    pairs = [(u.name, u.end) for u in model.plan.units if u.kind == "conv"]     # an MLP unit's fc1 has no norm
+    # a residual-stream unit is a block: the convs feeding its sum, with their norms
+    pairs += [p for u in model.plan.units if u.kind == "stream" for p in zip(u.computes, u.computes_ends)]
+    for name, end in pairs:
+        conv = net.get_submodule(name)
+        norm = net.get_submodule(end) if end != name else None
         w, b = fold_bn(conv, norm)
         with torch.no_grad():
             conv.weight.copy_(w)
@@ -52,5 +53,5 @@ def folded_backbone(model: GatedModel) -> nn.Module:
             else:
                 conv.bias.copy_(b)
         if norm is not None:
-            replace_module(net, u.end, norm_rest(norm))
+            replace_module(net, end, norm_rest(norm))
     return net

@@ -4,8 +4,8 @@ FTWT's ``ConvWithMask`` counts a gated conv as active_out · H·W · (prev // gr
 of the previous gated conv in module order. Three things differ from the exact count (``docs/macs.md``): in a residual
 network prev is the pre-add count of the block's last conv, although the add makes the stream dense again; the gates
 cost nothing; and ``prev // groups`` is 0 for a depthwise conv as soon as one of its input channels is off, so masked
-depthwise convs are free. Layers without a gate are counted dense; MLP units (which FTWT does not have) and attention
-as in the exact count.
+depthwise convs are free. Layers without a gate are counted dense; MLP units and the convs feeding a residual-stream
+unit's sum (which FTWT's counter does not handle) and attention as in the exact count.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def ftwt_counter_macs(ops: Sequence[MacOp], units: Sequence[Unit], stats, attent
     batch = stats.macs.shape[0]
     dev = stats.macs.device
     conv_units = {u.name for u in units if u.kind == "conv"}
-    mlp_ops = {n for u in units if u.kind != "conv" for n in (u.name, u.reader, u.partner) if n}
+    # counted exactly: MLP units' layers, and the convs feeding a residual-stream unit's sum (FTWT has neither)
+    mlp_ops = {n for u in units if u.kind != "conv" for n in (u.name, u.reader, u.partner, *u.computes) if n}
     total = torch.full((batch,), float(attention), dtype=torch.float64, device=dev)
     prev: Optional[torch.Tensor] = None          # active count of the last gated conv, per sample
     prev_width = 0

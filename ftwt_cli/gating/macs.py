@@ -10,6 +10,8 @@ MLP's two fc1 halves, or its gate and up projections, both compute only the acti
 Attention computed outside conv/linear modules (QKᵀ and AV at L·S·(E + E_v) per head, projections applied with
 F.linear) stays dense. A gate costs active_in · C_out (GAP → Linear; pooling is not a MAC); a gate of channel groups
 active_in · groups.
+A residual-stream unit masks a block's output after its add: the convs feeding that sum (its ``computes``) compute
+only its kept filters, and whatever reads the block reads only them.
 Norms, activations and pooling are not counted: that is ptflops' ``aten`` convention.
 
 This module only does arithmetic on masks and shapes; it never runs a model. Counts are exact (integers held
@@ -110,7 +112,9 @@ def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, 
     modules (QKᵀ, AV, functional projections), which stays dense. Results live on the masks' device (else ``device``, else CPU).
     A layer called more than once is counted dense on every call."""
     dev = torch.device(device) if device is not None else next((m.device for m in masks.values()), torch.device("cpu"))
-    owner = {u.partner: u.name for u in units if u.partner}
+    # ops computing only a unit's kept rows without being it: a SwiGLU's gate projection, a residual-stream unit's
+    # convs feeding its masked sum
+    owner = {u.partner: u.name for u in units if u.partner} | {n: u.name for u in units for n in u.computes}
     per_op: Dict[str, torch.Tensor] = {}
     for op in ops:
         if op.name not in positions:
@@ -133,8 +137,9 @@ def count_macs(ops: Sequence[MacOp], units: Sequence[Unit], masks: Mapping[str, 
 
 
 def _out_mask(op: MacOp, masks: Mapping[str, torch.Tensor], owner: Mapping[str, str]) -> Optional[torch.Tensor]:
-    """The output channels ``op`` computes: its unit's mask (a SwiGLU gate projection follows its unit's; one fc1
-    chunked into a GLU's two halves computes the mask's rows in each half)."""
+    """The output channels ``op`` computes: its unit's mask (a SwiGLU gate projection follows its unit's, a conv
+    feeding a residual-stream unit's sum that unit's; one fc1 chunked into a GLU's two halves computes the mask's rows
+    in each half)."""
     m = masks.get(op.name, masks.get(owner.get(op.name, "")))
     if m is not None and m.shape[1] * 2 == op.out_channels:
         return torch.cat([m, m], 1)
@@ -144,5 +149,6 @@ def _out_mask(op: MacOp, masks: Mapping[str, torch.Tensor], owner: Mapping[str, 
 def gated_share(units: Sequence[Unit], per_op: Mapping[str, torch.Tensor], total: float) -> float:
     """Share of a dense forward's MACs (sample 0) that gating scales down: each gated conv, and an MLP unit's
     fc1 and fc2 (fc2 reads only the hidden units fc1 keeps), with a gated MLP's second fc1."""
-    names = {u.name for u in units} | {u.reader for u in units if u.reader} | {u.partner for u in units if u.partner}
+    names = ({u.name for u in units} | {u.reader for u in units if u.reader} | {u.partner for u in units if u.partner}
+             | {n for u in units for n in u.computes})
     return sum(float(v[0]) for n, v in per_op.items() if n in names) / total

@@ -43,6 +43,8 @@ __all__ = ["GatedModel", "ForwardStats", "GATE_MODES", "model_macs", "straight_t
 
 # Activations that are monotone (non-decreasing): max |f(y)| over a map sits where y is largest or smallest.
 _MONOTONE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.Tanh, nn.Identity)
+# Units whose tensors hold channels at dim 1: a conv's output, a residual block's output (a stream unit).
+_CHANNELS_FIRST = ("conv", "stream")
 # Functional activations the tracer names (an MLP's F.gelu between fc1 and fc2).
 _FUNCTIONAL = {"gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
 
@@ -141,11 +143,11 @@ class _MaskHook(_Hook):
 
     def dims(self, y: torch.Tensor) -> Tuple[int, ...]:
         """The dims a unit's mask is shared over: H, W of a conv; the tokens of an MLP (channels last)."""
-        return (2, 3) if self.unit.kind == "conv" else tuple(range(1, y.dim() - 1))
+        return (2, 3) if self.unit.kind in _CHANNELS_FIRST else tuple(range(1, y.dim() - 1))
 
     def expand(self, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B, C) mask → broadcastable to the unit's output y."""
-        if self.unit.kind == "conv":
+        if self.unit.kind in _CHANNELS_FIRST:
             return mask[:, :, None, None]
         return mask.view(mask.shape[0], *([1] * (y.dim() - 2)), mask.shape[1])
 
@@ -229,7 +231,7 @@ class GatedModel(nn.Module):
         # a follower has no gate: it takes the mask of the unit it follows
         self.group_size = check_group_size(group_size)
         fixed = dict(fixed_open or {})      # unit → channels without a gate (a hybrid model's always-open channels)
-        self.gates = nn.ModuleDict({gate_key(u.name): Gate(u.in_channels, u.out_channels, u.kind != "conv", group_size,
+        self.gates = nn.ModuleDict({gate_key(u.name): Gate(u.in_channels, u.out_channels, u.kind not in _CHANNELS_FIRST, group_size,
                                                            fixed.get(u.name, 0))
                                     for u in self.units if not u.follows})
         self.mode, self.r, self.gt = "open", 0.95, "mass"

@@ -135,6 +135,9 @@ def build_hybrid(model: GatedModel, fired: Dict[str, torch.Tensor], eps: float, 
     of images), at threshold ``eps``, traced at ``size`` (C, H, W). ``make_hybrid_run`` measures the rates on
     training images and writes the result as a run; a benchmark may pass rates of its own."""
     import torch_pruning as tp  # deferred: only hybrids and static twins need Torch-Pruning
+    if any(u.kind == "stream" for u in model.units):
+        raise FtwtError("a hybrid of residual-stream units is not built: removing a stream channel prunes every block "
+                        "of its stage together", "make the hybrid from a run attached without --residual-stream")
     leaders = [u for u in model.units if not u.follows]
     followers = {u.name: [f.name for f in model.units if f.follows == u.name] for u in leaders}
     rates = {u.name: fired[u.name].cpu() for u in leaders}
@@ -221,6 +224,9 @@ def make_hybrid_run(source_run: Path | str, data: str, run_dir: Path | str, *, e
         raise FtwtError(f"{source_run} is already pruned (a static twin or a hybrid)", "pass a run with fitted gates")
     if meta.gating.mode != "predict" or not meta.gating.gated:
         raise FtwtError(f"{source_run} has no fitted gates", f"run `ftwt fit-gates --run {source_run}` first")
+    if any(u.kind == "stream" for u in meta.plan.units):
+        raise FtwtError(f"{source_run} gates residual-stream units (attach --residual-stream), whose hybrid is not built",
+                        "make the hybrid from a run attached without --residual-stream")
     model = load(source_run).set_gates("predict")
     cfg = meta.data_config
     splits = open_data(data, cfg, choice=choice, num_classes=meta.arch.num_classes)

@@ -65,7 +65,7 @@ def onnx_module(model: GatedModel) -> nn.Module:
         return m[:, :, None, None] if conv else m.view(m.shape[0], *([1] * (y.dim() - 2)), m.shape[1])
 
     for u in model.units:
-        conv = u.kind == "conv"
+        conv = u.kind in ("conv", "stream")      # channels at dim 1 (a stream unit: a block's output)
         if u.follows:            # a depthwise follower: the mask of the unit it follows
             get(u.end).register_forward_hook(lambda module, args, out, f=u.follows: out * expand(masks[f], out, True))
             continue

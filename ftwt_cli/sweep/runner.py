@@ -69,6 +69,11 @@ def run_sweep(checkpoint: Path | str, data: str, out: Path | str, *, rs: Sequenc
         raise FtwtError("--rs or --target-cuts lists a value twice", "list each value once")
     if hybrid is not None:
         hybrid = check_epsilon(hybrid)
+        residual = (attach_options.residual_stream if isinstance(attach_options, AttachOptions)
+                    else bool((attach_options or {}).get("residual_stream")))
+        if residual:
+            raise FtwtError("--hybrid with --residual-stream: a hybrid of residual-stream units is not built",
+                            "drop one of the two")
     if static is not None and static not in STATIC_IMPORTANCES:
         raise FtwtError(f"unknown static importance '{static}'", f"use one of {', '.join(STATIC_IMPORTANCES)}")
     checkpoint, out = Path(checkpoint), Path(out)
