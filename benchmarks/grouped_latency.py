@@ -10,16 +10,12 @@ weights are random; masks do not depend on them here). Per run, in one process:
 * batch 1: the images' masks one after another (each forward has other decisions, as in deployment), for the compact
   path against the BN-folded dense network on the same images;
 * batch 32: 32 images' masks at once (the compact path computes the union, then applies each sample's mask);
-* the static twin: Torch-Pruning L1 at the gated model's mean MACs, BN-folded;
-* grouped runs, once more with each unit's channels re-indexed so that its co-firing groups are contiguous
-  (``static.permute``, what ``fit-gates --group-order contiguous`` does) and the same decisions re-indexed likewise:
-  the compact path then slices runs of kept groups instead of gathering them.
+* the static twin: Torch-Pruning L1 at the gated model's mean MACs, BN-folded.
 Writes benchmarks/results/grouped_latency.md.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import platform
 import time
@@ -38,7 +34,6 @@ from ftwt_cli.formats.rundir import atomic_write_text
 from ftwt_cli.gating import GatedModel
 from ftwt_cli.gating.model import model_macs
 from ftwt_cli.static import prune_to_macs
-from ftwt_cli.static.permute import contiguous_groups
 
 HERE = Path(__file__).resolve().parent
 SIZE = (3, 224, 224)
@@ -80,12 +75,6 @@ def per_layer_ms(net: torch.nn.Module, names, run_all) -> dict:
     return {n: 1e3 * spent[n] / max(calls[n], 1) for n in names}
 
 
-def runs_per_mask(masks) -> float:
-    """Mean over units and images of the number of contiguous runs in the kept channel set."""
-    n = [int((m[0, 1:] & ~m[0, :-1]).sum()) + int(m[0, 0]) for r in masks for m in r.values()]
-    return sum(n) / len(n)
-
-
 def patterns(masks) -> float:
     """Mean over units of the number of distinct masks among the recorded images."""
     names = masks[0].keys()
@@ -109,9 +98,9 @@ def main() -> int:
              f"decisions are the trained model's). Batch 1: the images one after another, median of {args.reps} passes; "
              "batch 32: the first 32 images' masks at once. Every network BN-folded; the static twin is Torch-Pruning L1 "
              "at the gated model's mean MACs (gates included).", "",
-             "| run | group size | channel order | kept runs per layer | distinct masks per layer (of images) | MACs ratio | batch | dense-folded ms | compact ms | "
+             "| run | group size | distinct masks per layer (of images) | MACs ratio | batch | dense-folded ms | compact ms | "
              "static twin ms | compact / dense | compact / MACs ratio | compact / static |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     per_layer = []
     for run in args.runs.split(","):
         trained, masks = record_masks(run, args.data, args.images)
@@ -119,9 +108,6 @@ def main() -> int:
         net = torchvision.models.resnet18(num_classes=trained.meta.arch.num_classes).eval()
         g = GatedModel(net, trace_plan(net, SIZE), trained.gated_names, group_size=trained.group_size).eval()
         g.set_gates("predict")
-        for k, gate in g.gates.items():        # the trained co-firing groups
-            if gate.group_of is not None:
-                gate.set_groups(trained.gates[k].group_of)
         x1 = torch.randn(1, *SIZE, generator=torch.Generator().manual_seed(1))
         macs = []
         for m in masks:
@@ -131,60 +117,47 @@ def main() -> int:
         dense_macs = g.last_stats.dense_macs
         ratio = sum(macs) / len(macs) / dense_macs
         keep = {n: sum(float(m[n].float().mean()) for m in masks) / len(masks) for n in masks[0]}
+        compact = make_compact(g, input_size=SIZE, keep=keep)      # strategies timed at each layer's real keep ratio
         folded = folded_backbone(g)
         with torch.enable_grad():      # Torch-Pruning traces through autograd
             twin = prune_to_macs(g.plain_backbone(), SIZE, ratio * dense_macs, "l1", ignored=["fc"]).model
         twin_folded = folded_backbone(GatedModel(twin, trace_plan(twin, SIZE), []))
         twin_ratio = model_macs(twin, SIZE) / dense_macs
 
-        variants = [("co-firing (scattered)", g, masks)]
-        if trained.group_size > 1:
-            gc = copy.deepcopy(g)
-            perm = contiguous_groups(gc, SIZE).permuted
-            variants.append(("contiguous", gc, [{k: v[:, perm[k]] if k in perm else v for k, v in m.items()} for m in masks]))
-        for order, gv, mv in variants:
-            compact = make_compact(gv, input_size=SIZE, keep=keep)      # strategies timed at each layer's real keep ratio
-            time_variant(lines, args, run, trained, order, compact, folded, twin_folded, mv, ratio, twin_ratio, x1)
-            if run != args.runs.split(",")[0]:
-                continue
-            # per layer, batch 1, for each channel order of the first run: where the time goes
+        def seq(fn):
+            return lambda: [fn(m) for m in masks]
+        for batch in (1, 32):
+            if batch == 1:
+                x = x1
+                runs = {"dense": seq(lambda m: folded(x)), "compact": seq(lambda m: compact(x, m)),
+                        "static": seq(lambda m: twin_folded(x))}
+            else:
+                x = torch.randn(32, *SIZE, generator=torch.Generator().manual_seed(32))
+                mb = {k: torch.cat([m[k] for m in masks[:32]]) for k in masks[0]}
+                runs = {"dense": lambda: folded(x), "compact": lambda: compact(x, mb), "static": lambda: twin_folded(x)}
+            n = len(masks) if batch == 1 else 1
+            t = {k: time_ms(fn, 1, args.reps)[0] / n for k, fn in runs.items()}
+            d, c = t["dense"], t["compact"]
+            lines.append(f"| {Path(run).parent.name} | {trained.group_size} | {patterns(masks):.1f} of {len(masks)} | "
+                         f"{ratio:.3f} (twin {twin_ratio:.3f}) | {batch} | {d:.1f} | {c:.1f} | {t['static']:.1f} | {c / d:.3f} | {c / d / ratio:.2f} | {c / t['static']:.2f} |")
+            print(lines[-1], flush=True)
+        if run == args.runs.split(",")[0]:      # per layer, batch 1, for the first run: where the time goes
             names = [n for n in compact.compact_units]
             for _ in range(2):                     # the second pass is measured
-                t_c = per_layer_ms(compact.backbone, names, lambda: [compact(x1, m) for m in mv])
-                t_d = per_layer_ms(folded, names, lambda: [folded(x1) for _ in mv])
-            per_layer += ["", f"Per gated conv, batch 1, {Path(run).parent.name}, {order} (hooks around each conv; the compact module "
+                t_c = per_layer_ms(compact.backbone, names, lambda: [compact(x1, m) for m in masks])
+                t_d = per_layer_ms(folded, names, lambda: [folded(x1) for _ in masks])
+            per_layer = ["", f"Per gated conv, batch 1, {Path(run).parent.name} (hooks around each conv; the compact module "
                          "includes its gate, the index work, the weight gather and the scatter back):", "",
-                         "| conv | strategy | mean keep (outputs) | kept runs | dense-folded conv ms | compact ms | compact / dense |",
-                         "|---|---|---|---|---|---|---|"]
-            per_layer += [f"| {n} | {compact.compact_units[n].strategy} | {keep[n]:.2f} | {runs_per_mask([{n: m[n]} for m in mv]):.1f} | "
-                          f"{t_d[n]:.3f} | {t_c[n]:.3f} | {t_c[n] / t_d[n]:.2f} |" for n in names]
-            per_layer.append(f"| all gated convs | | | | {sum(t_d.values()):.2f} | {sum(t_c.values()):.2f} | "
+                         "| conv | strategy | mean keep (outputs) | dense-folded conv ms | compact ms | compact / dense |",
+                         "|---|---|---|---|---|---|"]
+            per_layer += [f"| {n} | {compact.compact_units[n].strategy} | {keep[n]:.2f} | {t_d[n]:.3f} | {t_c[n]:.3f} | "
+                          f"{t_c[n] / t_d[n]:.2f} |" for n in names]
+            per_layer.append(f"| all gated convs | | | {sum(t_d.values()):.2f} | {sum(t_c.values()):.2f} | "
                              f"{sum(t_c.values()) / sum(t_d.values()):.2f} |")
     lines += per_layer
     lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
     atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
     return 0
-
-
-def time_variant(lines, args, run, trained, order, compact, folded, twin_folded, masks, ratio, twin_ratio, x1) -> None:
-    """Batch 1 and batch 32 rows of one channel order."""
-    def seq(fn):
-        return lambda: [fn(m) for m in masks]
-    for batch in (1, 32):
-        if batch == 1:
-            x = x1
-            runs = {"dense": seq(lambda m: folded(x)), "compact": seq(lambda m: compact(x, m)),
-                    "static": seq(lambda m: twin_folded(x))}
-        else:
-            x = torch.randn(32, *SIZE, generator=torch.Generator().manual_seed(32))
-            mb = {k: torch.cat([m[k] for m in masks[:32]]) for k in masks[0]}
-            runs = {"dense": lambda: folded(x), "compact": lambda: compact(x, mb), "static": lambda: twin_folded(x)}
-        n = len(masks) if batch == 1 else 1
-        t = {k: time_ms(fn, 1, args.reps)[0] / n for k, fn in runs.items()}
-        d, c = t["dense"], t["compact"]
-        lines.append(f"| {Path(run).parent.name} | {trained.group_size} | {order} | {runs_per_mask(masks):.1f} | {patterns(masks):.1f} of {len(masks)} | "
-                     f"{ratio:.3f} (twin {twin_ratio:.3f}) | {batch} | {d:.1f} | {c:.1f} | {t['static']:.1f} | {c / d:.3f} | {c / d / ratio:.2f} | {c / t['static']:.2f} |")
-        print(lines[-1], flush=True)
 
 
 if __name__ == "__main__":

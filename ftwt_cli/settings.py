@@ -13,7 +13,7 @@ __all__ = ["GATE_MODES", "GT_RULE_NAMES", "FINETUNE_MODES", "SCHEDULES", "INTERP
 
 GATE_MODES = ("open", "predict", "oracle")                   # who decides the masks
 GT_RULE_NAMES = ("mass", "uniform")                          # ground truth: heatmap mass, or a fixed fraction
-GROUP_ORDERS = ("cofire", "contiguous", "index")     # gate groups: channels that fire together (then re-indexed side by side), or by index
+GROUP_ORDERS = ("cofire", "index")                           # gate groups: channels that fire together, or by index
 FINETUNE_MODES = ("decoupled", "joint")
 SCHEDULES = ("cosine", "step", "constant")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

@@ -49,9 +49,7 @@ def fit_gates_cli(
         "images (0: keep the dense model's).", "recalibrate_bn")] = None,
     group_order: Annotated[Optional[GroupOrder], _opt(
         "Gates of channel groups (attach --group-size): cofire orders channels into groups that fire together on "
-        "--calib-samples training images before the first epoch; contiguous also re-indexes each unit's channels (its "
-        "filters, norm and readers' inputs: the same function) so that a group's sit side by side and a kept run of "
-        "groups is one slice; index keeps channel c in group c // G.",
+        "--calib-samples training images before the first epoch; index keeps channel c in group c // G.",
         "group_order")] = None,
     gt: Annotated[Optional[GtRule], _opt("Ground-truth rule (uniform keeps a fraction r per layer).", "gt")] = None,
     epochs: Annotated[Optional[int], _opt("Epochs.", "epochs")] = None,

@@ -29,7 +29,6 @@ def make_compact(gated: GatedModel, *, calibrate: bool = True, input_size: Optio
     backbone = gated.plain_backbone()       # CompactConv gates itself: no GatedModel hooks
     gates = copy.deepcopy(gated.gates)
     shared = Shared()
-    shared.runs = any(g.group_of is not None and bool((g.group_of[1:] >= g.group_of[:-1]).all()) for g in gated.gates.values())
     units: Dict[str, nn.Module] = {}
     mods = dict(backbone.named_modules())
     for u in gated.units:
@@ -81,19 +80,10 @@ def _device(model: CompactModel) -> torch.device:
 
 def _random_masks(model: CompactModel, batch: int, keep: Union[float, Mapping[str, float]],
                   g: torch.Generator) -> Dict[str, torch.Tensor]:
-    """(batch, C) random masks keeping ``keep`` of each unit's channels (a unit missing from a mapping: 0.7), drawn
-    per decision as the unit's gate makes them: a gate of channel groups keeps or drops a whole group (so where the
-    groups are contiguous, ``static.permute``, the masks are runs, as the gate's are)."""
+    """(batch, C) random masks keeping ``keep`` of each unit's channels (a unit missing from a mapping: 0.7)."""
     share = (lambda n: keep.get(n, 0.7)) if isinstance(keep, Mapping) else (lambda n: keep)
-    out = {}
-    for n, u in model.compact_units.items():
-        gate = getattr(u, "gate", None)
-        if gate is None or gate.group_of is None:
-            m = torch.rand(batch, u.out_channels, generator=g) < share(n)
-        else:
-            m = gate.channels((torch.rand(batch, gate.groups, generator=g) < share(n)).to(gate.group_of.device))
-        out[n] = m.to(u.weight.device)
-    return out
+    return {n: (torch.rand(batch, u.out_channels, generator=g) < share(n)).to(u.weight.device)
+            for n, u in model.compact_units.items()}
 
 
 def _set_chain(model: CompactModel, pairs, on: bool) -> None:
@@ -160,9 +150,9 @@ def _calibrate(model: CompactModel, input_size: Tuple[int, ...], keep: Union[flo
     random masks at ``keep``, and keep the fastest (the simpler one unless another is clearly faster)."""
     g = torch.Generator().manual_seed(0)
     masks = _random_masks(model, 1, keep, g)
-    seen: Dict[str, Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, Optional[int]]]] = {}
-    handles = [u.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(
-        n, (a[0].clone(), dict(model._shared.idx), dict(model._shared.start)))) for n, u in model._convs().items()]
+    seen: Dict[str, Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = {}
+    handles = [u.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, (a[0].clone(), dict(model._shared.idx))))
+               for n, u in model._convs().items()]
     try:
         model(torch.randn(1, *input_size, generator=g).to(_device(model)), masks)
     finally:
@@ -172,7 +162,7 @@ def _calibrate(model: CompactModel, input_size: Tuple[int, ...], keep: Union[flo
     for name, u in model._convs().items():
         if name not in seen or not (u.groups == 1 or u.depthwise):
             continue
-        x, idx, start = seen[name]
+        x, idx = seen[name]
         if u.depthwise or u.compact_in is not None:
             candidates = ("dense", "out")   # chained: "out" reads the compact input, i.e. rows and columns
         else:
@@ -182,8 +172,7 @@ def _calibrate(model: CompactModel, input_size: Tuple[int, ...], keep: Union[flo
             u.strategy = strategy
 
             def run():
-                sh = model._shared
-                sh.masks, sh.idx, sh.start, sh.forced = dict(masks), dict(idx), dict(start), masks
+                model._shared.masks, model._shared.idx, model._shared.forced = dict(masks), dict(idx), masks
                 u(x)
             t = median_ms(run, 3, reps, u.weight.device)
             if best_t is None or t < best_t * 0.97:   # prefer the simpler strategy unless clearly faster

@@ -54,25 +54,8 @@ class Shared:
     def __init__(self) -> None:
         self.masks: Dict[str, torch.Tensor] = {}
         self.idx: Dict[str, Optional[torch.Tensor]] = {}      # None: the producer returned the dense layout
-        self.start: Dict[str, Optional[int]] = {}             # idx is the run start, start + 1, …: slices, not gathers
         self.forced: Optional[Mapping[str, torch.Tensor]] = None
         self.batch_dense_share = BATCH_DENSE_SHARE      # > 1: never (checking chains must see compact tensors pass)
-        # the model's channel groups are contiguous (index order, or re-indexed by ``static.permute``): a kept set may be
-        # one run, sliced instead of gathered; off, no index set is checked and every kept set is gathered
-        self.runs = False
-
-
-def _take(t: torch.Tensor, dim: int, idx: torch.Tensor, start: Optional[int]) -> torch.Tensor:
-    """t's entries ``idx`` along ``dim``: a view (``narrow``) when they are one run from ``start``, else a gather."""
-    return t.narrow(dim, start, idx.numel()) if start is not None else t.index_select(dim, idx)
-
-
-def _run(idx: torch.Tensor) -> Optional[int]:
-    """The first index when the sorted, distinct ``idx`` is one run (a, a + 1, …), else None."""
-    if idx.numel() == 0:
-        return None
-    first, last = idx[[0, -1]].tolist()
-    return first if last - first + 1 == idx.numel() else None
 
 
 def _empty_out(x: torch.Tensor, conv: "CompactConv", channels: int) -> torch.Tensor:
@@ -117,40 +100,27 @@ class CompactConv(nn.Module):
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, groups: int = 1) -> torch.Tensor:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, groups)
 
-    def _rows_cols(self, out_idx: torch.Tensor, in_idx: torch.Tensor, out_start: Optional[int] = None,
-                   in_start: Optional[int] = None) -> torch.Tensor:
-        """weight[out_idx][:, in_idx] in one gather: rows of the (C_out·C_in, k·k) view at o·C_in + i; slices where
-        the indices are runs (then the conv itself copies a strided weight as it needs)."""
+    def _rows_cols(self, out_idx: torch.Tensor, in_idx: torch.Tensor) -> torch.Tensor:
+        """weight[out_idx][:, in_idx] in one gather: rows of the (C_out·C_in, k·k) view at o·C_in + i."""
         k = self.kernel_size
-        if out_start is not None or in_start is not None:
-            return _take(_take(self.weight, 0, out_idx, out_start), 1, in_idx, in_start)
         flat = (out_idx[:, None] * self.in_channels + in_idx[None, :]).reshape(-1)
         return self.weight.view(-1, k[0] * k[1]).index_select(0, flat).view(out_idx.numel(), in_idx.numel(), *k)
 
     @staticmethod
-    def _indices(active: torch.Tensor, pad: Optional[List[int]], runs: bool = False) -> Tuple[torch.Tensor, int, Optional[int]]:
-        """Indices of the active channels, then inactive ones up to pad[n]; n, the number active; and the start of
-        the run when ``runs`` and the indices are one run (contiguous channel groups, ``Shared.runs``): where the active
-        channels span no more than pad[n], the padding is the inactive channels around them, so the set stays a run."""
+    def _indices(active: torch.Tensor, pad: Optional[List[int]]) -> Tuple[torch.Tensor, int]:
+        """Indices of the active channels, then inactive ones up to pad[n]; and n, the number active."""
         idx = active.nonzero().squeeze(1)
         n = int(idx.numel())
-        count = pad[n] if pad is not None and pad[n] > n else n
-        if runs and n:
-            first, last = idx[[0, -1]].tolist()
-            if last - first + 1 <= count:
-                start = min(first, active.numel() - count)
-                return torch.arange(start, start + count, device=idx.device), n, start
-        if count > n:
-            idx = torch.cat([idx, (~active).nonzero().squeeze(1)[:count - n]])
-        return idx, n, None
+        if pad is not None and pad[n] > n:
+            idx = torch.cat([idx, (~active).nonzero().squeeze(1)[:pad[n] - n]])
+        return idx, n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sh = self.shared
         B = x.shape[0]
         in_idx: Optional[torch.Tensor] = None
-        in_start: Optional[int] = None
         if self.compact_in is not None:        # x holds only the producer's active channels (None: all, dense layout)
-            in_idx, in_start = sh.idx[self.compact_in], sh.start.get(self.compact_in)
+            in_idx = sh.idx[self.compact_in]
         if self.follows is not None:
             mask = sh.masks[self.follows]
         else:
@@ -176,49 +146,41 @@ class CompactConv(nn.Module):
                 sh.idx[self.name] = None
             if not self.compact_out or union_dense:
                 return y.mul_(mask[:, :, None, None].to(y.dtype))     # y is the conv's own new tensor
-            out_idx, n_active, start = self._indices(any_out, self.pad_out, sh.runs)
-            y = _take(y, 1, out_idx, start)
+            out_idx, n_active = self._indices(any_out, self.pad_out)
+            y = y.index_select(1, out_idx)
         else:
-            out_idx, n_active, start = self._indices(any_out, self.pad_out, sh.runs)
+            out_idx, n_active = self._indices(any_out, self.pad_out)
             if out_idx.numel() == 0:
                 y = _empty_out(x, self, 0)
             elif self.depthwise:                   # filter j reads channel j only
-                y = self._conv(_take(x, 1, out_idx, start), _take(self.weight, 0, out_idx, start),
-                               _take(self.bias, 0, out_idx, start), int(out_idx.numel()))
+                y = self._conv(x.index_select(1, out_idx), self.weight.index_select(0, out_idx),
+                               self.bias.index_select(0, out_idx), int(out_idx.numel()))
             elif in_idx is not None:               # chained: the input is already compact
-                y = self._conv_in_out(x, out_idx, in_idx, start, in_start)
+                y = self._conv_in_out(x, out_idx, in_idx)
             elif self.strategy == "in_out":
                 a_in = active_channels(self.in_expr, sh.masks, B)
-                idx, _, i_start = (None, 0, None) if a_in is None else self._indices(a_in.any(0) if B > 1 else a_in[0],
-                                                                                     self.pad_in, sh.runs)
+                idx = None if a_in is None else self._indices(a_in.any(0) if B > 1 else a_in[0], self.pad_in)[0]
                 if idx is None or idx.numel() == self.in_channels:
-                    y = self._conv(x, _take(self.weight, 0, out_idx, start), _take(self.bias, 0, out_idx, start))
+                    y = self._conv(x, self.weight.index_select(0, out_idx), self.bias.index_select(0, out_idx))
                 else:
-                    y = self._conv_in_out(_take(x, 1, idx, i_start), out_idx, idx, start, i_start)
+                    y = self._conv_in_out(x.index_select(1, idx), out_idx, idx)
             else:
-                y = self._conv(x, _take(self.weight, 0, out_idx, start), _take(self.bias, 0, out_idx, start))
+                y = self._conv(x, self.weight.index_select(0, out_idx), self.bias.index_select(0, out_idx))
         if B > 1:                                  # the union was computed: apply each sample's own mask
             y = y * mask.index_select(1, out_idx)[:, :, None, None].to(y.dtype)
         elif out_idx.numel() > n_active:           # padding channels were computed but are inactive: zero
-            if start is None:                      # the active ones come first
-                y[:, n_active:].zero_()
-            else:                                  # a run: the inactive ones lie anywhere in it
-                y.mul_(any_out.narrow(0, start, out_idx.numel())[None, :, None, None].to(y.dtype))
+            y[:, n_active:].zero_()
         if self.compact_out:
-            sh.idx[self.name], sh.start[self.name] = out_idx, start
+            sh.idx[self.name] = out_idx
             return y
         out = y.new_zeros(B, self.out_channels, y.shape[2], y.shape[3])
-        if start is not None:
-            out.narrow(1, start, out_idx.numel()).copy_(y)
-            return out
         return out.index_copy_(1, out_idx, y)
 
-    def _conv_in_out(self, xs: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor,
-                     out_start: Optional[int] = None, in_start: Optional[int] = None) -> torch.Tensor:
-        b = _take(self.bias, 0, out_idx, out_start)
+    def _conv_in_out(self, xs: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor) -> torch.Tensor:
+        b = self.bias.index_select(0, out_idx)
         if in_idx.numel() == 0:                    # nothing to read: the output is the bias alone
             return _empty_out(xs, self, out_idx.numel()) + b[None, :, None, None]
-        return self._conv(xs, self._rows_cols(out_idx, in_idx, out_start, in_start), b)
+        return self._conv(xs, self._rows_cols(out_idx, in_idx), b)
 
 
 class CompactFc1(nn.Module):
@@ -246,13 +208,9 @@ class CompactFc1(nn.Module):
             mask = sh.forced[self.name] if sh.forced is not None and self.name in sh.forced else logits > 0
             sh.masks[self.name] = mask
             sh.idx[self.name] = (mask.any(0) if mask.shape[0] > 1 else mask[0]).nonzero().squeeze(1)
-            sh.start[self.name] = _run(sh.idx[self.name]) if sh.runs else None
-        mask, idx, start = sh.masks[self.name], sh.idx[self.name], sh.start[self.name]
-        if self.halves > 1:
-            rows = torch.cat([idx + h * self.out_channels for h in range(self.halves)])
-            y = F.linear(x, self.weight.index_select(0, rows), self.bias.index_select(0, rows))
-        else:
-            y = F.linear(x, _take(self.weight, 0, idx, start), _take(self.bias, 0, idx, start))
+        mask, idx = sh.masks[self.name], sh.idx[self.name]
+        rows = torch.cat([idx + h * self.out_channels for h in range(self.halves)]) if self.halves > 1 else idx
+        y = F.linear(x, self.weight.index_select(0, rows), self.bias.index_select(0, rows))
         if mask.shape[0] > 1 and self.own_mask:    # the union was computed: apply each sample's own mask
             m = mask.index_select(1, idx).repeat(1, self.halves)
             y = y * m.view(mask.shape[0], *([1] * (y.dim() - 2)), -1).to(y.dtype)
@@ -270,7 +228,7 @@ class CompactFc2(nn.Module):
         self.register_buffer("bias", fc2.bias.detach().clone() if fc2.bias is not None else None)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        w = _take(self.weight_t, 0, self.shared.idx[self.producer], self.shared.start.get(self.producer))   # (k, C_out)
+        w = self.weight_t.index_select(0, self.shared.idx[self.producer])       # (k, C_out)
         return F.linear(h, w.t(), self.bias)
 
 
@@ -309,7 +267,7 @@ class CompactModel(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, masks: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
         """``masks`` forces decisions (e.g. oracle masks replayed for a benchmark); the gates still run."""
-        self._shared.masks, self._shared.idx, self._shared.start = {}, {}, {}
+        self._shared.masks, self._shared.idx = {}, {}
         self._shared.forced = masks
         try:
             return self.backbone(x)

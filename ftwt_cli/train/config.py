@@ -37,8 +37,7 @@ class FitGatesConfig:
     # images with the evaluation transform (``train.recalibrate``); 0: the dense model's statistics stay
     recalibrate_bn: int = 0
     # gates of channel groups (attach --group-size): before the first epoch, order channels into groups by how they
-    # fire together on the calib_samples images (``gating.cofire``); ``contiguous`` then re-indexes each unit's
-    # channels so that a group's sit side by side (``static.permute``); ``index`` keeps channel c in group c // G
+    # fire together on the calib_samples images (``gating.cofire``), or keep index order (channel c in group c // G)
     group_order: str = "cofire"
 
     def validate(self) -> None:

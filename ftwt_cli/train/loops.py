@@ -41,7 +41,6 @@ from ..eval.budget import calibration_batches, find_r
 from ..gating.model import GatedModel
 from ..runtime.device import Precision
 from ..runtime.dist import shard
-from ..static.permute import contiguous_groups
 from .config import FinetuneConfig, FitGatesConfig
 from .groups import order_groups
 from .loss import budget_loss, distill_loss, gate_loss
@@ -141,7 +140,7 @@ def _fit_gates(ph: "Phase", progress: Progress) -> TrainReport:
     cfg, model = ph.cfg, ph.model
     if not model.units:
         raise FtwtError(f"{ph.run_dir} has no gates (a statically pruned model)", "fine-tune it with `ftwt finetune --dense-control`")
-    if model.group_size > 1 and cfg.group_order != "index" and ph.ck is None and ph.meta.gating.mode == "open":
+    if model.group_size > 1 and cfg.group_order == "cofire" and ph.ck is None and ph.meta.gating.mode == "open":
         _order_groups(ph, cfg, progress)                 # fresh gates only: a fitted gate's rows keep their groups
     if cfg.target_cut is not None and ph.ck is None:     # on resume the r found before is in the saved config
         cfg = ph.cfg = dataclasses.replace(cfg, r=_r_for_cut(ph, cfg, progress).r)
@@ -185,8 +184,6 @@ def _order_groups(ph: "Phase", cfg: FitGatesConfig, progress: Progress) -> None:
     progress.note(f"channel groups of {ph.model.group_size} ordered by co-firing on {len(ds)} training images: a "
                   f"channel's ground truth agrees with its group's other members on {after:.1%} of them "
                   f"({before:.1%} in index order)")
-    if cfg.group_order == "contiguous":
-        progress.note(contiguous_groups(ph.model, ph.meta.data_config.input_size).describe())
 
 
 def _r_for_cut(ph: "Phase", cfg: FitGatesConfig, progress: Progress):
