@@ -123,7 +123,7 @@ def main() -> int:
              "point's mean MACs (gates included) and fine-tuned with the same budget; MACs exact. Minutes: this "
              "invocation's (\"resumed\": the points were finished by an earlier run of the same command).", "",
              "| configuration | cut | top-1 after fit-gates | top-1 after finetune | static twin (L1): cut / top-1 | "
-             "Δ dyn − static (pt) | McNemar p | frozen majority masks: top-1 | varying channels | FTWT-counter cut | minutes |",
+             "Δ dyn − static (pt) | McNemar p | frozen majority masks (BN re-estimated): top-1 | varying channels | FTWT-counter cut | minutes |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, (dyn, st, ctl, dense, fitted, rep, p, secs) in points.items():
         ftwt_cut = 1 - rep["ftwt_counter_macs"] / rep["dense_macs"] if rep.get("ftwt_counter_macs") else None

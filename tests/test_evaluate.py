@@ -136,10 +136,17 @@ def test_predicted_gates_report_whether_per_image_choice_pays(tmp_path, digits_r
     rep = evaluate_run(run, "digits", workers=0)
     assert rep.gates == "predict" and 0 <= rep.varying_share <= 1
     assert 0 < rep.frozen_top1 <= 1 and abs(rep.frozen_macs - rep.macs_mean) <= 0.1 * rep.dense_macs
+    assert rep.frozen_bn_images == 1797 - 1797 // 5        # BN re-estimated under the frozen mask, on every training image
+    # the run's own statistics come back after the control: a pass after it (--ood-data, here the same images) scores
+    # what the first pass scored
+    again = evaluate_run(run, "digits", workers=0, ood_data="digits")
+    assert (again.ood[0].top1_gated, again.ood[0].top1_open) == (again.top1, again.top1_open) == (rep.top1, rep.top1_open)
+    assert evaluate_run(run, "digits", workers=0, frozen_bn_images=0).frozen_bn_images == 0
     assert 0 < rep.ftwt_counter_macs < rep.dense_macs
     assert len(rep.correct) == rep.samples and sum(rep.correct) == round(rep.top1 * rep.samples)
     md = (tmp_path / "out")
     write_report(rep, md)
     text = (md / "report.md").read_text()
-    assert "frozen into one static mask" in text and "FTWT's released counter" in text
+    assert "frozen into one static mask" in text and "BatchNorm re-estimated under it" in text
+    assert "FTWT's released counter" in text
     assert "correct" not in json.loads((md / "report.json").read_text())

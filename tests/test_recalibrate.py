@@ -1,15 +1,16 @@
-"""BatchNorm recalibration under the gates' masks (``train.recalibrate``): the running statistics become those of the
-masked network's activations, nothing else of the model changes, and fit-gates applies it when asked."""
+"""BatchNorm recalibration under the gates' masks (``eval.recalibrate``): the running statistics become those of the
+masked network's activations (or of one forced mask's), nothing else of the model changes, the statistics can be put
+back, and fit-gates applies it when asked."""
 import pytest
 import torch
 import torch.nn as nn
 
 import ftwt_cli
 from ftwt_cli.arch import trace_plan
+from ftwt_cli.eval.recalibrate import kept_statistics, recalibrate_bn
 from ftwt_cli.gating import GatedModel
 from ftwt_cli.runtime.device import Precision
 from ftwt_cli.train import FitGatesConfig, fit_gates
-from ftwt_cli.train.recalibrate import recalibrate_bn
 
 
 def _net():
@@ -53,6 +54,29 @@ def test_statistics_are_the_masked_activations_and_nothing_else_changes():
     after = g.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".running_" in k or "num_batches_tracked" in k for k in changed)
+
+
+def test_a_forced_mask_sets_the_statistics_and_they_can_be_put_back():
+    """Under one forced mask (the frozen majority control): unit "0" forced to keep channels 0-2 only, so conv "3"
+    reads zeros on 3-7 and BN "4" learns the statistics of that input; on leaving ``kept_statistics`` every buffer is
+    the run's again."""
+    net = _net()
+    plan = trace_plan(net, (3, 16, 16))
+    g = GatedModel(net, plan, ["0"]).eval()
+    g.set_gates("predict")
+    keep = torch.zeros(8, dtype=torch.bool)
+    keep[:3] = True
+    xs = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    before = {k: v.clone() for k, v in g.named_buffers()}
+    with torch.no_grad():
+        expected = [net[3](torch.relu(torch.nn.functional.batch_norm(net[0](x), None, None, net[1].weight, net[1].bias,
+                                                                     True)) * keep[None, :, None, None].float()) for x in xs]
+    with kept_statistics(g):
+        assert recalibrate_bn(g, xs, Precision(torch.device("cpu")), forced={"0": keep}) == 16
+        means = torch.stack([e.mean(dim=(0, 2, 3)) for e in expected]).mean(0)
+        assert torch.allclose(net[4].running_mean, means, atol=1e-5)
+        assert not torch.allclose(net[4].running_mean, before["backbone.4.running_mean"])
+    assert all(torch.equal(v, before[k]) for k, v in g.named_buffers())
 
 
 @pytest.mark.parametrize("images", [0, 256])

@@ -88,13 +88,14 @@ class _Stages:
         return lambda n: self.progress.update(self.task, advance=n)
 
 
-def _passes(gates: str, ood: bool, corruption, ood_data, meta) -> Optional[int]:
+def _passes(gates: str, ood: bool, corruption, ood_data, meta, frozen_bn: bool = True) -> Optional[int]:
     """How many evaluation passes a run of `ftwt evaluate` makes (None when it is one or two: no overall bar)."""
     from ..eval.ood import DEFAULT_CORRUPTIONS
     from ..eval.source import to_measure
     if not (ood or corruption or ood_data):
         return None
-    n = (1 if gates == "open" else 2) + to_measure(meta) + (gates == "predict")    # predict: + the frozen masks
+    # predict: + the frozen masks (and the pass that re-estimates BatchNorm under them)
+    n = (1 if gates == "open" else 2) + to_measure(meta) + (gates == "predict") * (1 + frozen_bn)
     n += 2 * len(tuple(corruption or ()) or DEFAULT_CORRUPTIONS) * 5 if (ood or corruption) else 0
     return n + (2 if ood_data else 0)
 
@@ -107,6 +108,9 @@ def evaluate_cli(
     target_cut: Annotated[Optional[float], typer.Option(
         help="With --gates oracle, instead of --r: the r whose oracle masks cut this share of MACs on --calib-samples training images.")] = None,
     calib_samples: Annotated[int, typer.Option(min=1, help="Training images --target-cut is measured on.")] = 2048,
+    frozen_bn_images: Annotated[int, typer.Option(min=0, help=(
+        "Training images the frozen majority mask's BatchNorm statistics are re-estimated on before it is scored "
+        "(0: score it with the run's own, estimated under the gates' masks)."))] = 2048,
     ood: Annotated[bool, typer.Option(help="Also evaluate under ImageNet-C-style corruptions at severities 1-5.")] = False,
     corruption: Annotated[Optional[List[str]], typer.Option(help="Only these corruptions (repeatable); implies --ood.")] = None,
     ood_data: Annotated[Optional[str], typer.Option(help="Another dataset with the same classes.")] = None,
@@ -126,13 +130,13 @@ def evaluate_cli(
     main = launched_rank() == 0                         # under torchrun, rank 0 alone prints
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console, transient=True) if console.is_terminal and main else None
-    passes = _passes(gates.value, ood, corruption, ood_data, read_meta(run))
+    passes = _passes(gates.value, ood, corruption, ood_data, read_meta(run), frozen_bn_images > 0)
     with (progress or nullcontext()):
         rep, files = evaluate_and_report(
             run, data, gates=gates.value, r=r, ood=ood, ood_data=ood_data, corruptions=corruption or (),
             ood_samples=ood_samples or None, batch_size=batch_size, workers=workers, on_stage=_Stages(progress, passes),
             device=device, amp=value(amp), channels_last=channels_last, target_cut=target_cut,
-            calib_samples=calib_samples, check_source=not no_source_check)
+            calib_samples=calib_samples, check_source=not no_source_check, frozen_bn_images=frozen_bn_images)
     if not main:
         return
     for n in rep.notes:

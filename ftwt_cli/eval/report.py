@@ -60,8 +60,10 @@ def diagnostics(rep: EvalReport) -> List[str]:
                    f"95% of the images (the others are nearly always on or always off).")
     if rep.frozen_top1 is not None:
         d = (rep.top1 - rep.frozen_top1) * 100
+        bn = (f"BatchNorm re-estimated under it on {rep.frozen_bn_images} training images" if rep.frozen_bn_images else
+              "with the run's own BatchNorm statistics")
         out.append(f"The gates' majority decisions frozen into one static mask at {fmt_macs(rep.frozen_macs)} MACs (no "
-                   f"gates) score {rep.frozen_top1:.2%}: the per-image gates are {d:+.2f} pt against it"
+                   f"gates; {bn}) score {rep.frozen_top1:.2%}: the per-image gates are {d:+.2f} pt against it"
                    + (" (per-image choice adds nothing here: a static mask does as well without the gates)." if d <= 0 else "."))
     if rep.ftwt_counter_macs is not None and rep.dense_macs:
         out.append(f"In FTWT's released counter (pre-add input sparsity credited, no gate cost, masked depthwise convs "

@@ -34,7 +34,7 @@ class FitGatesConfig:
     target_cut: Optional[float] = None
     calib_samples: int = 2048
     # BatchNorm statistics re-estimated under the predicted masks at the end of every epoch, on this many training
-    # images with the evaluation transform (``train.recalibrate``); 0: the dense model's statistics stay
+    # images with the evaluation transform (``eval.recalibrate``); 0: the dense model's statistics stay
     recalibrate_bn: int = 0
     # gates of channel groups (attach --group-size): before the first epoch, order channels into groups by how they
     # fire together on the calib_samples images (``gating.cofire``), or keep index order (channel c in group c // G)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..data import DataChoice, make_loader
 from ..errors import FtwtError
 from ..eval.budget import calibration_batches, find_r
+from ..eval.recalibrate import recalibrate_bn
 from ..gating.model import GatedModel
 from ..runtime.device import Precision
 from ..runtime.dist import shard
@@ -55,7 +56,6 @@ from .phase import (
     batch_metrics,
     open_phase,
 )
-from .recalibrate import recalibrate_bn
 
 # the loops' neighbours are re-exported: callers reach the training API through one module
 __all__ = ["fit_gates", "finetune", "fit_gates_step", "gate_optimizer", "EpochStats", "TrainReport", "Progress",

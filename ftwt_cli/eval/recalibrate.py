@@ -1,4 +1,5 @@
-"""BatchNorm statistics re-estimated under the gates' masks (after fit-gates).
+"""BatchNorm statistics re-estimated under the gates' masks (after fit-gates), or under one fixed mask (the frozen
+majority control of ``eval.frozen``, which must not be judged with statistics of the masks it replaces).
 
 fit-gates freezes the backbone, so every BatchNorm keeps the running mean and variance of the dense model, while the
 masks change what each layer reads: a masked conv2 thins the sum a block adds, a masked expansion thins the depthwise
@@ -9,7 +10,8 @@ put back in eval mode with its own momentum afterwards. Under torchrun every pro
 """
 from __future__ import annotations
 
-from typing import Iterable
+from contextlib import contextmanager, nullcontext
+from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -18,13 +20,15 @@ from ..gating.model import GatedModel
 from ..runtime.device import Precision
 from ..runtime.dist import Dist, average_buffers
 
-__all__ = ["recalibrate_bn"]
+__all__ = ["recalibrate_bn", "kept_statistics"]
 
 
 @torch.no_grad()
-def recalibrate_bn(model: GatedModel, batches: Iterable, precision: Precision, dist: Dist = Dist()) -> int:
+def recalibrate_bn(model: GatedModel, batches: Iterable, precision: Precision, dist: Dist = Dist(), *,
+                   forced: Optional[Mapping[str, torch.Tensor]] = None) -> int:
     """Reset and re-estimate the running statistics of every BatchNorm of ``model``'s backbone on ``batches`` (images,
-    or (images, labels)) under the model's current gate mode; returns the number of images used."""
+    or (images, labels)) under the model's current gate mode, or under ``forced`` ((C_out,) bool mask per gated layer,
+    the same for every image); returns the number of images used."""
     norms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
@@ -40,8 +44,10 @@ def recalibrate_bn(model: GatedModel, batches: Iterable, precision: Precision, d
     try:
         for b in batches:
             x = b[0] if isinstance(b, (list, tuple)) else b
-            with precision.autocast():
-                model(precision.batch(x))
+            x = precision.batch(x)
+            force = {k: v.to(x.device).expand(len(x), -1) for k, v in forced.items()} if forced is not None else None
+            with precision.autocast(), (model.forcing(force) if force is not None else nullcontext()):
+                model(x)
             seen += int(x.shape[0])
     finally:
         for m, mom in zip(norms, momenta):
@@ -51,3 +57,15 @@ def recalibrate_bn(model: GatedModel, batches: Iterable, precision: Precision, d
             m.train(was_training)
     average_buffers(model, dist)
     return seen
+
+
+@contextmanager
+def kept_statistics(model: nn.Module) -> Iterator[None]:
+    """Put every buffer of ``model`` (BatchNorm's running statistics and batch counts) back as it was on leaving."""
+    saved = {k: v.clone() for k, v in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(saved[k])
