@@ -196,11 +196,12 @@ def _evaluate_run(run_dir, data: str, sess: Session, *, gates: str, r: Optional[
         with kept_statistics(model):
             n_bn = 0                    # training images over all processes (0: no BatchNorm, or not asked for)
             if frozen_bn_images:
-                cal = shard(splits.calibration(cfg, frozen_bn_images, seed=0), d)
-                tick = stage("BatchNorm under the frozen mask", len(cal)) if d.main else None
-                seen = recalibrate_bn(model, _ticking(make_loader(cal, batch_size, train=False, workers=workers,
+                cal = splits.calibration(cfg, frozen_bn_images, seed=0)
+                mine = shard(cal, d)
+                tick = stage("BatchNorm under the frozen mask", len(mine)) if d.main else None
+                seen = recalibrate_bn(model, _ticking(make_loader(mine, batch_size, train=False, workers=workers,
                                                                   pin_memory=pin), tick), precision, d, forced=masks)
-                n_bn = len(splits.calibration(cfg, frozen_bn_images, seed=0)) if seen else 0
+                n_bn = len(cal) if seen else 0
             frozen = (evaluate_loader(model, make_loader(shard(splits.val, d), batch_size, train=False, workers=workers,
                                                          pin_memory=pin),
                                       on_batch=stage("frozen majority masks", len(shard(splits.val, d))) if d.main else None,
