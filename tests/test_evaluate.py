@@ -46,6 +46,18 @@ def test_report_numbers_and_files(run, tmp_path):
     assert (tmp_path / "ood.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_ood_draws_repeat_and_are_shared_by_both_passes(run):
+    """Without DataLoader workers the corruptions draw from this process's RNG: the same corrupted images whatever ran
+    before, and the same for the gated and the open pass."""
+    def shifts(seed, gates="oracle"):
+        torch.manual_seed(seed)                    # whatever the caller's RNG state
+        return evaluate_run(run, "digits", gates=gates, r=0.9, corruptions=("gaussian_noise", "impulse_noise"),
+                            severities=(5,), ood_samples=64, workers=0).ood
+    a, b = shifts(1), shifts(2)
+    assert [(s.shift, s.macs, s.top1_gated, s.top1_open) for s in a] == [(s.shift, s.macs, s.top1_gated, s.top1_open) for s in b]
+    assert all(s.top1_gated == s.top1_open for s in shifts(1, gates="open"))
+
+
 def test_predict_needs_fitted_gates(run):
     with pytest.raises(FtwtError, match="not fitted yet"):
         evaluate_run(run, "digits", gates="predict", workers=0)

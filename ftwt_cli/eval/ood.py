@@ -4,7 +4,8 @@ Each corruption maps a float image in [0, 1] (C, H, W) to a corrupted one. Sever
 ImageNet-C for large images and CIFAR-10-C for small ones (≤ 64 px), from the authors' make_*_c.py scripts.
 Gaussian noise, Gaussian blur and JPEG use torchvision.transforms.v2; shot and impulse noise, motion blur,
 contrast, brightness (additive, on all channels rather than HSV value) and pixelate are written here.
-Random draws use the torch RNG, which DataLoader seeds per worker from its generator, so runs repeat.
+Random draws use the torch RNG: DataLoader seeds it per worker from its generator, and ``eval.run`` seeds it per
+(corruption, severity) when there are no workers, so runs repeat and the gated and open passes see the same images.
 """
 from __future__ import annotations
 

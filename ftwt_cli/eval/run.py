@@ -3,6 +3,8 @@ against the source checkpoint's accuracy, as an ``EvalReport`` (rendered by ``ev
 from __future__ import annotations
 
 import dataclasses
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
@@ -117,6 +119,17 @@ def _keep_stats(res: EvalResult) -> Tuple[Tuple[LayerStat, ...], float]:
     return tuple(rows), mean
 
 
+@contextmanager
+def _draws(name: str, severity: int) -> Iterator[None]:
+    """The CPU random draws of one corruption's pass, fixed by (name, severity) and isolated from the caller's RNG.
+    DataLoader workers are seeded by the loader's own generator; without workers the corruptions draw from the
+    global RNG in this process, whose state depended on everything run before (and the gated pass moved it before the
+    open one, so the two compared different noise)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(f"{name}/{severity}".encode()))
+        yield
+
+
 def evaluate_run(run_dir, data: str, *, gates: str = "predict", r: Optional[float] = None, ood: bool = False,
                  ood_data: Optional[str] = None, corruptions: Sequence[str] = (), severities: Sequence[int] = (1, 2, 3, 4, 5),
                  ood_samples: Optional[int] = 2000, batch_size: int = 256, workers: Optional[int] = None,
@@ -215,8 +228,11 @@ def _evaluate_run(run_dir, data: str, sess: Session, *, gates: str, r: Optional[
                 if ood_samples is not None and ood_samples < len(ds):
                     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:ood_samples].tolist()
                     ds = Subset(ds, idx)
-                g = run(gates, ds, f"{name} s{sev} ({gates})")
-                o = run("open", ds, f"{name} s{sev} (open)")
+                # the gated and the open model see the same corrupted images (_draws)
+                with _draws(name, sev):
+                    g = run(gates, ds, f"{name} s{sev} ({gates})")
+                with _draws(name, sev):
+                    o = run("open", ds, f"{name} s{sev} (open)")
                 shifts.append(ShiftResult(name, sev, g.top1, o.top1, g.mean_macs, _keep_stats(g)[1]))
     if ood_data:
         other = open_data(ood_data, cfg, num_classes=meta.arch.num_classes)
